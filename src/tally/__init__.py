@@ -1,0 +1,1 @@
+"""Tally: durable, exactly-once billing events."""

@@ -1,0 +1,212 @@
+"""POST /v1/events (ingestion) and GET /v1/events (export)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from tally.api.deps import PrincipalDep, ServicesDep
+from tally.api.problems import field_errors, responses
+from tally.api.schemas import BatchOut, ExportedEvent, ExportPageOut, ingest_body_schema
+from tally.auth.service import Scope
+from tally.errors import (
+    Conflict,
+    FieldError,
+    Forbidden,
+    InvalidInput,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from tally.events.service import Candidate, IngestReport
+from tally.events.validation import (
+    EventId,
+    EventType,
+    Name,
+    Rfc3339,
+    Text,
+    parse_json,
+    validate_cloudevent,
+    validate_event,
+)
+from tally.store.interface import ExportFilter
+
+router = APIRouter(tags=["events"])
+
+JSON = "application/json"
+CLOUDEVENT = "application/cloudevents+json"
+CLOUDEVENT_BATCH = "application/cloudevents-batch+json"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (never read whole)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def media_type(request: Request) -> str:
+    declared = request.headers.get("content-type", "")
+    kind = declared.split(";", 1)[0].strip().lower()
+    if kind not in (JSON, CLOUDEVENT, CLOUDEVENT_BATCH):
+        raise UnsupportedMediaType(
+            f"Send {JSON}, {CLOUDEVENT} or {CLOUDEVENT_BATCH}.",
+            [FieldError("", "unsupported Content-Type")],
+        )
+    return kind
+
+
+def _sent_id(raw: object) -> str | None:
+    if isinstance(raw, dict):
+        value = raw.get("id")
+        if isinstance(value, str) and len(value) <= 128:
+            return value
+    return None
+
+
+def _items(parsed: object, pointer: str, maximum: int) -> list[Any]:
+    if not isinstance(parsed, list):
+        raise InvalidInput(
+            "A batch must be a JSON array.", [FieldError(pointer, "must be an array")]
+        )
+    if not 1 <= len(parsed) <= maximum:
+        detail = f"must hold 1 to {maximum} events"
+        raise InvalidInput(f"A batch {detail}.", [FieldError(pointer, detail)])
+    return parsed
+
+
+def split(kind: str, parsed: object, maximum: int) -> tuple[bool, str, list[Any]]:
+    """(is_batch, pointer prefix of event i as a format string, raw events) of a body."""
+    if kind == CLOUDEVENT_BATCH:
+        return True, "/{}", _items(parsed, "", maximum)
+    if kind == JSON and isinstance(parsed, dict) and "events" in parsed:
+        extra = sorted(set(parsed) - {"events"})
+        if extra:
+            raise InvalidInput(
+                "A batch object holds only 'events'.",
+                [FieldError(f"/{name}", "is not a field of a batch") for name in extra],
+            )
+        return True, "/events/{}", _items(parsed["events"], "/events", maximum)
+    if not isinstance(parsed, dict):
+        raise InvalidInput(
+            'The body must be an event object or {"events": [...]}.',
+            [FieldError("", "must be a JSON object")],
+        )
+    return False, "", [parsed]
+
+
+def _batch_body(report: IngestReport, prefix: str) -> bytes:
+    events = []
+    for result in report.results:
+        item: dict[str, Any] = {"index": result.index, "id": result.id, "status": result.status}
+        if result.errors:
+            where = prefix.format(result.index)
+            item["errors"] = field_errors([e.under(where) for e in result.errors])
+        events.append(item)
+    body = {
+        "accepted": report.count("accepted"),
+        "duplicates": report.count("duplicate"),
+        "rejected": report.count("rejected"),
+        "events": events,
+    }
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+@router.post(
+    "/v1/events",
+    summary="Report billable events (one, a batch, or CloudEvents)",
+    response_model=BatchOut,
+    responses=responses(
+        (409, "A single event whose id holds other content"),
+        (413, "The body is over 1 MiB"),
+        (415, "Unsupported Content-Type"),
+    ),
+    openapi_extra={"requestBody": ingest_body_schema()},
+)
+async def post_events(request: Request, principal: PrincipalDep, services: ServicesDep) -> Response:
+    """A batch answers 200 with an outcome per event; a single event answers as itself.
+
+    200 means every accepted event is committed durably. Retrying the same request is safe:
+    events already stored come back as `duplicate`.
+    """
+    principal.require(Scope.EVENTS_WRITE)
+    kind = media_type(request)
+    body = await read_body(request, services.settings.max_body_bytes)
+    parsed = parse_json(body)
+    batch, prefix, raws = split(kind, parsed, services.settings.max_batch_events)
+    check = validate_cloudevent if kind in (CLOUDEVENT, CLOUDEVENT_BATCH) else validate_event
+    candidates: list[Candidate] = [check(raw) for raw in raws]
+    ids = [_sent_id(raw) for raw in raws]
+    report = await run_in_threadpool(services.ingest.ingest, principal, candidates, ids)
+    if batch:
+        return Response(_batch_body(report, prefix), media_type=JSON)
+    result = report.results[0]
+    if result.status == "rejected":
+        if result.forbidden:
+            raise Forbidden("This key may not report events for this tenant.")
+        error = Conflict if result.conflict else InvalidInput
+        raise error("The event is invalid; see errors.", result.errors)
+    return Response(json.dumps({"id": result.id, "status": result.status}), media_type=JSON)
+
+
+@router.get(
+    "/v1/events",
+    summary="Export events, page by page, with a cursor",
+    response_model=ExportPageOut,
+    responses=responses(),
+)
+def get_events(
+    *,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    cursor: Annotated[str | None, Query(max_length=2048, description="From next_cursor")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    tenant: Annotated[Name | None, Query()] = None,
+    application: Annotated[Name | None, Query()] = None,
+    type: Annotated[EventType | None, Query()] = None,
+    subject: Annotated[Text | None, Query()] = None,
+    time_from: Annotated[Rfc3339 | None, Query(description="Event time >= this")] = None,
+    time_to: Annotated[Rfc3339 | None, Query(description="Event time < this")] = None,
+) -> Response:
+    """Every committed event matching the filters, exactly once, to a reader that follows
+    `next_cursor`: until `has_more` is false, then by polling with the last cursor."""
+    if time_from is not None and time_to is not None and time_from > time_to:
+        raise InvalidInput(
+            "time_from is after time_to.", [FieldError("", "time_from must not be after time_to")]
+        )
+    filters = ExportFilter(
+        tenant=tenant,
+        application=application,
+        type=type,
+        subject=subject,
+        time_from=time_from,
+        time_to=time_to,
+    )
+    page = services.export.page(principal, filters, cursor=cursor, limit=limit)
+    events = ",".join(event.to_json() for event in page.events)
+    tail = json.dumps({"next_cursor": page.next_cursor, "has_more": page.has_more})
+    return Response(f'{{"events":[{events}],{tail[1:]}', media_type=JSON)
+
+
+@router.get(
+    "/v1/events/{application}/{event_id:path}",
+    summary="One event by its identity",
+    response_model=ExportedEvent,
+    responses=responses((404, "No such event (ERR-RES-404)")),
+)
+def get_event(
+    principal: PrincipalDep, services: ServicesDep, application: Name, event_id: EventId
+) -> Response:
+    event = services.export.get(principal, application, event_id)
+    return Response(event.to_json(), media_type=JSON)

@@ -1,0 +1,214 @@
+"""RFC 9457 problem documents: the one place errors become HTTP responses."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tally.errors import (
+    Conflict,
+    FieldError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    StoreUnavailable,
+    TallyError,
+    Unauthenticated,
+    UnsupportedMediaType,
+)
+from tally.events.validation import pointer_of
+
+log = structlog.get_logger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+RETRY_AFTER_SECONDS = "1"
+
+
+class ProblemError(BaseModel):
+    pointer: str | None = Field(default=None, description="JSON pointer into the body")
+    parameter: str | None = Field(default=None, description="Query or path parameter")
+    detail: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str = Field(description="The requirement's error code, e.g. ERR-VAL-400")
+    request_id: str
+    errors: list[ProblemError] | None = None
+
+
+# error class -> (HTTP status, code, type slug, title); the most specific class first.
+_KINDS: list[tuple[type[TallyError], int, str, str, str]] = [
+    (PayloadTooLarge, 413, "ERR-VAL-400", "payload-too-large", "Payload too large"),
+    (UnsupportedMediaType, 415, "ERR-VAL-400", "unsupported-media-type", "Unsupported media type"),
+    (Conflict, 409, "ERR-VAL-400", "conflict", "Conflict"),
+    (InvalidInput, 400, "ERR-VAL-400", "invalid-input", "Invalid input"),
+    (Unauthenticated, 401, "ERR-AUTH-401", "invalid-credentials", "Invalid credentials"),
+    (Forbidden, 403, "ERR-AUTH-403", "access-denied", "Access denied"),
+    (NotFound, 404, "ERR-RES-404", "not-found", "Resource not found"),
+    (StoreUnavailable, 503, "ERR-SYS-503", "service-unavailable", "Service unavailable"),
+]
+
+_HTTP_KINDS = {
+    404: ("ERR-RES-404", "not-found", "Resource not found"),
+    405: ("ERR-VAL-400", "method-not-allowed", "Method not allowed"),
+}
+
+
+def request_id_of(request: Request) -> str:
+    return str(getattr(request.state, "request_id", "-"))
+
+
+def problem_response(
+    request: Request,
+    *,
+    status: int,
+    code: str,
+    slug: str,
+    title: str,
+    detail: str,
+    errors: list[dict[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body: dict[str, Any] = {
+        "type": f"/problems/{slug}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "request_id": request_id_of(request),
+    }
+    if errors:
+        body["errors"] = errors
+    return Response(
+        json.dumps(body, ensure_ascii=False),
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def field_errors(errors: list[FieldError]) -> list[dict[str, str]]:
+    return [{"pointer": e.pointer, "detail": e.detail} for e in errors]
+
+
+def from_error(request: Request, error: TallyError) -> Response:
+    for kind, status, code, slug, title in _KINDS:
+        if isinstance(error, kind):
+            headers: dict[str, str] = {}
+            if status == 401:
+                headers["WWW-Authenticate"] = 'Bearer realm="tally"'
+            if status == 503:
+                headers["Retry-After"] = RETRY_AFTER_SECONDS
+            errors = field_errors(error.errors) if isinstance(error, InvalidInput) else None
+            return problem_response(
+                request,
+                status=status,
+                code=code,
+                slug=slug,
+                title=title,
+                detail=error.detail,
+                errors=errors,
+                headers=headers,
+            )
+    return internal_error(request, error)
+
+
+def internal_error(request: Request, error: BaseException) -> Response:
+    # The type of the fault and the request id go to the log; its message and trace may hold
+    # data from the request, so neither is logged nor returned.
+    log.error("unhandled_error", error_type=type(error).__name__, request_id=request_id_of(request))
+    return problem_response(
+        request,
+        status=500,
+        code="ERR-SYS-500",
+        slug="internal-error",
+        title="Internal error",
+        detail="An unexpected fault occurred; nothing was stored half-way. Quote the request_id.",
+    )
+
+
+def install(app: FastAPI) -> None:
+    async def tally_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, TallyError)  # noqa: S101 - registered for TallyError only
+        return from_error(request, error)
+
+    async def validation_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, RequestValidationError)  # noqa: S101 - registered for it only
+        errors: list[dict[str, str]] = []
+        for item in error.errors():
+            where, *rest = item["loc"]
+            if where == "body":
+                errors.append({"pointer": pointer_of(tuple(rest)), "detail": item["msg"]})
+            else:
+                name = ".".join(str(part) for part in rest)
+                errors.append({"parameter": name, "detail": item["msg"]})
+        return problem_response(
+            request,
+            status=400,
+            code="ERR-VAL-400",
+            slug="invalid-input",
+            title="Invalid input",
+            detail="The request is invalid; see errors.",
+            errors=errors,
+        )
+
+    async def http_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, StarletteHTTPException)  # noqa: S101 - registered for it only
+        code, slug, title = _HTTP_KINDS.get(
+            error.status_code, ("ERR-VAL-400", "invalid-input", "Invalid request")
+        )
+        return problem_response(
+            request,
+            status=error.status_code,
+            code=code,
+            slug=slug,
+            title=title,
+            detail=str(error.detail),
+            headers=dict(error.headers or {}),
+        )
+
+    async def unexpected(request: Request, error: Exception) -> Response:
+        return internal_error(request, error)
+
+    app.add_exception_handler(TallyError, tally_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": description}
+    for status, description in [
+        (400, "Invalid input (ERR-VAL-400)"),
+        (401, "Missing, unknown, expired or revoked key (ERR-AUTH-401)"),
+        (403, "The key lacks the scope or tenant (ERR-AUTH-403)"),
+        (500, "Unexpected fault (ERR-SYS-500)"),
+        (503, "Store unreachable or shutting down (ERR-SYS-503); Retry-After is set"),
+    ]
+}
+
+
+def responses(*extra: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    """The problem responses every authenticated route can give, plus `extra`."""
+    found = dict(PROBLEM_RESPONSES)
+    for status, description in extra:
+        found[status] = {
+            "model": Problem,
+            "content": {PROBLEM_JSON: {}},
+            "description": description,
+        }
+    return found

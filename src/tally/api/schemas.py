@@ -1,0 +1,85 @@
+"""Response shapes, for the OpenAPI document (event pages are rendered by events/model.py)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from tally.events.validation import EventIn
+
+
+class BatchIn(BaseModel):
+    events: list[EventIn] = Field(min_length=1, max_length=1000)
+
+
+class EventErrorOut(BaseModel):
+    pointer: str = Field(description="JSON pointer into the request body, e.g. /events/17/time")
+    detail: str
+
+
+class EventOutcome(BaseModel):
+    index: int
+    id: str | None
+    status: Literal["accepted", "duplicate", "rejected"]
+    errors: list[EventErrorOut] | None = None
+
+
+class BatchOut(BaseModel):
+    accepted: int
+    duplicates: int
+    rejected: int
+    events: list[EventOutcome]
+
+
+class SingleOut(BaseModel):
+    id: str
+    status: Literal["accepted", "duplicate"]
+
+
+class ExportedEvent(BaseModel):
+    id: str
+    application: str
+    tenant: str
+    type: str
+    quantity: str = Field(description="Exact decimal as a string, e.g. '0.3'")
+    time: str = Field(description="RFC 3339, UTC")
+    subject: str | None
+    unit: str | None
+    attributes: dict[str, str | float | bool]
+    region: str
+    received_at: str = Field(description="RFC 3339, UTC: when Tally accepted the event")
+
+
+class ExportPageOut(BaseModel):
+    events: list[ExportedEvent]
+    next_cursor: str = Field(description="Opaque; pass back as `cursor` with the same filters")
+    has_more: bool
+
+
+def ingest_body_schema() -> dict[str, object]:
+    """The requestBody of POST /v1/events for each accepted media type."""
+    return {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/EventIn"},
+                        {"$ref": "#/components/schemas/BatchIn"},
+                    ]
+                }
+            },
+            "application/cloudevents+json": {
+                "schema": {"$ref": "#/components/schemas/CloudEventIn"}
+            },
+            "application/cloudevents-batch+json": {
+                "schema": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 1000,
+                    "items": {"$ref": "#/components/schemas/CloudEventIn"},
+                }
+            },
+        },
+    }

@@ -1,0 +1,71 @@
+"""Domain errors. The HTTP edge maps each to one RFC 9457 problem document (api/problems.py).
+
+Nothing in a message may carry a key, an attribute value or a stack trace: messages are written
+for the caller and name fields, never the values in them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One problem with one field, located by a JSON pointer (RFC 6901) into the request body."""
+
+    pointer: str
+    detail: str
+
+    def under(self, prefix: str) -> FieldError:
+        return FieldError(pointer=f"{prefix}{self.pointer}", detail=self.detail)
+
+
+class TallyError(Exception):
+    """Base of every error that Tally turns into a problem document."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidInput(TallyError):
+    """The request is malformed or invalid (ERR-VAL-400); `errors` locate each problem."""
+
+    def __init__(self, detail: str, errors: list[FieldError] | None = None) -> None:
+        super().__init__(detail)
+        self.errors = errors or []
+
+
+class PayloadTooLarge(InvalidInput):
+    """The body is over the size limit (ERR-VAL-400, HTTP 413)."""
+
+
+class UnsupportedMediaType(InvalidInput):
+    """The content type is not one Tally reads (ERR-VAL-400, HTTP 415)."""
+
+
+class Conflict(InvalidInput):
+    """The identity is taken by different content (ERR-VAL-400, HTTP 409)."""
+
+
+class AlreadyExists(Conflict):
+    """A tenant, application or key with this id exists already."""
+
+
+class NotFound(TallyError):
+    """No such event, tenant, application or key (ERR-RES-404)."""
+
+
+class Unauthenticated(TallyError):
+    """Missing, unknown, expired or revoked key (ERR-AUTH-401). One message for all four."""
+
+    def __init__(self) -> None:
+        super().__init__("A valid API key is required: send 'Authorization: Bearer <key>'.")
+
+
+class Forbidden(TallyError):
+    """The key lacks the scope, tenant or region for this request (ERR-AUTH-403)."""
+
+
+class StoreUnavailable(TallyError):
+    """The store cannot be reached or is shutting down (ERR-SYS-503); safe to retry."""

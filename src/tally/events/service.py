@@ -1,0 +1,208 @@
+"""Ingestion and export: the one write path and the one read path of Tally."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from tally.auth.service import Principal, Scope
+from tally.errors import FieldError, Forbidden, NotFound
+from tally.events.cursor import CursorCodec
+from tally.events.model import (
+    NewEvent,
+    Outcome,
+    StoredEvent,
+    canonical_json,
+    content_digest,
+)
+from tally.events.validation import EventDraft
+from tally.store.groupcommit import GroupCommitter
+from tally.store.interface import EventStore, ExportFilter, Tenant
+
+FUTURE_SKEW = timedelta(minutes=5)
+
+
+@dataclass(slots=True)
+class EventResult:
+    """What became of one event of a request."""
+
+    index: int
+    id: str | None
+    status: str  # accepted | duplicate | rejected
+    errors: list[FieldError] = field(default_factory=list)
+    conflict: bool = False
+    forbidden: bool = False
+
+
+@dataclass(slots=True)
+class IngestReport:
+    results: list[EventResult]
+
+    def count(self, status: str) -> int:
+        return sum(1 for result in self.results if result.status == status)
+
+
+Candidate = EventDraft | list[FieldError]
+"""A parsed event, or the problems that kept it from parsing (see events/validation.py)."""
+
+
+class IngestService:
+    def __init__(
+        self,
+        *,
+        store: EventStore,
+        committer: GroupCommitter,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._store = store
+        self._committer = committer
+        self._clock = clock
+
+    def ingest(
+        self, principal: Principal, candidates: Sequence[Candidate], ids: Sequence[str | None]
+    ) -> IngestReport:
+        """Judge each candidate against its tenant, store the valid ones in one durable
+        transaction (shared with concurrent requests), and report every outcome.
+
+        `ids` are the ids as sent (None where absent or not a string), for the report.
+        Raises Forbidden without the events:write scope, StoreUnavailable if the store
+        failed (then nothing of this request was stored).
+        """
+        principal.require(Scope.EVENTS_WRITE)
+        assert principal.application is not None  # noqa: S101 - registry binds write keys
+        drafts = [c for c in candidates if isinstance(c, EventDraft)]
+        tenants = self._store.get_tenants(sorted({d.tenant for d in drafts})) if drafts else {}
+        now = self._clock()
+        results: list[EventResult] = []
+        ready: list[tuple[EventResult, NewEvent]] = []
+        for index, (candidate, sent_id) in enumerate(zip(candidates, ids, strict=True)):
+            result = EventResult(index=index, id=sent_id, status="rejected")
+            results.append(result)
+            if not isinstance(candidate, EventDraft):
+                result.errors = candidate
+                continue
+            tenant = tenants.get(candidate.tenant)
+            if tenant is None:
+                result.errors = [FieldError("/tenant", "is not a registered tenant")]
+            elif not principal.may_serve(tenant.id):
+                result.errors = [FieldError("/tenant", "is not a tenant this key may report for")]
+                result.forbidden = True
+            else:
+                result.errors = _timeliness(candidate.time, tenant, now)
+            if not result.errors:
+                ready.append((result, _new_event(principal.application, candidate, tenant)))
+        if ready:
+            outcomes = self._committer.append([event for _, event in ready])
+            for (result, _), outcome in zip(ready, outcomes, strict=True):
+                _settle(result, outcome)
+        return IngestReport(results=results)
+
+
+def _timeliness(time: datetime, tenant: Tenant, now: datetime) -> list[FieldError]:
+    if time < now - timedelta(hours=tenant.lateness_hours):
+        return [
+            FieldError(
+                "/time",
+                f"is older than the tenant's lateness window of {tenant.lateness_hours} hours",
+            )
+        ]
+    if time > now + FUTURE_SKEW:
+        return [FieldError("/time", "is more than 5 minutes in the future")]
+    return []
+
+
+def _new_event(application: str, draft: EventDraft, tenant: Tenant | None) -> NewEvent:
+    assert tenant is not None  # noqa: S101 - only called for known tenants
+    attributes_json = canonical_json(draft.attributes)
+    return NewEvent(
+        application=application,
+        id=draft.id,
+        tenant=draft.tenant,
+        type=draft.type,
+        quantity=draft.quantity,
+        time=draft.time,
+        subject=draft.subject,
+        unit=draft.unit,
+        attributes_json=attributes_json,
+        region=tenant.region,
+        digest=content_digest(
+            tenant=draft.tenant,
+            type=draft.type,
+            quantity=draft.quantity,
+            time=draft.time,
+            subject=draft.subject,
+            unit=draft.unit,
+            attributes_json=attributes_json,
+        ),
+    )
+
+
+def _settle(result: EventResult, outcome: Outcome) -> None:
+    if outcome is Outcome.ACCEPTED:
+        result.status = "accepted"
+    elif outcome is Outcome.DUPLICATE:
+        result.status = "duplicate"
+    else:
+        result.conflict = True
+        result.errors = [
+            FieldError("/id", "is already used by this application for an event with other content")
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    events: list[StoredEvent]
+    next_cursor: str
+    has_more: bool
+
+
+class ExportService:
+    def __init__(self, *, store: EventStore, cursors: CursorCodec) -> None:
+        self._store = store
+        self._cursors = cursors
+
+    def page(
+        self, principal: Principal, filters: ExportFilter, *, cursor: str | None, limit: int
+    ) -> Page:
+        """The next page after `cursor` (the start when None) of the events matching
+        `filters` that the principal may read.
+
+        Raises Forbidden without events:read or for a tenant outside the key's, InvalidInput
+        for a cursor that was altered or issued for other filters.
+        """
+        principal.require(Scope.EVENTS_READ)
+        if filters.tenant is not None:
+            principal.require_tenant(filters.tenant)
+        scoped = ExportFilter(
+            tenant=filters.tenant,
+            application=filters.application,
+            type=filters.type,
+            subject=filters.subject,
+            time_from=filters.time_from,
+            time_to=filters.time_to,
+            tenants=principal.tenants,
+        )
+        digest = scoped.digest()
+        partitions = self._store.partitions
+        positions = (
+            self._cursors.decode(cursor, filter_digest=digest, partitions=partitions)
+            if cursor
+            else [0] * partitions
+        )
+        page = self._store.read(positions=positions, filters=scoped, limit=limit)
+        return Page(
+            events=page.events,
+            next_cursor=self._cursors.encode(page.positions, digest),
+            has_more=page.has_more,
+        )
+
+    def get(self, principal: Principal, application: str, event_id: str) -> StoredEvent:
+        """Raises NotFound when there is no such event, Forbidden for another tenant's."""
+        principal.require(Scope.EVENTS_READ)
+        event = self._store.get_event(application, event_id)
+        if event is None:
+            raise NotFound("There is no event with this application and id.")
+        if not principal.may_serve(event.tenant):
+            raise Forbidden("This key is not allowed for this event's tenant.")
+        return event

@@ -1,0 +1,340 @@
+"""Validation of reported events, native and CloudEvents, into `EventDraft`s or field errors.
+
+The rules are DESIGN.md's event table. Bodies are parsed with `parse_json`, which turns every
+JSON number into a `Decimal` (never a float) and refuses NaN and infinities, so a quantity is
+exact from the first byte it is read. Each problem is reported with a JSON pointer relative to
+the event; callers prefix it with the event's place in the request (`/events/17`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+)
+from pydantic_core import PydanticCustomError
+
+from tally.errors import FieldError, InvalidInput
+
+MAX_INTEGER_DIGITS = 20
+MAX_FRACTION_DIGITS = 18
+MAX_ATTRIBUTES = 32
+MAX_ATTRIBUTE_KEY = 64
+MAX_ATTRIBUTE_STRING = 256
+
+_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
+_TYPE_RE = re.compile(r"[a-z][a-z0-9_.:-]{0,127}")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_TEXT_RE = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+_RFC3339_RE = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
+)
+
+
+def _fail(kind: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError(kind, message)
+
+
+def _matches(pattern: re.Pattern[str], kind: str, message: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise _fail(kind, message)
+        return value
+
+    return AfterValidator(check)
+
+
+def parse_quantity(value: object) -> Decimal:
+    """A finite, non-negative decimal within NUMERIC(38,18). Refused, never rounded."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+        raise _fail("quantity_type", "must be a decimal number, as a JSON number or string")
+    try:
+        number = Decimal(value.strip() if isinstance(value, str) else value)
+    except InvalidOperation:
+        raise _fail("quantity_syntax", "must be a decimal number such as 12.5") from None
+    if not number.is_finite():
+        raise _fail("quantity_finite", "must be finite")
+    if number.is_signed() and number != 0:
+        raise _fail("quantity_negative", "must not be negative")
+    number = abs(number)  # -0 is 0
+    normal = number.normalize()
+    exponent = int(normal.as_tuple().exponent)
+    fraction = max(0, -exponent)
+    integer = max(0, len(normal.as_tuple().digits) + exponent)
+    if fraction > MAX_FRACTION_DIGITS:
+        raise _fail("quantity_precision", "has more than 18 digits after the decimal point")
+    if integer > MAX_INTEGER_DIGITS:
+        raise _fail("quantity_range", "has more than 20 digits before the decimal point")
+    return number
+
+
+def parse_rfc3339(value: object) -> datetime:
+    """RFC 3339 with an explicit offset (`Z` or `±hh:mm`), at most microsecond precision."""
+    if not isinstance(value, str):
+        raise _fail("time_type", "must be an RFC 3339 string")
+    match = _RFC3339_RE.fullmatch(value)
+    if match is None:
+        raise _fail(
+            "time_format",
+            "must be RFC 3339 with an explicit offset, e.g. 2026-01-31T12:00:00Z",
+        )
+    date, clock, fraction, offset = match.groups()
+    if fraction and len(fraction.rstrip("0")) > 6:
+        raise _fail("time_precision", "has more than microsecond precision")
+    micro = (fraction or "").ljust(6, "0")[:6]
+    try:
+        parsed = datetime.fromisoformat(
+            f"{date}T{clock}.{micro}{'+00:00' if offset in 'Zz' else offset}"
+        )
+    except ValueError:
+        raise _fail("time_range", "is not a valid date and time") from None
+    return parsed.astimezone(UTC)
+
+
+def _check_attributes(value: dict[str, Any]) -> dict[str, Any]:
+    if len(value) > MAX_ATTRIBUTES:
+        raise _fail("attributes_count", f"has more than {MAX_ATTRIBUTES} keys")
+    return value
+
+
+def _check_attribute_key(value: str) -> str:
+    if not 1 <= len(value) <= MAX_ATTRIBUTE_KEY:
+        raise _fail("attribute_key", f"attribute names are 1 to {MAX_ATTRIBUTE_KEY} characters")
+    return value
+
+
+def _check_attribute_value(value: object) -> str | bool | Decimal:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if len(value) > MAX_ATTRIBUTE_STRING:
+            raise _fail(
+                "attribute_length",
+                f"string attributes are at most {MAX_ATTRIBUTE_STRING} characters",
+            )
+        return value
+    if isinstance(value, (int, Decimal)) and Decimal(value).is_finite():
+        return Decimal(value)
+    raise _fail("attribute_type", "attribute values are strings, finite numbers or booleans")
+
+
+EventId = Annotated[
+    str,
+    _matches(_ID_RE, "id", "must be 1 to 128 printable ASCII characters without spaces"),
+    WithJsonSchema({"type": "string", "pattern": r"^[\x21-\x7e]{1,128}$"}),
+]
+EventType = Annotated[
+    str,
+    _matches(_TYPE_RE, "type", "must match ^[a-z][a-z0-9_.:-]{0,127}$"),
+    WithJsonSchema({"type": "string", "pattern": r"^[a-z][a-z0-9_.:-]{0,127}$"}),
+]
+Name = Annotated[
+    str,
+    _matches(_NAME_RE, "name", "must be 1 to 64 of A-Z a-z 0-9 _ . - and start alphanumeric"),
+    WithJsonSchema({"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}),
+]
+Text = Annotated[
+    str,
+    _matches(_TEXT_RE, "text", "must be 1 to 256 characters without control characters"),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 256}),
+]
+Quantity = Annotated[
+    Decimal,
+    BeforeValidator(parse_quantity),
+    WithJsonSchema(
+        {
+            "oneOf": [
+                {"type": "string", "pattern": r"^\d{1,20}(\.\d{1,18})?$"},
+                {"type": "number", "minimum": 0},
+            ],
+            "description": "Exact decimal, >= 0, at most 20 digits before the point and 18 after.",
+        }
+    ),
+]
+Rfc3339 = Annotated[
+    datetime,
+    BeforeValidator(parse_rfc3339),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+AttributeValue = Annotated[
+    str | bool | Decimal,
+    BeforeValidator(_check_attribute_value),
+    WithJsonSchema(
+        {
+            "oneOf": [
+                {"type": "string", "maxLength": MAX_ATTRIBUTE_STRING},
+                {"type": "number"},
+                {"type": "boolean"},
+            ]
+        }
+    ),
+]
+Attributes = Annotated[
+    dict[Annotated[str, AfterValidator(_check_attribute_key)], AttributeValue],
+    AfterValidator(_check_attributes),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "maxProperties": MAX_ATTRIBUTES,
+            "propertyNames": {"minLength": 1, "maxLength": MAX_ATTRIBUTE_KEY},
+            "additionalProperties": {
+                "oneOf": [
+                    {"type": "string", "maxLength": MAX_ATTRIBUTE_STRING},
+                    {"type": "number"},
+                    {"type": "boolean"},
+                ]
+            },
+        }
+    ),
+]
+
+_STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class EventIn(BaseModel):
+    """A billing event as a target application reports it."""
+
+    model_config = _STRICT
+
+    id: EventId
+    tenant: Name
+    type: EventType
+    quantity: Quantity
+    time: Rfc3339
+    subject: Text | None = None
+    unit: Text | None = None
+    attributes: Attributes = Field(default_factory=dict)
+
+
+class CloudEventData(BaseModel):
+    """The `data` of a usage CloudEvent."""
+
+    model_config = _STRICT
+
+    tenant: Name
+    quantity: Quantity
+    unit: Text | None = None
+    attributes: Attributes = Field(default_factory=dict)
+
+
+class CloudEventIn(BaseModel):
+    """A usage event in CloudEvents 1.0 structured mode. Extension attributes are ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    specversion: Literal["1.0"]
+    id: EventId
+    source: Annotated[str, Field(min_length=1)]
+    type: EventType
+    time: Rfc3339
+    subject: Text | None = None
+    datacontenttype: Literal["application/json"] | None = None
+    dataschema: str | None = None
+    data: CloudEventData
+
+
+@dataclass(frozen=True, slots=True)
+class EventDraft:
+    """An event whose fields are valid on their own; tenant rules are checked by the service."""
+
+    id: str
+    tenant: str
+    type: str
+    quantity: Decimal
+    time: datetime
+    subject: str | None
+    unit: str | None
+    attributes: dict[str, str | bool | Decimal]
+
+
+def _escape(token: object) -> str:
+    return str(token).replace("~", "~0").replace("/", "~1")
+
+
+def pointer_of(loc: tuple[int | str, ...]) -> str:
+    """Pydantic's error location as an RFC 6901 pointer; dict keys lose pydantic's '[key]'."""
+    return "".join(f"/{_escape(part)}" for part in loc if part != "[key]")
+
+
+def _errors_of(error: ValidationError) -> list[FieldError]:
+    found: list[FieldError] = []
+    for item in error.errors(include_url=False, include_input=False):
+        detail = item["msg"]
+        if item["type"] == "extra_forbidden":
+            detail = "is not a field of this object"
+        elif item["type"] == "missing":
+            detail = "is required"
+        found.append(FieldError(pointer=pointer_of(item["loc"]), detail=detail))
+    return found
+
+
+def validate_event(raw: object) -> EventDraft | list[FieldError]:
+    """A native event object, or the problems with it (pointers relative to the event)."""
+    if not isinstance(raw, dict):
+        return [FieldError(pointer="", detail="an event must be a JSON object")]
+    try:
+        event = EventIn.model_validate(raw)
+    except ValidationError as error:
+        return _errors_of(error)
+    return EventDraft(
+        id=event.id,
+        tenant=event.tenant,
+        type=event.type,
+        quantity=event.quantity,
+        time=event.time,
+        subject=event.subject,
+        unit=event.unit,
+        attributes=event.attributes,
+    )
+
+
+def validate_cloudevent(raw: object) -> EventDraft | list[FieldError]:
+    """A structured-mode CloudEvent, or the problems with it (pointers relative to it)."""
+    if not isinstance(raw, dict):
+        return [FieldError(pointer="", detail="a CloudEvent must be a JSON object")]
+    try:
+        event = CloudEventIn.model_validate(raw)
+    except ValidationError as error:
+        return _errors_of(error)
+    return EventDraft(
+        id=event.id,
+        tenant=event.data.tenant,
+        type=event.type,
+        quantity=event.data.quantity,
+        time=event.time,
+        subject=event.subject,
+        unit=event.data.unit,
+        attributes=event.data.attributes,
+    )
+
+
+def _refuse_constant(name: str) -> None:
+    raise InvalidInput(f"The body is not valid JSON: {name} is not a JSON number.")
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse a request body; every number becomes a `Decimal`. Raises InvalidInput."""
+    try:
+        return json.loads(
+            body, parse_float=Decimal, parse_int=Decimal, parse_constant=_refuse_constant
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        # The position helps the caller; the message never echoes the body.
+        where = (
+            f" at line {error.lineno}, column {error.colno}"
+            if isinstance(error, json.JSONDecodeError)
+            else ""
+        )
+        raise InvalidInput(f"The body is not valid UTF-8 JSON{where}.") from None

@@ -1,0 +1,1 @@
+"""Registration: tenants, applications and API keys (the operator's side)."""

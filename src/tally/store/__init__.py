@@ -1,0 +1,1 @@
+"""Storage: one `EventStore` interface (interface.py), SQLite and PostgreSQL behind it."""

@@ -1,0 +1,164 @@
+"""The contract every store keeps. The conformance suite (tests/store/) runs it on each store.
+
+The export log: each event belongs to one of `partitions` partitions (by tenant) and gets the
+next offset of its partition inside the transaction that inserts it. Appending first locks the
+partition's counter row and holds that lock until commit, so within a partition offsets are
+handed out in commit order: once a reader sees offset n, every offset below n that will ever
+exist is already visible to it. A reader's position is therefore one offset per partition, and
+reading `offset > position` never skips an event, however late its transaction committed.
+Offsets are data, so they survive backup, restore and failover unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from tally.events.model import NewEvent, Outcome, StoredEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    id: str
+    name: str | None
+    region: str
+    lateness_hours: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Application:
+    id: str
+    name: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """An API key as stored: its SHA-256, never the secret."""
+
+    id: str
+    secret_hash: bytes
+    scopes: tuple[str, ...]
+    application: str | None
+    tenants: tuple[str, ...] | None
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportFilter:
+    """What a reader asked for. `tenants` is the key's restriction, if any (None: all)."""
+
+    tenant: str | None = None
+    application: str | None = None
+    type: str | None = None
+    subject: str | None = None
+    time_from: datetime | None = None
+    time_to: datetime | None = None
+    tenants: tuple[str, ...] | None = None
+
+    def digest(self) -> bytes:
+        """Identifies the filter, so a cursor cannot be replayed under another one."""
+        parts = [
+            self.tenant,
+            self.application,
+            self.type,
+            self.subject,
+            self.time_from.isoformat() if self.time_from else None,
+            self.time_to.isoformat() if self.time_to else None,
+            ",".join(sorted(self.tenants)) if self.tenants is not None else None,
+        ]
+        text = "\x1f".join("\x00" if part is None else part for part in parts)
+        return hashlib.sha256(text.encode()).digest()[:12]
+
+
+@dataclass(slots=True)
+class ExportPage:
+    events: list[StoredEvent]
+    positions: list[int]
+    has_more: bool
+
+
+def partition_of(tenant: str, partitions: int) -> int:
+    """The export-log partition of a tenant: stable across processes, versions and hosts."""
+    return int.from_bytes(hashlib.sha256(tenant.encode()).digest()[:4], "big") % partitions
+
+
+class EventStore(Protocol):
+    """Where events, tenants, applications and keys live.
+
+    Every method is one atomic unit; none leaves a transaction open for the caller. Methods
+    raise `StoreUnavailable` when the database cannot be reached (safe to retry), and
+    `AlreadyExists` where they say so. They never raise for a missing row: they return None.
+    """
+
+    partitions: int
+
+    def migrate(self) -> list[str]:
+        """Apply pending schema migrations; returns the ids applied."""
+
+    def close(self) -> None: ...
+
+    def ping(self) -> None:
+        """Returns when the store answers a query; raises StoreUnavailable otherwise."""
+
+    def secret(self, name: str) -> bytes:
+        """A random 32-byte secret made once per store and kept in it (e.g. cursor signing).
+
+        Kept in the database so that every replica, every restart and every restored backup
+        agrees on it.
+        """
+
+    # --- events -------------------------------------------------------------------------
+
+    def append(self, events: Sequence[NewEvent], *, received_at: datetime) -> list[Outcome]:
+        """Store a batch in one durable transaction; one outcome per input, in order.
+
+        ACCEPTED: stored now. DUPLICATE: this identity is stored with the same content digest
+        (also for a repeat inside `events`). CONFLICT: the identity holds other content;
+        nothing is stored for it. The call returns only after the commit is durable; if it
+        raises, nothing of the batch is stored.
+        """
+
+    def read(self, *, positions: Sequence[int], filters: ExportFilter, limit: int) -> ExportPage:
+        """Up to `limit` events after `positions` matching `filters`, from one snapshot.
+
+        The returned positions resume exactly after the last event returned; partitions read
+        to their end move to the snapshot's end, so filtered polling stays cheap.
+        """
+
+    def get_event(self, application: str, event_id: str) -> StoredEvent | None: ...
+
+    # --- registration -------------------------------------------------------------------
+
+    def create_tenant(self, tenant: Tenant) -> None:
+        """Raises AlreadyExists if the id is taken."""
+
+    def get_tenants(self, ids: Sequence[str]) -> dict[str, Tenant]:
+        """The tenants among `ids` that exist."""
+
+    def list_tenants(self) -> list[Tenant]: ...
+
+    def create_application(self, application: Application) -> None:
+        """Raises AlreadyExists if the id is taken."""
+
+    def get_application(self, application_id: str) -> Application | None: ...
+
+    def list_applications(self) -> list[Application]: ...
+
+    def create_key(self, key: KeyRecord) -> None: ...
+
+    def find_key(self, secret_hash: bytes) -> KeyRecord | None:
+        """The key with this hash, revoked or expired ones included (the caller decides)."""
+
+    def list_keys(self) -> list[KeyRecord]: ...
+
+    def revoke_key(self, key_id: str, *, at: datetime) -> bool:
+        """Revoke at once; False if there is no such key. Revoking twice keeps the first time."""
+
+    def count_keys(self) -> int: ...

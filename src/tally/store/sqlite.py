@@ -1,0 +1,378 @@
+"""The embedded store: one SQLite file in WAL mode with full synchronous commits.
+
+All writes go through one connection that opens `BEGIN IMMEDIATE`, so writers are serialised by
+SQLite's write lock and offsets are handed out in commit order. Readers use their own
+connection per thread; WAL gives each read transaction a stable snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+
+from tally.errors import AlreadyExists, StoreUnavailable
+from tally.events.model import NewEvent, Outcome, StoredEvent, format_time, parse_time
+from tally.store import migrate, plan
+from tally.store.interface import (
+    Application,
+    ExportFilter,
+    ExportPage,
+    KeyRecord,
+    Tenant,
+)
+
+_EVENT_COLUMNS = (
+    "application, id, tenant, type, quantity, time, subject, unit, attributes, region, received_at"
+)
+
+
+def _event(row: sqlite3.Row) -> StoredEvent:
+    return StoredEvent(
+        application=row["application"],
+        id=row["id"],
+        tenant=row["tenant"],
+        type=row["type"],
+        quantity=Decimal(row["quantity"]),
+        time=parse_time(row["time"]),
+        subject=row["subject"],
+        unit=row["unit"],
+        attributes_json=row["attributes"],
+        region=row["region"],
+        received_at=parse_time(row["received_at"]),
+    )
+
+
+def _time_or_none(text: str | None) -> datetime | None:
+    return parse_time(text) if text is not None else None
+
+
+def _key(row: sqlite3.Row) -> KeyRecord:
+    tenants = json.loads(row["tenants"]) if row["tenants"] is not None else None
+    return KeyRecord(
+        id=row["id"],
+        secret_hash=bytes(row["secret_hash"]),
+        scopes=tuple(json.loads(row["scopes"])),
+        application=row["application"],
+        tenants=tuple(tenants) if tenants is not None else None,
+        created_at=parse_time(row["created_at"]),
+        expires_at=_time_or_none(row["expires_at"]),
+        revoked_at=_time_or_none(row["revoked_at"]),
+    )
+
+
+def _tenant(row: sqlite3.Row) -> Tenant:
+    return Tenant(
+        id=row["id"],
+        name=row["name"],
+        region=row["region"],
+        lateness_hours=row["lateness_hours"],
+        created_at=parse_time(row["created_at"]),
+    )
+
+
+class SQLiteStore:
+    """`EventStore` on one SQLite file. See store/interface.py for the contract."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self.partitions = 0
+
+    # --- connections ----------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            connection = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30
+            )
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit returns only after the WAL is fsynced, so a 2xx survives power loss.
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as error:
+            raise StoreUnavailable("The SQLite store cannot be opened.") from error
+        with self._connections_lock:
+            self._connections.append(connection)
+        return connection
+
+    def _reader(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._connect()
+            self._local.connection = connection
+        return connection
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; serialised in-process by a lock, across processes by SQLite."""
+        with self._write_lock:
+            connection = self._reader()
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as error:
+                raise StoreUnavailable("The SQLite store is busy or unwritable.") from error
+            try:
+                yield connection
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        connection = self._reader()
+        connection.execute("BEGIN")
+        try:
+            yield connection
+        finally:
+            connection.execute("COMMIT")
+
+    def open(self) -> SQLiteStore:
+        """Check the schema is there and read the partition count. Raises StoreUnavailable."""
+        try:
+            row = self._reader().execute("SELECT count(*) FROM log_partitions").fetchone()
+        except sqlite3.Error as error:
+            raise StoreUnavailable(
+                "The SQLite store has no schema: run 'tally migrate'."
+            ) from error
+        self.partitions = int(row[0])
+        return self
+
+    def migrate(self) -> list[str]:
+        applied = migrate.apply(f"sqlite:///{self.path}", "sqlite")
+        self.open()
+        return applied
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    def ping(self) -> None:
+        try:
+            self._reader().execute("SELECT 1 FROM log_partitions LIMIT 1").fetchone()
+        except sqlite3.Error as error:
+            raise StoreUnavailable("The SQLite store cannot be read.") from error
+
+    def secret(self, name: str) -> bytes:
+        with self._write() as connection:
+            connection.execute(
+                "INSERT INTO secrets (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (name, secrets.token_bytes(32)),
+            )
+            row = connection.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+        return bytes(row[0])
+
+    # --- events ---------------------------------------------------------------------------
+
+    def append(self, events: Sequence[NewEvent], *, received_at: datetime) -> list[Outcome]:
+        if not events:
+            return []
+        keys = json.dumps([list(event.key) for event in events])
+        touched = plan.partitions_of(events, self.partitions)
+        with self._write() as connection:
+            stored = {
+                (row[0], row[1]): bytes.fromhex(row[2])
+                for row in connection.execute(
+                    "SELECT application, id, digest FROM events WHERE (application, id) IN "
+                    "(SELECT value ->> 0, value ->> 1 FROM json_each(?))",
+                    (keys,),
+                )
+            }
+            outcomes = plan.classify(events, stored)
+            fresh = [e for e, o in zip(events, outcomes, strict=True) if o is Outcome.ACCEPTED]
+            if fresh:
+                last = dict(
+                    connection.execute(
+                        "SELECT partition, last_offset FROM log_partitions WHERE partition IN "
+                        "(SELECT value FROM json_each(?))",
+                        (json.dumps(touched),),
+                    ).fetchall()
+                )
+                places, moved = plan.number(fresh, last, self.partitions)
+                received = format_time(received_at)
+                rows = [
+                    [
+                        partition,
+                        offset,
+                        e.application,
+                        e.id,
+                        e.tenant,
+                        e.type,
+                        str(e.quantity),
+                        format_time(e.time),
+                        e.subject,
+                        e.unit,
+                        e.attributes_json,
+                        e.region,
+                        received,
+                        e.digest.hex(),
+                    ]
+                    for e, (partition, offset) in zip(fresh, places, strict=True)
+                ]
+                connection.execute(
+                    "INSERT INTO events (partition, log_offset, application, id, tenant, type, "
+                    "quantity, time, subject, unit, attributes, region, received_at, digest) "
+                    "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, "
+                    "value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, "
+                    "value ->> 10, value ->> 11, value ->> 12, value ->> 13 "
+                    "FROM json_each(?)",
+                    (json.dumps(rows),),
+                )
+                connection.execute(
+                    "UPDATE log_partitions SET last_offset = moved.value ->> 1 "
+                    "FROM json_each(?) AS moved WHERE partition = moved.value ->> 0",
+                    (json.dumps(list(moved.items())),),
+                )
+        return outcomes
+
+    def read(self, *, positions: Sequence[int], filters: ExportFilter, limit: int) -> ExportPage:
+        where, params = _filter_sql(filters)
+        sql = (
+            f"SELECT log_offset, {_EVENT_COLUMNS} FROM events "
+            f"WHERE partition = ? AND log_offset > ?{where} ORDER BY log_offset LIMIT ?"
+        )
+        with self._snapshot() as connection:
+
+            def fetch(partition: int, after: int, count: int) -> list[tuple[int, StoredEvent]]:
+                rows = connection.execute(sql, (partition, after, *params, count))
+                return [(row["log_offset"], _event(row)) for row in rows]
+
+            heads = dict(connection.execute("SELECT partition, last_offset FROM log_partitions"))
+            return plan.read_page(
+                fetch,
+                heads=heads,
+                positions=positions,
+                wanted=plan.wanted_partitions(filters, self.partitions),
+                limit=limit,
+            )
+
+    def get_event(self, application: str, event_id: str) -> StoredEvent | None:
+        row = (
+            self._reader()
+            .execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE application = ? AND id = ?",
+                (application, event_id),
+            )
+            .fetchone()
+        )
+        return _event(row) if row is not None else None
+
+    # --- registration ---------------------------------------------------------------------
+
+    def create_tenant(self, tenant: Tenant) -> None:
+        self._insert(
+            "INSERT INTO tenants (id, name, region, lateness_hours, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (
+                tenant.id,
+                tenant.name,
+                tenant.region,
+                tenant.lateness_hours,
+                format_time(tenant.created_at),
+            ),
+            what="tenant",
+        )
+
+    def get_tenants(self, ids: Sequence[str]) -> dict[str, Tenant]:
+        rows = self._reader().execute(
+            "SELECT * FROM tenants WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(ids)),),
+        )
+        return {row["id"]: _tenant(row) for row in rows}
+
+    def list_tenants(self) -> list[Tenant]:
+        return [_tenant(r) for r in self._reader().execute("SELECT * FROM tenants ORDER BY id")]
+
+    def create_application(self, application: Application) -> None:
+        self._insert(
+            "INSERT INTO applications (id, name, created_at) VALUES (?, ?, ?)",
+            (application.id, application.name, format_time(application.created_at)),
+            what="application",
+        )
+
+    def get_application(self, application_id: str) -> Application | None:
+        row = (
+            self._reader()
+            .execute("SELECT * FROM applications WHERE id = ?", (application_id,))
+            .fetchone()
+        )
+        return _application(row) if row is not None else None
+
+    def list_applications(self) -> list[Application]:
+        rows = self._reader().execute("SELECT * FROM applications ORDER BY id")
+        return [_application(row) for row in rows]
+
+    def create_key(self, key: KeyRecord) -> None:
+        self._insert(
+            "INSERT INTO api_keys (id, secret_hash, scopes, application, tenants, created_at, "
+            "expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                key.id,
+                key.secret_hash,
+                json.dumps(list(key.scopes)),
+                key.application,
+                json.dumps(list(key.tenants)) if key.tenants is not None else None,
+                format_time(key.created_at),
+                format_time(key.expires_at) if key.expires_at else None,
+                format_time(key.revoked_at) if key.revoked_at else None,
+            ),
+            what="key",
+        )
+
+    def find_key(self, secret_hash: bytes) -> KeyRecord | None:
+        row = (
+            self._reader()
+            .execute("SELECT * FROM api_keys WHERE secret_hash = ?", (secret_hash,))
+            .fetchone()
+        )
+        return _key(row) if row is not None else None
+
+    def list_keys(self) -> list[KeyRecord]:
+        rows = self._reader().execute("SELECT * FROM api_keys ORDER BY created_at, id")
+        return [_key(row) for row in rows]
+
+    def revoke_key(self, key_id: str, *, at: datetime) -> bool:
+        with self._write() as connection:
+            cursor = connection.execute(
+                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?",
+                (format_time(at), key_id),
+            )
+            return cursor.rowcount == 1
+
+    def count_keys(self) -> int:
+        return int(self._reader().execute("SELECT count(*) FROM api_keys").fetchone()[0])
+
+    def _insert(self, sql: str, params: Sequence[object], *, what: str) -> None:
+        try:
+            with self._write() as connection:
+                connection.execute(sql, params)
+        except sqlite3.IntegrityError as error:
+            raise AlreadyExists(f"A {what} with this id exists already.") from error
+
+
+def _application(row: sqlite3.Row) -> Application:
+    return Application(id=row["id"], name=row["name"], created_at=parse_time(row["created_at"]))
+
+
+def _filter_sql(filters: ExportFilter) -> tuple[str, list[object]]:
+    return plan.filter_sql(
+        filters,
+        mark="?",
+        any_tenant="tenant IN (SELECT value FROM json_each(?))",
+        tenants=lambda ids: json.dumps(list(ids)),
+        time=format_time,
+    )
