@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class FieldError:
-    """One problem with one field, located by a JSON pointer (RFC 6901) into the request body."""
+    """One problem with one field: a JSON pointer (RFC 6901) into the body, or a parameter."""
 
     pointer: str
     detail: str
+    parameter: str | None = None  # set instead of a pointer for a query or path parameter
 
     def under(self, prefix: str) -> FieldError:
         return FieldError(pointer=f"{prefix}{self.pointer}", detail=self.detail)

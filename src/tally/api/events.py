@@ -183,7 +183,8 @@ def get_events(
     `next_cursor`: until `has_more` is false, then by polling with the last cursor."""
     if time_from is not None and time_to is not None and time_from > time_to:
         raise InvalidInput(
-            "time_from is after time_to.", [FieldError("", "time_from must not be after time_to")]
+            "time_from is after time_to.",
+            [FieldError("", "must not be after time_to", parameter="time_from")],
         )
     filters = ExportFilter(
         tenant=tenant,

@@ -102,7 +102,12 @@ def problem_response(
 
 
 def field_errors(errors: list[FieldError]) -> list[dict[str, str]]:
-    return [{"pointer": e.pointer, "detail": e.detail} for e in errors]
+    return [
+        {"parameter": e.parameter, "detail": e.detail}
+        if e.parameter is not None
+        else {"pointer": e.pointer, "detail": e.detail}
+        for e in errors
+    ]
 
 
 def from_error(request: Request, error: TallyError) -> Response:

@@ -46,7 +46,7 @@ def _read_varints(data: bytes) -> list[int]:
 
 
 def _refused(detail: str) -> InvalidInput:
-    return InvalidInput(detail, [FieldError(pointer="", detail=detail)])
+    return InvalidInput(detail, [FieldError(pointer="", detail=detail, parameter="cursor")])
 
 
 class CursorCodec:
