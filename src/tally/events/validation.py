@@ -33,6 +33,7 @@ MAX_FRACTION_DIGITS = 18
 MAX_ATTRIBUTES = 32
 MAX_ATTRIBUTE_KEY = 64
 MAX_ATTRIBUTE_STRING = 256
+MAX_ATTRIBUTE_DIGITS = 40
 
 _ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
 _TYPE_RE = re.compile(r"[a-z][a-z0-9_.:-]{0,127}")
@@ -66,16 +67,21 @@ def parse_quantity(value: object) -> Decimal:
         raise _fail("quantity_syntax", "must be a decimal number such as 12.5") from None
     if not number.is_finite():
         raise _fail("quantity_finite", "must be finite")
-    if number.is_signed() and number != 0:
+    if number.is_zero():
+        return Decimal(0)
+    if number.is_signed():
         raise _fail("quantity_negative", "must not be negative")
-    number = abs(number)  # -0 is 0
-    normal = number.normalize()
-    exponent = int(normal.as_tuple().exponent)
-    fraction = max(0, -exponent)
-    integer = max(0, len(normal.as_tuple().digits) + exponent)
-    if fraction > MAX_FRACTION_DIGITS:
+    # Digits are counted on the tuple: normalize() and abs() would round to the context's
+    # 28 digits, and NUMERIC(38,18) holds 38.
+    _, digits, exponent = number.as_tuple()
+    assert isinstance(exponent, int)  # noqa: S101 - finite numbers have integer exponents
+    kept = len(digits)
+    while exponent < 0 and digits[kept - 1] == 0:
+        kept -= 1
+        exponent += 1
+    if -exponent > MAX_FRACTION_DIGITS:
         raise _fail("quantity_precision", "has more than 18 digits after the decimal point")
-    if integer > MAX_INTEGER_DIGITS:
+    if kept + exponent > MAX_INTEGER_DIGITS:
         raise _fail("quantity_range", "has more than 20 digits before the decimal point")
     return number
 
@@ -126,7 +132,15 @@ def _check_attribute_value(value: object) -> str | bool | Decimal:
             )
         return value
     if isinstance(value, (int, Decimal)) and Decimal(value).is_finite():
-        return Decimal(value)
+        number = Decimal(value)
+        # Bounded so that its exact text stays short (1E+999999999 would be a billion digits).
+        if len(number.as_tuple().digits) > MAX_ATTRIBUTE_DIGITS or abs(number.adjusted()) > 40:
+            raise _fail(
+                "attribute_number",
+                f"numeric attributes have at most {MAX_ATTRIBUTE_DIGITS} digits, "
+                "between 1e-40 and 1e40",
+            )
+        return number
     raise _fail("attribute_type", "attribute values are strings, finite numbers or booleans")
 
 

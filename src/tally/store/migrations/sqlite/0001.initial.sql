@@ -46,7 +46,7 @@ CREATE TABLE events (
     id          TEXT NOT NULL,
     tenant      TEXT NOT NULL,
     type        TEXT NOT NULL,
-    quantity    TEXT NOT NULL,
+    quantity    TEXT NOT NULL CHECK (quantity NOT LIKE '-%'),
     time        TEXT NOT NULL,
     subject     TEXT,
     unit        TEXT,

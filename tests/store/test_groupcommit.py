@@ -1,0 +1,61 @@
+"""Group commit on the real stores: many requests, few transactions, each answered right."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tally.errors import StoreUnavailable
+from tally.events.model import Outcome
+from tally.store.groupcommit import GroupCommitter
+from tally.store.interface import EventStore
+from tests.store.test_conformance import new_event, read_all
+
+
+def test_concurrent_requests_share_transactions_and_each_gets_its_own_outcomes(
+    store: EventStore,
+) -> None:
+    batches: list[tuple[int, int]] = []
+    committer = GroupCommitter(store, observe=lambda r, e: batches.append((r, e)))
+    gate = threading.Barrier(32)
+
+    def request(index: int) -> list[Outcome]:
+        gate.wait()
+        # Every request repeats a shared id; each also has an id of its own.
+        return committer.append(
+            [new_event("shared"), new_event(f"own-{index}", tenant=f"t{index}")]
+        )
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(request, range(32)))
+    committer.close()
+
+    assert all(answer[1] is Outcome.ACCEPTED for answer in answers)
+    assert sorted(answer[0] for answer in answers).count(Outcome.ACCEPTED) == 1
+    assert sum(events for _, events in batches) == 64
+    assert len(batches) < 32  # requests were gathered into shared transactions
+    seen, _ = read_all(store)
+    assert len(seen) == 33
+
+
+def test_a_failed_transaction_fails_every_request_in_it_and_stores_none(
+    store: EventStore,
+) -> None:
+    committer = GroupCommitter(store)
+
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the driver's own integrity error
+        committer.append([new_event("fine"), new_event("bad", quantity="-1")])
+
+    assert read_all(store)[0] == []
+    assert committer.append([new_event("fine")]) == [Outcome.ACCEPTED]
+    committer.close()
+
+
+def test_closed_committer_refuses_new_work(store: EventStore) -> None:
+    committer = GroupCommitter(store)
+    committer.close()
+
+    with pytest.raises(StoreUnavailable):
+        committer.append([new_event("late")])
