@@ -7,6 +7,7 @@ TALLY_DATABASE_URL directly, through the same services the API uses.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -64,10 +65,16 @@ def settings() -> Settings:
 @contextmanager
 def command_store(*, migrate: bool = False) -> Iterator[EventStore]:
     """The configured store; domain errors become a message and exit code 1."""
+    # The pool retries in the background and logs each failure; the CLI reports once.
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     try:
         store = open_store(settings(), migrate=migrate)
     except TallyError as error:
         err.print(f"[red]{error.detail}[/red]")
+        if error.__cause__ is not None:
+            # The driver's reason (host, port, database; never a password) says what to fix.
+            reason = str(error.__cause__).strip().splitlines()
+            err.print(f"  {reason[0] if reason else type(error.__cause__).__name__}")
         raise typer.Exit(1) from None
     try:
         yield store
