@@ -29,7 +29,9 @@ from tally.store.interface import EventStore
 from tally.store.postgres import PostgresStore
 from tally.store.sqlite import SQLiteStore
 
-ADMIN_URL = os.environ.get("TALLY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_URL = os.environ.get(
+    "TALLY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 _TABLES = "events, api_keys, tenants, applications"

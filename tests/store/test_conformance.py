@@ -222,7 +222,7 @@ def test_a_failed_batch_stores_nothing(store: EventStore) -> None:
     store.append([new_event("a")], received_at=NOW)
     broken = new_event("b", quantity="-1")  # the schema refuses negatives
 
-    with pytest.raises(Exception):  # noqa: B017, PT011 - each driver raises its own error type
+    with pytest.raises(Exception):  # noqa: B017 - each driver raises its own error type
         store.append([new_event("c"), broken], received_at=NOW)
 
     assert read_all(store)[0] == ["a"]

@@ -45,7 +45,7 @@ def test_a_failed_transaction_fails_every_request_in_it_and_stores_none(
 ) -> None:
     committer = GroupCommitter(store)
 
-    with pytest.raises(Exception):  # noqa: B017, PT011 - the driver's own integrity error
+    with pytest.raises(Exception):  # noqa: B017 - the driver's own integrity error
         committer.append([new_event("fine"), new_event("bad", quantity="-1")])
 
     assert read_all(store)[0] == []

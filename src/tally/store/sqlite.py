@@ -18,7 +18,14 @@ from decimal import Decimal
 from pathlib import Path
 
 from tally.errors import AlreadyExists, StoreUnavailable
-from tally.events.model import NewEvent, Outcome, StoredEvent, format_time, parse_time
+from tally.events.model import (
+    NewEvent,
+    Outcome,
+    StoredEvent,
+    format_decimal,
+    format_time,
+    parse_time,
+)
 from tally.store import migrate, plan
 from tally.store.interface import (
     Application,
@@ -27,6 +34,8 @@ from tally.store.interface import (
     KeyRecord,
     Tenant,
 )
+
+MIN_SQLITE = (3, 38, 0)
 
 _EVENT_COLUMNS = (
     "application, id, tenant, type, quantity, time, subject, unit, attributes, region, received_at"
@@ -140,6 +149,11 @@ class SQLiteStore:
 
     def open(self) -> SQLiteStore:
         """Check the schema is there and read the partition count. Raises StoreUnavailable."""
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise StoreUnavailable(
+                f"SQLite {sqlite3.sqlite_version} is too old: Tally needs 3.38 or newer "
+                "(JSON operators, UPDATE FROM, RETURNING)."
+            )
         try:
             row = self._reader().execute("SELECT count(*) FROM log_partitions").fetchone()
         except sqlite3.Error as error:
@@ -212,7 +226,7 @@ class SQLiteStore:
                         e.id,
                         e.tenant,
                         e.type,
-                        str(e.quantity),
+                        format_decimal(e.quantity),
                         format_time(e.time),
                         e.subject,
                         e.unit,
