@@ -118,7 +118,10 @@ def emit(
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> Callable[[], Table]:
     def build() -> Table:
-        table = Table(*columns)
+        table = Table()
+        for column in columns:
+            # Ids must stay copyable: never wrapped inside a cell.
+            table.add_column(column, no_wrap=column == "id", overflow="fold")
         for row in rows:
             table.add_row(*(_cell(row.get(column)) for column in columns))
         return table

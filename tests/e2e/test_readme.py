@@ -1,0 +1,101 @@
+"""The README's worked example, pasted as it stands into bash against a real `tally serve`.
+
+Only the two things a reader fills in change: the admin key the server printed and the port.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.conftest import Server
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+SCRIPT_TIMEOUT = 60
+
+
+def worked_example() -> str:
+    """The first ```sh block after the heading '## A worked example'."""
+    text = README.read_text(encoding="utf-8")
+    _, heading, after = text.partition("\n## A worked example\n")
+    assert heading, "README.md has no '## A worked example' section"
+    found = re.search(r"^```sh\n(.*?)^```", after, re.DOTALL | re.MULTILINE)
+    assert found, "no ```sh block after '## A worked example'"
+    return found.group(1)
+
+
+def json_documents(text: str) -> list[Any]:
+    """Every JSON document in `text`, in order (curl prints bodies without newlines)."""
+    decoder = json.JSONDecoder()
+    documents: list[Any] = []
+    position = 0
+    while True:
+        while position < len(text) and text[position].isspace():
+            position += 1
+        if position == len(text):
+            return documents
+        document, position = decoder.raw_decode(text, position)
+        documents.append(document)
+
+
+def test_the_example_is_a_script_with_the_placeholders_this_test_fills() -> None:
+    script = worked_example()
+    assert re.search(r"^export ADMIN=\S+$", script, re.MULTILINE)
+    assert "http://127.0.0.1:8000" in script
+
+
+def test_the_worked_example_runs_as_written(tally_server: Server, tmp_path: Path) -> None:
+    script = worked_example()
+    script = re.sub(
+        r"^export ADMIN=\S+$", f"export ADMIN={tally_server.admin_key}", script, flags=re.M
+    )
+    script = script.replace("127.0.0.1:8000", f"127.0.0.1:{tally_server.port}")
+    assert tally_server.admin_key in script
+    assert ":8000" not in script
+    path = tmp_path / "worked_example.sh"
+    path.write_text(script, encoding="utf-8")
+
+    # -e and pipefail: any failing step (curl -f on an error status, a key not in a response)
+    # fails the script, not just its last command.
+    ran = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert ran.returncode == 0, f"{ran.stdout}\n{ran.stderr}\n{tally_server.logs()}"
+
+    tenant, application, batch, first, second = json_documents(ran.stdout)
+    assert tenant["id"] == "acme"
+    assert tenant["name"] == "Acme Corp"
+    assert application["id"] == "vm-service"
+
+    assert (batch["accepted"], batch["duplicates"], batch["rejected"]) == (2, 1, 1)
+    assert [e["status"] for e in batch["events"]] == [
+        "accepted",
+        "accepted",
+        "duplicate",
+        "rejected",
+    ]
+    pointers = {error["pointer"] for error in batch["events"][3]["errors"]}
+    assert {"/events/3/quantity", "/events/3/time"} <= pointers
+
+    assert [e["id"] for e in first["events"]] == ["evt-1"]
+    assert first["has_more"] is True
+    assert [e["id"] for e in second["events"]] == ["evt-2"]
+    one, two = first["events"][0], second["events"][0]
+    assert (one["quantity"], two["quantity"]) == ("0.1", "0.2")
+    for exported in (one, two):
+        assert exported["tenant"] == "acme"
+        assert exported["application"] == "vm-service"
+        assert exported["region"] == "local"
+        assert exported["subject"] == "vm-42"
+        assert exported["unit"] == "s"
+        assert exported["attributes"] == {"zone": "eu-1a"}
+        assert exported["received_at"]
+    assert second["next_cursor"] != first["next_cursor"]
