@@ -68,6 +68,7 @@ def test_invalid_json_is_refused_without_echoing_it() -> None:
         ("1.0000000000000000000000", Decimal(1)),  # trailing zeros are not precision
         (Decimal("1E+3"), Decimal(1000)),
         ("-0", Decimal(0)),
+        (Decimal("1E+3"), Decimal(1000)),
     ],
 )
 def test_quantities_accepted_exactly(value: object, expected: Decimal) -> None:
@@ -85,6 +86,12 @@ def test_quantities_accepted_exactly(value: object, expected: Decimal) -> None:
         "1e400",
         "abc",
         "",
+        " 1",
+        "+1",
+        "1_000",
+        ".5",
+        "1.",
+        "1e5",
         True,
         1.5,
         None,
@@ -176,6 +183,7 @@ def test_unknown_and_missing_fields_are_named() -> None:
         ({"a/b": [1]}, "/attributes/a~1b"),
         ({"huge": Decimal("1E+999999999")}, "/attributes/huge"),
         ({"long": Decimal("1." + "1" * 40)}, "/attributes/long"),
+        ({"tiny": Decimal("1E-41")}, "/attributes/tiny"),
     ],
 )
 def test_attribute_bounds(attributes: dict[str, object], pointer: str) -> None:
@@ -246,3 +254,10 @@ def test_cloudevent_problems_point_into_data() -> None:
 def test_validation_never_raises_on_arbitrary_objects(raw: dict[str, object]) -> None:
     result = validate_event(raw)
     assert isinstance(result, (list, EventDraft))
+
+
+def test_zero_attribute_numbers_of_any_exponent_are_zero() -> None:
+    draft = validate_event({**BASE, "attributes": {"z": Decimal("0E-50")}})
+
+    assert isinstance(draft, EventDraft)
+    assert canonical_json(draft.attributes) == '{"z":0}'

@@ -7,9 +7,8 @@ from dataclasses import asdict
 from fastapi import APIRouter, Response
 from starlette.status import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
-from tally.api.deps import PrincipalDep, ServicesDep
+from tally.api.deps import AdminDep, ServicesDep
 from tally.api.problems import responses
-from tally.auth.service import Scope
 from tally.registry.models import (
     ApplicationIn,
     ApplicationOut,
@@ -27,42 +26,34 @@ _CREATED = responses((409, "The id is taken (ERR-VAL-400)"))
 
 
 @router.post("/v1/tenants", status_code=HTTP_201_CREATED, responses=_CREATED)
-def create_tenant(spec: TenantIn, principal: PrincipalDep, services: ServicesDep) -> TenantOut:
-    principal.require(Scope.ADMIN)
+def create_tenant(spec: TenantIn, _: AdminDep, services: ServicesDep) -> TenantOut:
     return TenantOut(**asdict(services.registry.create_tenant(spec)))
 
 
 @router.get("/v1/tenants", responses=responses())
-def list_tenants(principal: PrincipalDep, services: ServicesDep) -> list[TenantOut]:
-    principal.require(Scope.ADMIN)
+def list_tenants(_: AdminDep, services: ServicesDep) -> list[TenantOut]:
     return [TenantOut(**asdict(t)) for t in services.store.list_tenants()]
 
 
 @router.post("/v1/applications", status_code=HTTP_201_CREATED, responses=_CREATED)
-def create_application(
-    spec: ApplicationIn, principal: PrincipalDep, services: ServicesDep
-) -> ApplicationOut:
-    principal.require(Scope.ADMIN)
+def create_application(spec: ApplicationIn, _: AdminDep, services: ServicesDep) -> ApplicationOut:
     return ApplicationOut(**asdict(services.registry.create_application(spec)))
 
 
 @router.get("/v1/applications", responses=responses())
-def list_applications(principal: PrincipalDep, services: ServicesDep) -> list[ApplicationOut]:
-    principal.require(Scope.ADMIN)
+def list_applications(_: AdminDep, services: ServicesDep) -> list[ApplicationOut]:
     return [ApplicationOut(**asdict(a)) for a in services.store.list_applications()]
 
 
 @router.post("/v1/keys", status_code=HTTP_201_CREATED, responses=responses())
-def create_key(spec: KeyIn, principal: PrincipalDep, services: ServicesDep) -> NewKeyOut:
+def create_key(spec: KeyIn, _: AdminDep, services: ServicesDep) -> NewKeyOut:
     """Issue a key. Its secret is in this response only; Tally keeps just its hash."""
-    principal.require(Scope.ADMIN)
     return services.registry.create_key(spec)
 
 
 @router.get("/v1/keys", responses=responses())
-def list_keys(principal: PrincipalDep, services: ServicesDep) -> list[KeyOut]:
+def list_keys(_: AdminDep, services: ServicesDep) -> list[KeyOut]:
     """Every key's description; never a secret."""
-    principal.require(Scope.ADMIN)
     return [describe_key(record) for record in services.store.list_keys()]
 
 
@@ -71,8 +62,7 @@ def list_keys(principal: PrincipalDep, services: ServicesDep) -> list[KeyOut]:
     status_code=HTTP_204_NO_CONTENT,
     responses=responses((404, "No such key (ERR-RES-404)")),
 )
-def revoke_key(key_id: str, principal: PrincipalDep, services: ServicesDep) -> Response:
+def revoke_key(key_id: str, _: AdminDep, services: ServicesDep) -> Response:
     """Revoke at once: the next request with this key gets 401."""
-    principal.require(Scope.ADMIN)
     services.registry.revoke_key(key_id)
     return Response(status_code=HTTP_204_NO_CONTENT)

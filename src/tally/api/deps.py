@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from tally.auth.service import Principal
+from tally.auth.service import Principal, Scope
 from tally.bootstrap import Services
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer tly_…`")
@@ -28,3 +28,12 @@ def principal(
 
 ServicesDep = Annotated[Services, Depends(services)]
 PrincipalDep = Annotated[Principal, Depends(principal)]
+
+
+def admin(caller: PrincipalDep) -> Principal:
+    """The caller, if it holds the admin scope; checked before the body is even validated."""
+    caller.require(Scope.ADMIN)
+    return caller
+
+
+AdminDep = Annotated[Principal, Depends(admin)]

@@ -90,8 +90,8 @@ class IngestService:
                 result.forbidden = True
             else:
                 result.errors = _timeliness(candidate.time, tenant, now)
-            if not result.errors:
-                ready.append((result, _new_event(principal.application, candidate, tenant)))
+                if not result.errors:
+                    ready.append((result, _new_event(principal.application, candidate, tenant)))
         if ready:
             outcomes = self._committer.append([event for _, event in ready])
             for (result, _), outcome in zip(ready, outcomes, strict=True):
@@ -112,8 +112,7 @@ def _timeliness(time: datetime, tenant: Tenant, now: datetime) -> list[FieldErro
     return []
 
 
-def _new_event(application: str, draft: EventDraft, tenant: Tenant | None) -> NewEvent:
-    assert tenant is not None  # noqa: S101 - only called for known tenants
+def _new_event(application: str, draft: EventDraft, tenant: Tenant) -> NewEvent:
     attributes_json = canonical_json(draft.attributes)
     return NewEvent(
         application=application,

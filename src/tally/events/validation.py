@@ -39,6 +39,7 @@ _ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
 _TYPE_RE = re.compile(r"[a-z][a-z0-9_.:-]{0,127}")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _TEXT_RE = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+_DECIMAL_TEXT_RE = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 _RFC3339_RE = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
 )
@@ -61,10 +62,14 @@ def parse_quantity(value: object) -> Decimal:
     """A finite, non-negative decimal within NUMERIC(38,18). Refused, never rounded."""
     if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
         raise _fail("quantity_type", "must be a decimal number, as a JSON number or string")
+    if isinstance(value, str) and not _DECIMAL_TEXT_RE.fullmatch(value):
+        # Decimal() would also take ' 1', '+1', '1_000', '.5' and '1e5': a string quantity is
+        # plain digits with an optional fraction, nothing a reader could take for another value.
+        raise _fail("quantity_syntax", "must be a plain decimal such as 12.5")
     try:
-        number = Decimal(value.strip() if isinstance(value, str) else value)
+        number = Decimal(value)
     except InvalidOperation:
-        raise _fail("quantity_syntax", "must be a decimal number such as 12.5") from None
+        raise _fail("quantity_syntax", "must be a plain decimal such as 12.5") from None
     if not number.is_finite():
         raise _fail("quantity_finite", "must be finite")
     if number.is_zero():
@@ -104,9 +109,10 @@ def parse_rfc3339(value: object) -> datetime:
         parsed = datetime.fromisoformat(
             f"{date}T{clock}.{micro}{'+00:00' if offset in 'Zz' else offset}"
         )
-    except ValueError:
+        # In UTC, 0001-01-01T00:00:00+01:00 falls before year 1: OverflowError, not ValueError.
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise _fail("time_range", "is not a valid date and time") from None
-    return parsed.astimezone(UTC)
 
 
 def _check_attributes(value: dict[str, Any]) -> dict[str, Any]:
@@ -133,6 +139,8 @@ def _check_attribute_value(value: object) -> str | bool | Decimal:
         return value
     if isinstance(value, (int, Decimal)) and Decimal(value).is_finite():
         number = Decimal(value)
+        if number.is_zero():
+            return Decimal(0)
         # Bounded so that its exact text stays short (1E+999999999 would be a billion digits).
         if len(number.as_tuple().digits) > MAX_ATTRIBUTE_DIGITS or abs(number.adjusted()) > 40:
             raise _fail(
@@ -170,7 +178,7 @@ Quantity = Annotated[
     WithJsonSchema(
         {
             "oneOf": [
-                {"type": "string", "pattern": r"^\d{1,20}(\.\d{1,18})?$"},
+                {"type": "string", "pattern": r"^[0-9]{1,20}(\.[0-9]+)?$"},
                 {"type": "number", "minimum": 0},
             ],
             "description": "Exact decimal, >= 0, at most 20 digits before the point and 18 after.",
@@ -352,3 +360,5 @@ def parse_json(body: bytes) -> Any:
             else ""
         )
         raise InvalidInput(f"The body is not valid UTF-8 JSON{where}.") from None
+    except RecursionError:
+        raise InvalidInput("The body is not valid JSON: it is nested too deeply.") from None

@@ -1,0 +1,172 @@
+"""Registration and key lifecycle: /v1/tenants, /v1/applications, /v1/keys (admin scope)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.api.helpers import assert_problem, at, auth, pointers, post_events
+from tests.conftest import World, event
+
+
+def test_tenant_is_created_with_defaults_and_listed(client: TestClient, world: World) -> None:
+    admin = auth(world.admin)
+    response = client.post("/v1/tenants", json={"id": "initech", "name": "Initech"}, headers=admin)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["id"], body["name"], body["region"], body["lateness_hours"]) == (
+        "initech",
+        "Initech",
+        "eu-west",
+        72,
+    )
+    listed = client.get("/v1/tenants", headers=admin).json()
+    assert sorted(t["id"] for t in listed) == ["acme", "globex", "initech"]
+
+
+def test_creating_a_tenant_twice_is_a_409(client: TestClient, world: World) -> None:
+    admin = auth(world.admin)
+    assert client.post("/v1/tenants", json={"id": "initech"}, headers=admin).status_code == 201
+    again = client.post("/v1/tenants", json={"id": "initech", "name": "X"}, headers=admin)
+    problem = assert_problem(again, 409, "ERR-VAL-400")
+    assert problem["type"] == "/problems/conflict"
+    assert_problem(
+        client.post("/v1/tenants", json={"id": "acme"}, headers=admin), 409, "ERR-VAL-400"
+    )
+
+
+def test_new_tenant_can_be_reported_for_with_its_lateness_window(
+    client: TestClient, world: World
+) -> None:
+    admin = auth(world.admin)
+    spec = {"id": "initech", "lateness_hours": 1}
+    assert client.post("/v1/tenants", json=spec, headers=admin).status_code == 201
+    ok = event("i-1", tenant="initech", time=at(timedelta(minutes=-30)))
+    late = event("i-2", tenant="initech", time=at(timedelta(minutes=-90)))
+    assert post_events(client, world.writer, ok).status_code == 200
+    assert pointers(post_events(client, world.writer, late).json()) == ["/time"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "pointer"),
+    [
+        ({"id": "bad id"}, "/id"),
+        ({}, "/id"),
+        ({"id": "t1", "lateness_hours": 0}, "/lateness_hours"),
+        ({"id": "t1", "lateness_hours": 35 * 24 + 1}, "/lateness_hours"),
+        ({"id": "t1", "lateness_hours": "72"}, "/lateness_hours"),
+        ({"id": "t1", "colour": "red"}, "/colour"),
+    ],
+)
+def test_invalid_tenant_is_a_400_with_a_pointer(
+    client: TestClient, world: World, spec: dict[str, object], pointer: str
+) -> None:
+    response = client.post("/v1/tenants", json=spec, headers=auth(world.admin))
+    assert pointer in pointers(assert_problem(response, 400, "ERR-VAL-400"))
+
+
+def test_tenant_body_that_is_not_json_is_a_400(client: TestClient, world: World) -> None:
+    response = client.post(
+        "/v1/tenants",
+        content=b"{",
+        headers={**auth(world.admin), "Content-Type": "application/json"},
+    )
+    assert_problem(response, 400, "ERR-VAL-400")
+
+
+def test_application_is_created_listed_and_409_on_repeat(client: TestClient, world: World) -> None:
+    admin = auth(world.admin)
+    created = client.post("/v1/applications", json={"id": "db", "name": "DB"}, headers=admin)
+    assert created.status_code == 201
+    assert (created.json()["id"], created.json()["name"]) == ("db", "DB")
+    again = client.post("/v1/applications", json={"id": "db"}, headers=admin)
+    assert_problem(again, 409, "ERR-VAL-400")
+    listed = client.get("/v1/applications", headers=admin).json()
+    assert sorted(a["id"] for a in listed) == ["db", "vm"]
+
+
+def test_key_is_shown_once_and_never_listed(client: TestClient, world: World) -> None:
+    admin = auth(world.admin)
+    spec = {"scopes": ["events:write"], "application": "vm", "tenants": ["acme"]}
+    response = client.post("/v1/keys", json=spec, headers=admin)
+    assert response.status_code == 201, response.text
+    created = response.json()
+    assert created["id"].startswith("key_")
+    assert created["key"].startswith("tly_")
+    assert (created["scopes"], created["application"], created["tenants"]) == (
+        ["events:write"],
+        "vm",
+        ["acme"],
+    )
+    assert created["revoked_at"] is None
+    listing = client.get("/v1/keys", headers=admin)
+    assert listing.status_code == 200
+    assert created["key"] not in listing.text
+    for secret in (world.admin, world.writer, world.reader):
+        assert secret not in listing.text
+    assert all("key" not in item for item in listing.json())
+    assert "tly_" not in listing.text
+    listed = {item["id"]: item for item in listing.json()}
+    assert listed[created["id"]]["tenants"] == ["acme"]
+    assert len(listed) == 6  # the world's five and this one
+
+
+def test_new_key_works_with_its_scopes(client: TestClient, world: World) -> None:
+    admin = auth(world.admin)
+    spec = {"scopes": ["events:read", "usage:read"], "expires_at": at(timedelta(days=1))}
+    created = client.post("/v1/keys", json=spec, headers=admin).json()
+    assert created["expires_at"] is not None
+    assert client.get("/v1/events", headers=auth(created["key"])).status_code == 200
+
+
+def test_revoked_key_is_marked_in_the_listing(client: TestClient, world: World) -> None:
+    admin = auth(world.admin)
+    created = client.post("/v1/keys", json={"scopes": ["events:read"]}, headers=admin).json()
+    assert client.delete(f"/v1/keys/{created['id']}", headers=admin).status_code == 204
+    listed = {k["id"]: k for k in client.get("/v1/keys", headers=admin).json()}
+    assert listed[created["id"]]["revoked_at"] is not None
+    assert_problem(client.get("/v1/events", headers=auth(created["key"])), 401, "ERR-AUTH-401")
+
+
+def test_revoking_an_unknown_key_is_a_404(client: TestClient, world: World) -> None:
+    response = client.delete("/v1/keys/key_0000000000000000", headers=auth(world.admin))
+    assert_problem(response, 404, "ERR-RES-404")
+
+
+@pytest.mark.parametrize(
+    ("spec", "pointer"),
+    [
+        ({"scopes": ["events:write"]}, "/application"),
+        ({"scopes": ["events:write"], "application": "nope"}, "/application"),
+        ({"scopes": ["events:read"], "application": "vm"}, "/application"),
+        ({"scopes": ["events:read"], "tenants": ["initech"]}, "/tenants/0"),
+        ({"scopes": ["events:read"], "tenants": ["acme", "initech"]}, "/tenants/1"),
+        ({"scopes": ["admin", "events:read"]}, "/scopes"),
+        ({"scopes": ["admin"], "tenants": ["acme"]}, "/tenants"),
+        ({"scopes": []}, "/scopes"),
+        ({"scopes": ["root"]}, "/scopes/0"),
+        ({"scopes": ["events:read"], "expires_at": "2020-01-01T00:00:00Z"}, "/expires_at"),
+        ({"scopes": ["events:read"], "expires_at": "2099-01-01T00:00:00"}, "/expires_at"),
+        ({"scopes": ["events:read"], "secret": "mine"}, "/secret"),
+    ],
+)
+def test_invalid_key_request_is_a_400_with_a_pointer(
+    client: TestClient, world: World, spec: dict[str, object], pointer: str
+) -> None:
+    admin = auth(world.admin)
+    before = len(client.get("/v1/keys", headers=admin).json())
+    response = client.post("/v1/keys", json=spec, headers=admin)
+    problem = assert_problem(response, 400, "ERR-VAL-400")
+    assert pointer in pointers(problem), problem
+    assert len(client.get("/v1/keys", headers=admin).json()) == before
+
+
+def test_deeply_nested_admin_body_is_a_400_not_a_500(client: TestClient, world: World) -> None:
+    response = client.post(
+        "/v1/tenants",
+        content=b"[" * 100_000,
+        headers={**auth(world.admin), "Content-Type": "application/json"},
+    )
+    assert_problem(response, 400, "ERR-VAL-400")
