@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from tally.errors import AlreadyExists
-from tally.events.model import NewEvent, Outcome, canonical_json, content_digest
+from tally.events.model import NewEvent, Outcome, canonical_json
 from tally.store.interface import (
     Application,
     EventStore,
@@ -33,28 +33,17 @@ def new_event(
     time: datetime = NOW,
     attributes: dict[str, str | bool | Decimal] | None = None,
 ) -> NewEvent:
-    attributes_json = canonical_json(attributes or {})
-    amount = Decimal(quantity)
     return NewEvent(
         application=application,
         id=event_id,
         tenant=tenant,
         type=type,
-        quantity=amount,
+        quantity=Decimal(quantity),
         time=time,
         subject=subject,
         unit="s",
-        attributes_json=attributes_json,
+        attributes_json=canonical_json(attributes or {}),
         region="eu-west",
-        digest=content_digest(
-            tenant=tenant,
-            type=type,
-            quantity=amount,
-            time=time,
-            subject=subject,
-            unit="s",
-            attributes_json=attributes_json,
-        ),
     )
 
 

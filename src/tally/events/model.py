@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -68,7 +68,12 @@ def parse_attributes(text: str) -> dict[str, str | bool | Decimal]:
 
 @dataclass(frozen=True, slots=True)
 class NewEvent:
-    """A validated event, ready to be appended. `region` comes from the tenant."""
+    """A validated event, ready to be appended. `region` comes from the tenant.
+
+    `digest` is SHA-256 over a canonical form of everything the application sent: two reports
+    of one identity are the same event exactly when their digests match (`1.0` equals `1`,
+    `+02:00` equals the same instant in `Z`, attribute order is ignored).
+    """
 
     application: str
     id: str
@@ -80,41 +85,25 @@ class NewEvent:
     unit: str | None
     attributes_json: str
     region: str
+    digest: bytes = field(init=False, repr=False, compare=False)
 
-    digest: bytes
+    def __post_init__(self) -> None:
+        canonical = canonical_json(
+            {
+                "tenant": self.tenant,
+                "type": self.type,
+                "quantity": self.quantity,
+                "time": format_time(self.time),
+                "subject": self.subject,
+                "unit": self.unit,
+                "attributes": self.attributes_json,
+            }
+        )
+        object.__setattr__(self, "digest", hashlib.sha256(canonical.encode()).digest())
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.application, self.id)
-
-
-def content_digest(
-    *,
-    tenant: str,
-    type: str,
-    quantity: Decimal,
-    time: datetime,
-    subject: str | None,
-    unit: str | None,
-    attributes_json: str,
-) -> bytes:
-    """SHA-256 of everything the application sent, canonicalised.
-
-    Two reports of one identity are the same event exactly when their digests match:
-    `1.0` equals `1`, `+02:00` equals the same instant in `Z`, attribute order is ignored.
-    """
-    canonical = canonical_json(
-        {
-            "tenant": tenant,
-            "type": type,
-            "quantity": quantity,
-            "time": format_time(time),
-            "subject": subject,
-            "unit": unit,
-            "attributes": attributes_json,
-        }
-    )
-    return hashlib.sha256(canonical.encode()).digest()
 
 
 @dataclass(frozen=True, slots=True)

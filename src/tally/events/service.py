@@ -14,7 +14,6 @@ from tally.events.model import (
     Outcome,
     StoredEvent,
     canonical_json,
-    content_digest,
 )
 from tally.events.validation import EventDraft
 from tally.store.groupcommit import GroupCommitter
@@ -113,7 +112,6 @@ def _timeliness(time: datetime, tenant: Tenant, now: datetime) -> list[FieldErro
 
 
 def _new_event(application: str, draft: EventDraft, tenant: Tenant) -> NewEvent:
-    attributes_json = canonical_json(draft.attributes)
     return NewEvent(
         application=application,
         id=draft.id,
@@ -123,17 +121,8 @@ def _new_event(application: str, draft: EventDraft, tenant: Tenant) -> NewEvent:
         time=draft.time,
         subject=draft.subject,
         unit=draft.unit,
-        attributes_json=attributes_json,
+        attributes_json=canonical_json(draft.attributes),
         region=tenant.region,
-        digest=content_digest(
-            tenant=draft.tenant,
-            type=draft.type,
-            quantity=draft.quantity,
-            time=draft.time,
-            subject=draft.subject,
-            unit=draft.unit,
-            attributes_json=attributes_json,
-        ),
     )
 
 

@@ -239,6 +239,18 @@ class EventIn(BaseModel):
     unit: Text | None = None
     attributes: Attributes = Field(default_factory=dict)
 
+    def draft(self) -> EventDraft:
+        return EventDraft(
+            id=self.id,
+            tenant=self.tenant,
+            type=self.type,
+            quantity=self.quantity,
+            time=self.time,
+            subject=self.subject,
+            unit=self.unit,
+            attributes=self.attributes,
+        )
+
 
 class CloudEventData(BaseModel):
     """The `data` of a usage CloudEvent."""
@@ -265,6 +277,18 @@ class CloudEventIn(BaseModel):
     datacontenttype: Literal["application/json"] | None = None
     dataschema: str | None = None
     data: CloudEventData
+
+    def draft(self) -> EventDraft:
+        return EventDraft(
+            id=self.id,
+            tenant=self.data.tenant,
+            type=self.type,
+            quantity=self.data.quantity,
+            time=self.time,
+            subject=self.subject,
+            unit=self.data.unit,
+            attributes=self.data.attributes,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,44 +326,25 @@ def _errors_of(error: ValidationError) -> list[FieldError]:
     return found
 
 
-def validate_event(raw: object) -> EventDraft | list[FieldError]:
-    """A native event object, or the problems with it (pointers relative to the event)."""
+def _validate(
+    model: type[EventIn] | type[CloudEventIn], raw: object, what: str
+) -> EventDraft | list[FieldError]:
     if not isinstance(raw, dict):
-        return [FieldError(pointer="", detail="an event must be a JSON object")]
+        return [FieldError(pointer="", detail=f"{what} must be a JSON object")]
     try:
-        event = EventIn.model_validate(raw)
+        return model.model_validate(raw).draft()
     except ValidationError as error:
         return _errors_of(error)
-    return EventDraft(
-        id=event.id,
-        tenant=event.tenant,
-        type=event.type,
-        quantity=event.quantity,
-        time=event.time,
-        subject=event.subject,
-        unit=event.unit,
-        attributes=event.attributes,
-    )
+
+
+def validate_event(raw: object) -> EventDraft | list[FieldError]:
+    """A native event object, or the problems with it (pointers relative to the event)."""
+    return _validate(EventIn, raw, "an event")
 
 
 def validate_cloudevent(raw: object) -> EventDraft | list[FieldError]:
     """A structured-mode CloudEvent, or the problems with it (pointers relative to it)."""
-    if not isinstance(raw, dict):
-        return [FieldError(pointer="", detail="a CloudEvent must be a JSON object")]
-    try:
-        event = CloudEventIn.model_validate(raw)
-    except ValidationError as error:
-        return _errors_of(error)
-    return EventDraft(
-        id=event.id,
-        tenant=event.data.tenant,
-        type=event.type,
-        quantity=event.data.quantity,
-        time=event.time,
-        subject=event.subject,
-        unit=event.data.unit,
-        attributes=event.data.attributes,
-    )
+    return _validate(CloudEventIn, raw, "a CloudEvent")
 
 
 def _refuse_constant(name: str) -> None:
