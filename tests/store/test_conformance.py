@@ -51,12 +51,14 @@ def read_all(
     store: EventStore, filters: ExportFilter | None = None, limit: int = 1000
 ) -> tuple[list[str], list[int]]:
     """Every event id in export order, following positions to the end, and the last positions."""
-    positions = [0] * store.partitions
+    positions, start = [0] * store.partitions, 0
     seen: list[str] = []
     while True:
-        page = store.read(positions=positions, filters=filters or ExportFilter(), limit=limit)
+        page = store.read(
+            positions=positions, start=start, filters=filters or ExportFilter(), limit=limit
+        )
         seen.extend(e.id for e in page.events)
-        positions = page.positions
+        positions, start = page.positions, page.start
         if not page.has_more:
             return seen, positions
 
@@ -156,7 +158,7 @@ def test_polling_from_the_last_positions_returns_only_new_events(store: EventSto
     _, positions = read_all(store)
 
     store.append([new_event("c"), new_event("a")], received_at=NOW)
-    page = store.read(positions=positions, filters=ExportFilter(), limit=10)
+    page = store.read(positions=positions, start=0, filters=ExportFilter(), limit=10)
 
     assert [e.id for e in page.events] == ["c"]
     assert page.has_more is False
@@ -165,10 +167,27 @@ def test_polling_from_the_last_positions_returns_only_new_events(store: EventSto
 def test_has_more_is_false_when_a_page_ends_exactly_at_the_end(store: EventStore) -> None:
     store.append([new_event(f"e{i}", tenant=f"t{i}") for i in range(5)], received_at=NOW)
 
-    page = store.read(positions=[0] * store.partitions, filters=ExportFilter(), limit=5)
+    page = store.read(positions=[0] * store.partitions, start=0, filters=ExportFilter(), limit=5)
 
     assert len(page.events) == 5
     assert page.has_more is False
+
+
+def test_a_busy_partition_does_not_starve_the_others(store: EventStore) -> None:
+    by_partition = sorted((partition_of(f"t{i}", store.partitions), f"t{i}") for i in range(40))
+    (_, busy), (_, quiet) = by_partition[0], by_partition[-1]
+    store.append([new_event(f"busy-{i}", tenant=busy) for i in range(50)], received_at=NOW)
+    store.append([new_event("quiet-1", tenant=quiet)], received_at=NOW)
+
+    first = store.read(positions=[0] * store.partitions, start=0, filters=ExportFilter(), limit=10)
+    second = store.read(
+        positions=first.positions, start=first.start, filters=ExportFilter(), limit=10
+    )
+
+    assert {e.tenant for e in first.events} == {busy}
+    assert first.has_more is True
+    assert second.events[0].id == "quiet-1"  # served before the rest of the busy partition
+    assert read_all(store)[0].count("quiet-1") == 1
 
 
 def test_filters_select_matching_events(store: EventStore) -> None:
@@ -199,7 +218,10 @@ def test_filtered_reader_moves_past_events_it_does_not_want(store: EventStore) -
     store.append([new_event(f"e{i}", type="other.kind") for i in range(50)], received_at=NOW)
 
     page = store.read(
-        positions=[0] * store.partitions, filters=ExportFilter(type="wanted.kind"), limit=10
+        positions=[0] * store.partitions,
+        start=0,
+        filters=ExportFilter(type="wanted.kind"),
+        limit=10,
     )
 
     assert page.events == []

@@ -94,7 +94,9 @@ def test_reader_receives_an_event_whose_transaction_committed_after_later_ones(
         write("other-partition", other)  # commits while held-1 is still open
 
         # The reader pages to the end while held-1's transaction is open.
-        first = store.read(positions=[0] * store.partitions, filters=ExportFilter(), limit=1000)
+        first = store.read(
+            positions=[0] * store.partitions, start=0, filters=ExportFilter(), limit=1000
+        )
         assert sorted(e.id for e in first.events) == ["before", "other-partition"]
         assert first.has_more is False
 
@@ -107,9 +109,13 @@ def test_reader_receives_an_event_whose_transaction_committed_after_later_ones(
         "same-partition-later": [Outcome.ACCEPTED],
         "other-partition": [Outcome.ACCEPTED],
     }
-    second = store.read(positions=first.positions, filters=ExportFilter(), limit=1000)
+    second = store.read(
+        positions=first.positions, start=first.start, filters=ExportFilter(), limit=1000
+    )
     assert [e.id for e in second.events] == ["held-1", "same-partition-later"]
-    third = store.read(positions=second.positions, filters=ExportFilter(), limit=1000)
+    third = store.read(
+        positions=second.positions, start=second.start, filters=ExportFilter(), limit=1000
+    )
     assert third.events == []
 
 
@@ -128,10 +134,10 @@ def test_filtered_reader_also_receives_the_late_event(
         )
         held.start()
         _wait_for(lambda: _waiting_backends(postgres_url) >= 1, "the held writer to block")
-        first = store.read(positions=[0] * store.partitions, filters=acme, limit=10)
+        first = store.read(positions=[0] * store.partitions, start=0, filters=acme, limit=10)
         holder.execute("SELECT pg_advisory_unlock(%s)", (HOLD_LOCK,))
     held.join(10)
 
     assert [e.id for e in first.events] == ["before"]
-    second = store.read(positions=first.positions, filters=acme, limit=10)
+    second = store.read(positions=first.positions, start=first.start, filters=acme, limit=10)
     assert [e.id for e in second.events] == ["held-2"]

@@ -1,6 +1,7 @@
 """The export cursor: opaque, tamper-evident, bound to its filter, stable across restarts.
 
-It carries one offset per export-log partition (store/interface.py) and a digest of the filter
+It carries one offset per export-log partition (store/interface.py), the partition the next
+page starts with (store/plan.py), and a digest of the filter
 it was issued for, signed with HMAC-SHA256 under a secret kept in the store itself, so every
 replica, restart and restored backup accepts it.
 """
@@ -56,14 +57,16 @@ class CursorCodec:
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
 
-    def encode(self, positions: Sequence[int], filter_digest: bytes) -> str:
-        payload = bytes([_VERSION]) + filter_digest + _varints(positions)
+    def encode(self, positions: Sequence[int], start: int, filter_digest: bytes) -> str:
+        payload = bytes([_VERSION]) + filter_digest + _varints([*positions, start])
         token = base64.urlsafe_b64encode(payload + self._mac(payload)).rstrip(b"=")
         return token.decode()
 
-    def decode(self, cursor: str, *, filter_digest: bytes, partitions: int) -> list[int]:
-        """The positions in `cursor`. Raises InvalidInput if it was altered, was issued by
-        another store, or was issued for another filter."""
+    def decode(
+        self, cursor: str, *, filter_digest: bytes, partitions: int
+    ) -> tuple[list[int], int]:
+        """The positions and start partition in `cursor`. Raises InvalidInput if it was
+        altered, was issued by another store, or was issued for another filter."""
         try:
             raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         except ValueError:
@@ -79,6 +82,6 @@ class CursorCodec:
             positions = _read_varints(payload[1 + _DIGEST_BYTES :])
         except ValueError:
             raise _refused("The cursor is not one Tally issued.") from None
-        if len(positions) != partitions:
+        if len(positions) != partitions + 1 or positions[-1] >= partitions:
             raise _refused("The cursor is not one Tally issued.")
-        return positions
+        return positions[:-1], positions[-1]

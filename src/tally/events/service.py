@@ -173,15 +173,15 @@ class ExportService:
         )
         digest = scoped.digest()
         partitions = self._store.partitions
-        positions = (
+        positions, start = (
             self._cursors.decode(cursor, filter_digest=digest, partitions=partitions)
             if cursor
-            else [0] * partitions
+            else ([0] * partitions, 0)
         )
-        page = self._store.read(positions=positions, filters=scoped, limit=limit)
+        page = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
         return Page(
             events=page.events,
-            next_cursor=self._cursors.encode(page.positions, digest),
+            next_cursor=self._cursors.encode(page.positions, page.start, digest),
             has_more=page.has_more,
         )
 

@@ -81,6 +81,7 @@ class ExportFilter:
 class ExportPage:
     events: list[StoredEvent]
     positions: list[int]
+    start: int  # the partition the next page begins with (round-robin; see store/plan.py)
     has_more: bool
 
 
@@ -125,8 +126,11 @@ class EventStore(Protocol):
         raises, nothing of the batch is stored.
         """
 
-    def read(self, *, positions: Sequence[int], filters: ExportFilter, limit: int) -> ExportPage:
-        """Up to `limit` events after `positions` matching `filters`, from one snapshot.
+    def read(
+        self, *, positions: Sequence[int], start: int, filters: ExportFilter, limit: int
+    ) -> ExportPage:
+        """Up to `limit` events after `positions` matching `filters`, from one snapshot,
+        reading partitions round-robin from `start`.
 
         The returned positions resume exactly after the last event returned; partitions read
         to their end move to the snapshot's end, so filtered polling stays cheap.

@@ -68,6 +68,7 @@ def read_page(
     *,
     heads: Mapping[int, int],
     positions: Sequence[int],
+    start: int,
     wanted: Sequence[int],
     limit: int,
 ) -> ExportPage:
@@ -77,10 +78,15 @@ def read_page(
     after, in offset order; `heads` are the partitions' last offsets in the same snapshot. A
     partition read to its end moves to its head: nothing below the head can appear later,
     because offsets are handed out in commit order (store/interface.py).
+
+    Partitions are read round-robin from `start`, and a full page hands the next page the
+    partition after the one it stopped in: a busy tenant's partition cannot starve the others
+    of a reader that is behind. The order is only about fairness; exactly-once rests on the
+    per-partition positions alone.
     """
     found: list[StoredEvent] = []
     moved = list(positions)
-    for partition in wanted:
+    for partition in sorted(wanted, key=lambda p: (p < start, p)):
         room = limit - len(found)
         # One row more than the page has room for tells whether another page follows.
         rows = fetch(partition, positions[partition], room + 1)
@@ -88,9 +94,11 @@ def read_page(
             moved[partition] = offset
             found.append(event)
         if len(rows) > room:
-            return ExportPage(events=found, positions=moved, has_more=True)
+            served = room > 0
+            following = (partition + 1) % len(positions) if served else partition
+            return ExportPage(events=found, positions=moved, start=following, has_more=True)
         moved[partition] = max(moved[partition], heads[partition])
-    return ExportPage(events=found, positions=moved, has_more=False)
+    return ExportPage(events=found, positions=moved, start=start, has_more=False)
 
 
 def filter_sql(

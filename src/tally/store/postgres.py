@@ -240,7 +240,9 @@ class PostgresStore:
         )
         return {(row["application"], row["id"]): bytes(row["digest"]) for row in rows}
 
-    def read(self, *, positions: Sequence[int], filters: ExportFilter, limit: int) -> ExportPage:
+    def read(
+        self, *, positions: Sequence[int], start: int, filters: ExportFilter, limit: int
+    ) -> ExportPage:
         where, params = _filter_sql(filters)
         sql = (
             f"SELECT log_offset, {_EVENT_COLUMNS} FROM events "
@@ -260,6 +262,7 @@ class PostgresStore:
                 fetch,
                 heads=heads,
                 positions=positions,
+                start=start,
                 wanted=plan.wanted_partitions(filters, self.partitions),
                 limit=limit,
             )

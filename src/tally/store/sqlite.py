@@ -253,7 +253,9 @@ class SQLiteStore:
                 )
         return outcomes
 
-    def read(self, *, positions: Sequence[int], filters: ExportFilter, limit: int) -> ExportPage:
+    def read(
+        self, *, positions: Sequence[int], start: int, filters: ExportFilter, limit: int
+    ) -> ExportPage:
         where, params = _filter_sql(filters)
         sql = (
             f"SELECT log_offset, {_EVENT_COLUMNS} FROM events "
@@ -270,6 +272,7 @@ class SQLiteStore:
                 fetch,
                 heads=heads,
                 positions=positions,
+                start=start,
                 wanted=plan.wanted_partitions(filters, self.partitions),
                 limit=limit,
             )
