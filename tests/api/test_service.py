@@ -138,3 +138,21 @@ def test_wrong_method_is_a_405_problem(client: TestClient, world: World) -> None
     assert response.status_code == 405
     assert response.headers["content-type"].startswith("application/problem+json")
     assert "Traceback" not in response.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", "/v1/events", "GET, POST"),
+        ("OPTIONS", "/v1/keys", "GET, POST"),
+        ("PATCH", "/v1/keys/key_1", "DELETE"),
+        ("DELETE", "/v1/events/vm/a/b", "GET"),
+    ],
+)
+def test_405_names_every_method_the_path_allows(
+    client: TestClient, method: str, path: str, allowed: str
+) -> None:
+    response = client.request(method, path)
+
+    assert response.status_code == 405
+    assert response.headers["allow"] == allowed

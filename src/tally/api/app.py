@@ -48,10 +48,10 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     )
     if services is not None:
         app.state.services = services
-    problems.install(app)
-    app.include_router(events.router)
-    app.include_router(admin.router)
-    app.include_router(health.router)
+    routers = (events.router, admin.router, health.router)
+    problems.install(app, [route for router in routers for route in router.routes])
+    for router in routers:
+        app.include_router(router)
     app.add_middleware(RequestContext)
 
     def openapi() -> dict[str, Any]:

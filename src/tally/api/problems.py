@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -11,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match, Route
 
 from tally.errors import (
     Conflict,
@@ -146,7 +148,18 @@ def internal_error(request: Request, error: BaseException) -> Response:
     )
 
 
-def install(app: FastAPI) -> None:
+def _allowed_methods(routes: Sequence[BaseRoute], request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in routes:
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches({**request.scope, "method": "GET"})
+            if match is not Match.NONE:
+                methods |= route.methods
+    return sorted(methods)
+
+
+def install(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
+    """Map every error to a problem document; `routes` are the app's, for `Allow` on 405."""
     async def tally_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, TallyError)  # noqa: S101 - registered for TallyError only
         return from_error(request, error)
@@ -176,6 +189,11 @@ def install(app: FastAPI) -> None:
         code, slug, title = _HTTP_KINDS.get(
             error.status_code, ("ERR-VAL-400", "invalid-input", "Invalid request")
         )
+        headers = dict(error.headers or {})
+        if error.status_code == 405:
+            # Starlette names only the first route matching the path; GET and POST
+            # /v1/events are two routes, so Allow is worked out from all of them.
+            headers["Allow"] = ", ".join(_allowed_methods(routes, request))
         return problem_response(
             request,
             status=error.status_code,
@@ -183,7 +201,7 @@ def install(app: FastAPI) -> None:
             slug=slug,
             title=title,
             detail=str(error.detail),
-            headers=dict(error.headers or {}),
+            headers=headers,
         )
 
     async def unexpected(request: Request, error: Exception) -> Response:
