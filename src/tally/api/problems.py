@@ -160,6 +160,7 @@ def _allowed_methods(routes: Sequence[BaseRoute], request: Request) -> list[str]
 
 def install(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
     """Map every error to a problem document; `routes` are the app's, for `Allow` on 405."""
+
     async def tally_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, TallyError)  # noqa: S101 - registered for TallyError only
         return from_error(request, error)
