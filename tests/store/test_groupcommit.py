@@ -59,3 +59,14 @@ def test_closed_committer_refuses_new_work(store: EventStore) -> None:
 
     with pytest.raises(StoreUnavailable):
         committer.append([new_event("late")])
+
+
+def test_a_failing_observer_neither_loses_answers_nor_stops_the_writer(store: EventStore) -> None:
+    def broken(requests: int, events: int) -> None:
+        raise RuntimeError("metrics backend down")
+
+    committer = GroupCommitter(store, observe=broken)
+
+    assert committer.append([new_event("a")]) == [Outcome.ACCEPTED]
+    assert committer.append([new_event("b")]) == [Outcome.ACCEPTED]
+    committer.close()

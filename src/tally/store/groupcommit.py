@@ -108,10 +108,13 @@ class GroupCommitter:
             for request in taken:
                 request.done.set_exception(error)
             return
-        if self._observe is not None:
-            self._observe(len(taken), len(events))
         start = 0
         for request in taken:
             end = start + len(request.events)
             request.done.set_result(outcomes[start:end])
             start = end
+        if self._observe is not None:
+            try:
+                self._observe(len(taken), len(events))
+            except Exception:  # noqa: BLE001 - metrics must never stop the writer
+                log.warning("group_commit_observer_failed")
