@@ -59,6 +59,8 @@ CREATE TABLE events (
 ) WITHOUT ROWID;
 
 CREATE INDEX events_tenant_time ON events (tenant, time);
+-- A tenant lives in one partition: its export reads walk this index in log order.
+CREATE INDEX events_tenant_log ON events (tenant, log_offset);
 
 -- Append-only: the store never updates or deletes an event.
 CREATE TRIGGER events_no_update BEFORE UPDATE ON events
