@@ -66,7 +66,8 @@ class IngestService:
 
         `ids` are the ids as sent (None where absent or not a string), for the report.
         Raises Forbidden without the events:write scope, StoreUnavailable if the store
-        failed (then nothing of this request was stored).
+        failed: then no event of this request was acknowledged, and retrying the request is
+        safe (what a lost COMMIT did store comes back as duplicates).
         """
         principal.require(Scope.EVENTS_WRITE)
         assert principal.application is not None  # noqa: S101 - registry binds write keys

@@ -4,7 +4,7 @@ Requests hand their events to one writer thread and wait. While the writer commi
 transaction (the fsync is the slow part), later requests queue up; the writer then takes all
 of them, up to `max_events`, into the next transaction. A lone request is never delayed on
 purpose, and each request is answered only after the transaction holding its events commits,
-or gets that transaction's error, in which case none of its events were stored.
+or gets that transaction's error (and should retry: duplicates are recognised).
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ class GroupCommitter:
     def append(self, events: Sequence[NewEvent]) -> list[Outcome]:
         """Store `events` durably (shared with concurrent callers); blocks until committed.
 
-        Raises StoreUnavailable while closing or when the transaction failed; then nothing of
-        `events` is stored.
+        Raises StoreUnavailable while closing, or the store's error when the transaction
+        failed. Then the events were rolled back, or, if the connection was lost during
+        COMMIT, may have been stored: either way a retry stores each exactly once.
         """
         request = _Request(events=events, done=Future())
         with self._lock:

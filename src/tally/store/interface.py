@@ -123,7 +123,8 @@ class EventStore(Protocol):
         ACCEPTED: stored now. DUPLICATE: this identity is stored with the same content digest
         (also for a repeat inside `events`). CONFLICT: the identity holds other content;
         nothing is stored for it. The call returns only after the commit is durable; if it
-        raises, nothing of the batch is stored.
+        raises, the transaction was rolled back (or, when the connection died during COMMIT,
+        its fate is unknown, which a retry resolves).
         """
 
     def read(
