@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from tally.api.deps import PrincipalDep, ServicesDep
 from tally.api.problems import field_errors, responses
@@ -48,11 +49,17 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # A client that gave up (a timeout, a closed socket) is not a fault of Tally's.
+        raise InvalidInput(
+            "The client closed the connection before the body was complete."
+        ) from None
     return b"".join(chunks)
 
 
