@@ -18,7 +18,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,9 +34,12 @@ from typing import Any
 import httpx
 import psycopg
 
+# The harness shares the end-to-end tests' way of running a server (tests/support/server.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.server import STOP_TIMEOUT, TALLY, Server, running_server
+
 HERE = Path(__file__).resolve().parent
 LUA_SCRIPT = HERE / "events.lua"
-TALLY = Path(sys.executable).parent / "tally"
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 TENANT = "bench"
@@ -45,8 +47,6 @@ APPLICATION = "bench-app"
 BATCH_SIZE = 100
 WARMUP_SECONDS = 2
 LOAD_BUDGET_SECONDS = 180  # wrk time per invocation, all stores together
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 20.0
 EXPORT_PAGE = 1000
 EXPORT_TIME_LIMIT = 60.0
 MAX_REQUESTS_PER_THREAD = 5_000_000  # far above what one process serves in a minute
@@ -115,22 +115,6 @@ class Keys:
     read: str
 
 
-@dataclass(frozen=True)
-class Server:
-    base_url: str
-    process: subprocess.Popen[bytes]
-    stdout: Path
-    stderr: Path
-
-    def admin_key(self) -> str | None:
-        for line in self.stdout.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                key = json.loads(line).get("key")
-                if isinstance(key, str):
-                    return key
-        return None
-
-
 @dataclass
 class StoreRun:
     store: str
@@ -166,62 +150,15 @@ def postgres_database(admin_url: str) -> Iterator[str]:
 # --- the server ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (the server drains and commits), then SIGKILL if it does not exit in time."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        print(f"  warning: tally serve did not stop within {STOP_TIMEOUT:.0f}s; killing it")
-        process.kill()
-        process.wait(timeout=STOP_TIMEOUT)
-
-
-def wait_until_ready(server: Server) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            tail = server.stderr.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"tally serve exited with {server.process.returncode}:\n{tail}")
-        try:
-            if httpx.get(f"{server.base_url}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"tally serve was not ready within {START_TIMEOUT:.0f}s")
-
-
 @contextmanager
 def tally_server(
     database_url: str, workdir: Path, label: str, extra_env: dict[str, str] | None = None
 ) -> Iterator[Server]:
-    """`tally serve` on a free port of 127.0.0.1, stopped (TERM, then KILL) on exit."""
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TALLY_")}
-    env |= {"TALLY_DATABASE_URL": database_url, "TALLY_LOG_LEVEL": "warning"}
-    env |= extra_env or {}
-    stdout, stderr = workdir / f"{label}.stdout", workdir / f"{label}.stderr"
-    command = [str(TALLY), "serve", "--host", "127.0.0.1", "--port", str(port), "--json"]
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = subprocess.Popen(  # noqa: S603 - fixed argument list, our own venv's tally
-            command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=workdir
-        )
-    server = Server(f"http://127.0.0.1:{port}", process, stdout, stderr)
-    try:
-        wait_until_ready(server)
+    """`tally serve --json` on a free port of 127.0.0.1, stopped (TERM, then KILL) on exit."""
+    with running_server(database_url, workdir, "--json", env=extra_env, label=label) as server:
         yield server
-    finally:
-        stop(process)
+    if server.process.returncode == -signal.SIGKILL:
+        print(f"  warning: tally serve did not stop within {STOP_TIMEOUT:.0f}s; it was killed")
 
 
 def log_findings(server: Server, label: str) -> list[str]:
@@ -441,10 +378,9 @@ def measure_store(
     print(f"[{store}] single events, group commit off (TALLY_COMMIT_MAX_EVENTS=1) ...")
     extra = {"TALLY_COMMIT_MAX_EVENTS": "1"}
     with tally_server(database_url, workdir, f"{store}-gc-off", extra) as server:
-        admin = server.admin_key()
-        if admin is None:
-            raise RuntimeError(f"tally serve printed no admin key:\n{server.stdout.read_text()}")
-        keys = register(server.base_url, admin)
+        if not server.admin_key:
+            raise RuntimeError(f"tally serve printed no admin key:\n{server.logs()}")
+        keys = register(server.base_url, server.admin_key)
         wrk(server, keys, "w0", 1, WARMUP_SECONDS)
         off = wrk(server, keys, "s0", 1, args.duration)
         run.log_findings += log_findings(server, "gc-off server")

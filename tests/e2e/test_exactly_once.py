@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import Server
+from tests.support.server import Server
 
 TENANTS = ["acme", "globex", "initech"]
 APPLICATIONS = ["vm", "storage"]

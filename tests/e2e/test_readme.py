@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.conftest import Server
+from tests.support.server import Server
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SCRIPT_TIMEOUT = 60

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.conftest import STOP_TIMEOUT, running_server
+from tests.support.server import STOP_TIMEOUT, running_server
 
 
 def test_the_admin_key_is_printed_once_and_works(database_url: str, tmp_path: Path) -> None:

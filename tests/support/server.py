@@ -1,0 +1,127 @@
+"""A real `tally serve` process on a free 127.0.0.1 port: for end-to-end tests and bench/.
+
+No pytest here, so the benchmark harness can use it too. The server prints everything (its
+first admin key, if the store was new) before uvicorn starts, so once /readyz answers, stdout
+holds the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+TALLY = Path(sys.executable).parent / "tally"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+_ADMIN_KEY = re.compile(r"^\s*(tly_[A-Za-z0-9_-]+)\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Server:
+    base_url: str
+    port: int
+    admin_key: str  # "" when the server printed none (the store had keys already)
+    process: subprocess.Popen[bytes]
+    stdout: Path
+    stderr: Path
+
+    def logs(self) -> str:
+        return (
+            f"--- stdout ---\n{self.stdout.read_text(errors='replace')}\n"
+            f"--- stderr ---\n{self.stderr.read_text(errors='replace')}"
+        )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> bool:
+    """SIGTERM (the server drains and commits), then SIGKILL; False if it had to be killed."""
+    if process.poll() is not None:
+        return True
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)
+        return False
+    return True
+
+
+def printed_admin_key(stdout: str) -> str | None:
+    """The admin key `tally serve` printed (plain or --json), None when it printed none."""
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            key = json.loads(line).get("key")
+            if isinstance(key, str):
+                return key
+    found = _ADMIN_KEY.search(stdout)
+    return found.group(1) if found else None
+
+
+def _wait_until_ready(process: subprocess.Popen[bytes], base_url: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"tally serve exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"tally serve was not ready within {START_TIMEOUT:.0f}s")
+
+
+@contextmanager
+def running_server(
+    database_url: str,
+    workdir: Path,
+    *options: str,
+    env: Mapping[str, str] | None = None,
+    label: str | None = None,
+) -> Iterator[Server]:
+    """`tally serve` over `database_url`, output in `workdir`, stopped on exit.
+
+    Raises RuntimeError, with the server's output, when it does not become ready.
+    """
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("TALLY_")}
+    environment |= {"TALLY_DATABASE_URL": database_url, "TALLY_LOG_LEVEL": "warning"}
+    environment |= env or {}
+    run = label or f"serve-{port}"
+    stdout, stderr = workdir / f"{run}.stdout", workdir / f"{run}.stderr"
+    command = [str(TALLY), "serve", "--host", "127.0.0.1", "--port", str(port), *options]
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        process = subprocess.Popen(
+            command, env=environment, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=workdir
+        )
+    try:
+        try:
+            _wait_until_ready(process, base_url)
+        except RuntimeError as error:
+            stop(process)
+            logs = Server(base_url, port, "", process, stdout, stderr).logs()
+            raise RuntimeError(f"{error}\n{logs}") from None
+        admin_key = printed_admin_key(stdout.read_text(errors="replace")) or ""
+        yield Server(base_url, port, admin_key, process, stdout, stderr)
+    finally:
+        stop(process)
