@@ -74,6 +74,7 @@ def test_tenant_body_that_is_not_json_is_a_400(client: TestClient, world: World)
         headers={**auth(world.admin), "Content-Type": "application/json"},
     )
     assert_problem(response, 400, "ERR-VAL-400")
+    assert response.json()["errors"] == [{"pointer": "", "detail": "the body is not valid JSON"}]
 
 
 def test_application_is_created_listed_and_409_on_repeat(client: TestClient, world: World) -> None:

@@ -170,7 +170,9 @@ def install(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
         errors: list[dict[str, str]] = []
         for item in error.errors():
             where, *rest = item["loc"]
-            if where == "body":
+            if item["type"] == "json_invalid":
+                errors.append({"pointer": "", "detail": "the body is not valid JSON"})
+            elif where == "body":
                 errors.append({"pointer": pointer_of(tuple(rest)), "detail": item["msg"]})
             else:
                 name = ".".join(str(part) for part in rest)
