@@ -1,13 +1,14 @@
 """The embedded store: one SQLite file in WAL mode with full synchronous commits.
 
 All writes go through one connection that opens `BEGIN IMMEDIATE`, so writers are serialised by
-SQLite's write lock and offsets are handed out in commit order. Readers use their own
-connection per thread; WAL gives each read transaction a stable snapshot.
+SQLite's write lock and offsets are handed out in commit order. Readers borrow
+connections from a small pool; WAL gives each read transaction a stable snapshot.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import secrets
 import sqlite3
 import threading
@@ -91,8 +92,11 @@ class SQLiteStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._local = threading.local()
         self._write_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+        # Idle reader connections. A pool rather than one per thread: the server's worker
+        # threads come and go, and per-thread connections would pile up open files.
+        self._idle: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self.partitions = 0
@@ -115,37 +119,59 @@ class SQLiteStore:
             self._connections.append(connection)
         return connection
 
-    def _reader(self) -> sqlite3.Connection:
-        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
-        if connection is None:
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """An idle connection (or a new one) for the duration of the block."""
+        try:
+            connection = self._idle.get_nowait()
+        except queue.Empty:
             connection = self._connect()
-            self._local.connection = connection
-        return connection
+        try:
+            yield connection
+        except sqlite3.OperationalError as error:
+            raise StoreUnavailable("The SQLite store cannot be read.") from error
+        finally:
+            self._idle.put(connection)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; serialised in-process by a lock, across processes by SQLite."""
+        """One write transaction; serialised in-process by a lock, across processes by SQLite.
+
+        Any failure, COMMIT's included, rolls back so the writer connection is clean for the
+        next transaction; an operational failure (busy, I/O, disk full) is StoreUnavailable.
+        """
         with self._write_lock:
-            connection = self._reader()
+            if self._writer is None:
+                self._writer = self._connect()
+            connection = self._writer
             try:
                 connection.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as error:
-                raise StoreUnavailable("The SQLite store is busy or unwritable.") from error
-            try:
                 yield connection
-            except BaseException:
-                connection.execute("ROLLBACK")
+                connection.execute("COMMIT")
+            except BaseException as error:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                if isinstance(error, sqlite3.OperationalError):
+                    raise StoreUnavailable("The SQLite store is busy or unwritable.") from error
                 raise
-            connection.execute("COMMIT")
 
     @contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
-        connection = self._reader()
-        connection.execute("BEGIN")
-        try:
-            yield connection
-        finally:
-            connection.execute("COMMIT")
+        with self._reading() as connection:
+            connection.execute("BEGIN")
+            try:
+                yield connection
+            finally:
+                connection.execute("COMMIT")
+
+    def _one(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Row | None:
+        with self._reading() as connection:
+            row: sqlite3.Row | None = connection.execute(sql, params).fetchone()
+            return row
+
+    def _all(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+        with self._reading() as connection:
+            return connection.execute(sql, params).fetchall()
 
     def open(self) -> SQLiteStore:
         """Check the schema is there and read the partition count. Raises StoreUnavailable."""
@@ -155,12 +181,14 @@ class SQLiteStore:
                 "(JSON operators, UPDATE FROM, RETURNING)."
             )
         try:
-            row = self._reader().execute("SELECT count(*) FROM log_partitions").fetchone()
-        except sqlite3.Error as error:
+            row = self._one("SELECT count(*) FROM log_partitions")
+        except StoreUnavailable as error:
+            if "no such table" not in str(error.__cause__):
+                raise
             raise StoreUnavailable(
                 "The SQLite store has no schema: run 'tally migrate'."
-            ) from error
-        self.partitions = int(row[0])
+            ) from error.__cause__
+        self.partitions = int(row[0]) if row is not None else 0
         return self
 
     def migrate(self) -> list[str]:
@@ -169,17 +197,15 @@ class SQLiteStore:
         return applied
 
     def close(self) -> None:
-        with self._connections_lock:
+        with self._write_lock, self._connections_lock:
             for connection in self._connections:
                 connection.close()
             self._connections.clear()
-        self._local = threading.local()
+            self._writer = None
+            self._idle = queue.SimpleQueue()
 
     def ping(self) -> None:
-        try:
-            self._reader().execute("SELECT 1 FROM log_partitions LIMIT 1").fetchone()
-        except sqlite3.Error as error:
-            raise StoreUnavailable("The SQLite store cannot be read.") from error
+        self._one("SELECT 1 FROM log_partitions LIMIT 1")
 
     def secret(self, name: str) -> bytes:
         with self._write() as connection:
@@ -278,13 +304,9 @@ class SQLiteStore:
             )
 
     def get_event(self, application: str, event_id: str) -> StoredEvent | None:
-        row = (
-            self._reader()
-            .execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE application = ? AND id = ?",
-                (application, event_id),
-            )
-            .fetchone()
+        row = self._one(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE application = ? AND id = ?",
+            (application, event_id),
         )
         return _event(row) if row is not None else None
 
@@ -305,14 +327,14 @@ class SQLiteStore:
         )
 
     def get_tenants(self, ids: Sequence[str]) -> dict[str, Tenant]:
-        rows = self._reader().execute(
+        rows = self._all(
             "SELECT * FROM tenants WHERE id IN (SELECT value FROM json_each(?))",
             (json.dumps(list(ids)),),
         )
         return {row["id"]: _tenant(row) for row in rows}
 
     def list_tenants(self) -> list[Tenant]:
-        return [_tenant(r) for r in self._reader().execute("SELECT * FROM tenants ORDER BY id")]
+        return [_tenant(r) for r in self._all("SELECT * FROM tenants ORDER BY id")]
 
     def create_application(self, application: Application) -> None:
         self._insert(
@@ -322,15 +344,11 @@ class SQLiteStore:
         )
 
     def get_application(self, application_id: str) -> Application | None:
-        row = (
-            self._reader()
-            .execute("SELECT * FROM applications WHERE id = ?", (application_id,))
-            .fetchone()
-        )
+        row = self._one("SELECT * FROM applications WHERE id = ?", (application_id,))
         return _application(row) if row is not None else None
 
     def list_applications(self) -> list[Application]:
-        rows = self._reader().execute("SELECT * FROM applications ORDER BY id")
+        rows = self._all("SELECT * FROM applications ORDER BY id")
         return [_application(row) for row in rows]
 
     def create_key(self, key: KeyRecord) -> None:
@@ -351,15 +369,11 @@ class SQLiteStore:
         )
 
     def find_key(self, secret_hash: bytes) -> KeyRecord | None:
-        row = (
-            self._reader()
-            .execute("SELECT * FROM api_keys WHERE secret_hash = ?", (secret_hash,))
-            .fetchone()
-        )
+        row = self._one("SELECT * FROM api_keys WHERE secret_hash = ?", (secret_hash,))
         return _key(row) if row is not None else None
 
     def list_keys(self) -> list[KeyRecord]:
-        rows = self._reader().execute("SELECT * FROM api_keys ORDER BY created_at, id")
+        rows = self._all("SELECT * FROM api_keys ORDER BY created_at, id")
         return [_key(row) for row in rows]
 
     def revoke_key(self, key_id: str, *, at: datetime) -> bool:
@@ -371,7 +385,8 @@ class SQLiteStore:
             return cursor.rowcount == 1
 
     def count_keys(self) -> int:
-        return int(self._reader().execute("SELECT count(*) FROM api_keys").fetchone()[0])
+        row = self._one("SELECT count(*) FROM api_keys")
+        return int(row[0]) if row is not None else 0
 
     def _insert(self, sql: str, params: Sequence[object], *, what: str) -> None:
         try:
