@@ -13,7 +13,8 @@ from starlette.requests import ClientDisconnect
 from tally.api.deps import PrincipalDep, ServicesDep
 from tally.api.problems import field_errors, responses
 from tally.api.schemas import BatchOut, ExportedEvent, ExportPageOut, ingest_body_schema
-from tally.auth.service import Scope
+from tally.auth.service import Principal, Scope
+from tally.bootstrap import Services
 from tally.errors import (
     Conflict,
     FieldError,
@@ -113,6 +114,17 @@ def split(kind: str, parsed: object, maximum: int) -> tuple[bool, str, list[Any]
     return False, "", [parsed]
 
 
+def ingest_body(
+    services: Services, principal: Principal, kind: str, body: bytes
+) -> tuple[bool, str, IngestReport]:
+    """Parse, validate and ingest a body: (is_batch, pointer prefix, report)."""
+    batch, prefix, raws = split(kind, parse_json(body), services.settings.max_batch_events)
+    check = validate_cloudevent if kind in (CLOUDEVENT, CLOUDEVENT_BATCH) else validate_event
+    candidates: list[Candidate] = [check(raw) for raw in raws]
+    ids = [_sent_id(raw) for raw in raws]
+    return batch, prefix, services.ingest.ingest(principal, candidates, ids)
+
+
 def _batch_body(report: IngestReport, prefix: str) -> bytes:
     events = []
     for result in report.results:
@@ -150,12 +162,9 @@ async def post_events(request: Request, principal: PrincipalDep, services: Servi
     principal.require(Scope.EVENTS_WRITE)
     kind = media_type(request)
     body = await read_body(request, services.settings.max_body_bytes)
-    parsed = parse_json(body)
-    batch, prefix, raws = split(kind, parsed, services.settings.max_batch_events)
-    check = validate_cloudevent if kind in (CLOUDEVENT, CLOUDEVENT_BATCH) else validate_event
-    candidates: list[Candidate] = [check(raw) for raw in raws]
-    ids = [_sent_id(raw) for raw in raws]
-    report = await run_in_threadpool(services.ingest.ingest, principal, candidates, ids)
+    # Parsing and validating up to 1 MiB is CPU work: it runs in the worker thread that then
+    # waits for the commit, not on the event loop.
+    batch, prefix, report = await run_in_threadpool(ingest_body, services, principal, kind, body)
     if batch:
         return Response(_batch_body(report, prefix), media_type=JSON)
     result = report.results[0]
