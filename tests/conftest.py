@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from tally.api.app import create_app
 from tally.auth.service import Scope
 from tally.bootstrap import Services, build
+from tally.crypto import keyring as keyrings
 from tally.registry.models import ApplicationIn, KeyIn, TenantIn
 from tally.settings import Settings
 from tally.store.interface import EventStore
@@ -34,7 +35,7 @@ ADMIN_URL = os.environ.get(
 )
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
-_TABLES = "events, api_keys, tenants, applications"
+_TABLES = "events, api_keys, tenant_keys, tenants, applications, audit_log"
 
 
 def _database_url(name: str) -> str:
@@ -94,9 +95,17 @@ def store(database_url: str) -> Iterator[EventStore]:
     opened.close()
 
 
+@pytest.fixture(scope="session")
+def keyring_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One master keyring for the session's stores (a PostgreSQL store needs one named)."""
+    path = tmp_path_factory.mktemp("keyring") / "tally.keyring"
+    keyrings.generate(path)
+    return path
+
+
 @pytest.fixture
-def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, region="eu-west")
+def settings(database_url: str, keyring_file: Path) -> Settings:
+    return Settings(database_url=database_url, region="eu-west", keyring=str(keyring_file))
 
 
 @pytest.fixture

@@ -5,16 +5,32 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+from psycopg.errors import InsufficientPrivilege
 
 from tally.auth.service import Authenticator
+from tally.crypto import keyring as keyrings
+from tally.crypto.keyring import Keyring, KeyringError, KeyringSource
+from tally.crypto.tenant_keys import TenantKeys
+from tally.errors import StoreUnavailable
 from tally.events.cursor import CursorCodec
 from tally.events.service import ExportService, IngestService
+from tally.ratelimit.failover import FailoverLimiter
+from tally.ratelimit.inprocess import InProcessLimiter
+from tally.ratelimit.interface import Limiter
+from tally.ratelimit.policy import RateGuard, RatePolicy
+from tally.ratelimit.redis_limiter import RedisLimiter
 from tally.registry.service import Registry
 from tally.settings import Settings
+from tally.store import grants
 from tally.store.groupcommit import GroupCommitter
 from tally.store.interface import EventStore
 from tally.store.postgres import PostgresStore
 from tally.store.sqlite import SQLiteStore
+
+log = structlog.get_logger("tally")
 
 
 def utc_now() -> datetime:
@@ -24,19 +40,70 @@ def utc_now() -> datetime:
 def open_store(settings: Settings, *, migrate: bool = False) -> EventStore:
     """The store `settings` name, schema checked (or brought up to date when `migrate`).
 
-    Raises StoreUnavailable when it cannot be reached or has no schema.
+    On PostgreSQL, migrations run as the owner role (TALLY_OWNER_DATABASE_URL, else the one
+    URL), which then grants the service role its privileges (store/grants.py); the store
+    itself always runs as TALLY_DATABASE_URL's role.
+
+    Raises StoreUnavailable when it cannot be reached, has no schema, or the service role may
+    not use it.
     """
     path = settings.sqlite_path
-    store: SQLiteStore | PostgresStore
     if path is not None:
-        store = SQLiteStore(path)
-    else:
-        store = PostgresStore(settings.database_url, pool_size=settings.pool_size)
+        sqlite = SQLiteStore(path)
+        if migrate:
+            sqlite.migrate()
+        else:
+            sqlite.open()
+        return sqlite
+    store = PostgresStore(settings.database_url, pool_size=settings.pool_size)
     if migrate:
-        store.migrate()
-    else:
+        grants.migrate_postgresql(
+            owner_url=settings.owner_database_url or settings.database_url,
+            service_role=settings.service_role or grants.service_role_of(settings.database_url),
+        )
+    try:
         store.open()
+    except InsufficientPrivilege as error:
+        store.close()
+        raise StoreUnavailable(
+            "The database role of TALLY_DATABASE_URL may not use Tally's tables: run "
+            "'tally migrate' with TALLY_OWNER_DATABASE_URL set, which grants them."
+        ) from error
     return store
+
+
+def open_keyring(settings: Settings, store: EventStore) -> tuple[Keyring, Path | None]:
+    """The configured keyring, and the path of a keyring file made just now (else None).
+
+    Unset on SQLite, it is PATH.keyring beside the database, made (owner-only) on the first
+    start of a store that has no data key yet, so that the two-command start needs no
+    set-up. Unset on PostgreSQL it is an error: a production store's keys are the operator's
+    to place. Raises KeyringError saying what to set or restore.
+    """
+    spec = keyring_spec(settings)
+    if settings.keyring is None and not Path(spec).exists():
+        if store.data_key_usage():
+            raise KeyringError(
+                f"This store's data keys need its keyring, and {spec} is missing: restore that "
+                "file from your copy, or set TALLY_KEYRING to where the keyring is."
+            )
+        return keyrings.generate(Path(spec)), Path(spec)
+    return keyrings.load(spec), None
+
+
+def keyring_spec(settings: Settings) -> str:
+    """TALLY_KEYRING, or on SQLite the keyring file beside the database. Raises KeyringError
+    on PostgreSQL without TALLY_KEYRING."""
+    if settings.keyring is not None:
+        return settings.keyring
+    database = settings.sqlite_path
+    if database is None:
+        raise KeyringError(
+            "TALLY_KEYRING is not set: a PostgreSQL store needs a keyring of master keys. "
+            "Make one with 'tally keyring generate --out PATH' and set TALLY_KEYRING=PATH "
+            "(or TALLY_KEYRING=command:PROGRAM to read it from a secret manager)."
+        )
+    return str(database.with_name(database.name + ".keyring"))
 
 
 @dataclass
@@ -48,11 +115,27 @@ class Services:
     registry: Registry
     ingest: IngestService
     export: ExportService
+    keys: TenantKeys
+    rate_limits: RateGuard
 
     def close(self) -> None:
-        """Commit what is in flight, then release the store."""
+        """Commit what is in flight, then release the store (and the rate limiter)."""
         self.committer.close()
         self.store.close()
+        self.rate_limits.close()
+
+
+def open_limiter(settings: Settings) -> Limiter:
+    """In-process limits; with TALLY_REDIS_URL, limits shared in Redis that fall back to
+    in-process ones while Redis is unreachable. Connects lazily, on the first request."""
+    if settings.redis_url is None:
+        return InProcessLimiter()
+    shared = RedisLimiter(
+        settings.redis_url,
+        prefix=settings.redis_key_prefix,
+        timeout=settings.redis_timeout_ms / 1000,
+    )
+    return FailoverLimiter(shared, InProcessLimiter())
 
 
 def build(
@@ -61,8 +144,24 @@ def build(
     store: EventStore | None = None,
     clock: Callable[[], datetime] = utc_now,
     observe_batch: Callable[[int, int], None] | None = None,
+    limiter: Limiter | None = None,
+    keyring: Keyring | None = None,
 ) -> Services:
+    """Everything, from `settings` (or the parts given). Raises KeyringError when the keyring
+    is missing or does not open this store's data keys, StoreUnavailable when the store
+    cannot be used."""
     store = store or open_store(settings, migrate=True)
+    if keyring is None:
+        keyring, created = open_keyring(settings, store)
+        if created is not None:
+            log.warning("keyring_created", path=str(created))
+    source = KeyringSource(
+        keyring_spec(settings),
+        keyring,
+        on_error=lambda error: log.warning("keyring_reload_failed", reason=str(error)),
+    )
+    keys = TenantKeys(store=store, keyring=source, clock=clock)
+    keys.verify()
     committer = GroupCommitter(
         store, max_events=settings.commit_max_events, observe=observe_batch, clock=clock
     )
@@ -72,6 +171,11 @@ def build(
         committer=committer,
         authenticator=Authenticator(store, clock=clock),
         registry=Registry(store=store, region=settings.region, clock=clock),
-        ingest=IngestService(store=store, committer=committer, clock=clock),
-        export=ExportService(store=store, cursors=CursorCodec(store.secret("cursor"))),
+        ingest=IngestService(store=store, committer=committer, keys=keys, clock=clock),
+        export=ExportService(store=store, cursors=CursorCodec(store.secret("cursor")), keys=keys),
+        keys=keys,
+        rate_limits=RateGuard(
+            open_limiter(settings) if limiter is None else limiter,
+            RatePolicy.from_settings(settings),
+        ),
     )

@@ -41,6 +41,10 @@ class PayloadTooLarge(InvalidInput):
     """The body is over the size limit (ERR-VAL-400, HTTP 413)."""
 
 
+class RequestTimeout(InvalidInput):
+    """The client did not send the request in time (ERR-VAL-400, HTTP 408)."""
+
+
 class UnsupportedMediaType(InvalidInput):
     """The content type is not one Tally reads (ERR-VAL-400, HTTP 415)."""
 
@@ -70,3 +74,17 @@ class Forbidden(TallyError):
 
 class StoreUnavailable(TallyError):
     """The store cannot be reached or is shutting down (ERR-SYS-503); safe to retry."""
+
+
+class RateLimited(TallyError):
+    """Over a rate limit (ERR-RATE-429); nothing was done, so a retry after `retry_after`
+    seconds is safe. `limit`, `remaining` and `reset` describe the limit that refused."""
+
+    def __init__(
+        self, detail: str, *, limit: int, remaining: int, reset: int, retry_after: int
+    ) -> None:
+        super().__init__(detail)
+        self.limit = limit
+        self.remaining = remaining
+        self.reset = reset
+        self.retry_after = retry_after

@@ -103,7 +103,10 @@ def test_unauthenticated_post_is_refused_before_the_body_is_judged(
     assert_problem(response, 401, "ERR-AUTH-401")
 
 
-@pytest.mark.parametrize("path", ["/v1/tenants", "/v1/applications", "/v1/keys"])
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/tenants", "/v1/applications", "/v1/keys", "/v1/keys/key_0000000000000000/rotate"],
+)
 def test_non_admin_key_gets_403_before_its_admin_body_is_judged(
     client: TestClient, world: World, path: str
 ) -> None:
@@ -122,6 +125,8 @@ ADMIN_ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/v1/keys", {"scopes": ["events:read"]}),
     ("GET", "/v1/keys", None),
     ("DELETE", "/v1/keys/key_0000000000000000", None),
+    ("POST", "/v1/keys/key_0000000000000000/rotate", {"grace_seconds": 60}),
+    ("GET", "/v1/audit", None),
 ]
 
 

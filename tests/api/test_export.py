@@ -305,13 +305,13 @@ def test_cursor_may_be_used_with_another_limit(
 
 
 def test_cursor_survives_a_restart_on_the_same_store(
-    client: TestClient, world: World, database_url: str
+    client: TestClient, world: World, database_url: str, settings: Settings
 ) -> None:
     batch = {"events": [event(f"c-{i}") for i in range(5)]}
     assert post_events(client, world.writer, batch).json()["accepted"] == 5
     first = page(client, world.reader, limit=2)
     reopened = open_store(database_url)
-    restarted = build(Settings(database_url=database_url, region="eu-west"), store=reopened)
+    restarted = build(settings, store=reopened)
     try:
         with TestClient(create_app(services=restarted)) as other:
             rest = page(other, world.reader, limit=100, cursor=first["next_cursor"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -32,10 +33,12 @@ def cluster() -> Iterator[Cluster]:
         pytest.skip(f"PostgreSQL server programs are not installed: {missing}")
 
 
-def test_crash_gives_503_then_retries_store_each_event_once(cluster: Cluster) -> None:
+def test_crash_gives_503_then_retries_store_each_event_once(
+    cluster: Cluster, keyring_file: Path
+) -> None:
     store = PostgresStore(cluster.url, connect_timeout=2)
     store.migrate()
-    services = build(Settings(database_url=cluster.url), store=store)
+    services = build(Settings(database_url=cluster.url, keyring=str(keyring_file)), store=store)
     services.registry.create_tenant(TenantIn(id="acme"))
     services.registry.create_application(ApplicationIn(id="vm"))
     writer = services.registry.create_key(KeyIn(scopes=[Scope.EVENTS_WRITE], application="vm")).key

@@ -7,7 +7,6 @@ store; `--json` output is parsed as JSON, errors must say what is wrong and exit
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,24 +15,8 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner, Result
 
 from tally.cli.main import app
+from tests.cli.conftest import REGION, Tally
 from tests.conftest import event
-
-REGION = "eu-west"  # the region of the in-process API of tests/conftest.py
-
-Tally = Callable[..., Result]
-
-
-@pytest.fixture
-def tally(database_url: str) -> Tally:
-    """Run `tally ARGS...` against the test's store; the result keeps stdout and stderr apart."""
-    runner = CliRunner()
-    env = {"TALLY_DATABASE_URL": database_url, "TALLY_REGION": REGION}
-
-    def run(*args: str) -> Result:
-        return runner.invoke(app, list(args), env=env, catch_exceptions=False)
-
-    run("migrate")
-    return run
 
 
 def ok_json(result: Result) -> Any:

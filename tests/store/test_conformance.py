@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
+from tally.crypto.sealing import TenantCipher
 from tally.errors import AlreadyExists
-from tally.events.model import NewEvent, Outcome, canonical_json
+from tally.events.model import NewEvent, Outcome, StoredEvent, canonical_json, event_content
 from tally.store.interface import (
     Application,
     EventStore,
@@ -20,6 +23,18 @@ from tally.store.interface import (
 )
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+def cipher(tenant: str) -> TenantCipher:
+    """A fixed data key per tenant: stores treat sealed attributes as opaque bytes."""
+    return TenantCipher(tenant, hashlib.sha256(tenant.encode()).digest())
+
+
+def opened(event: StoredEvent) -> StoredEvent:
+    text = cipher(event.tenant).open(
+        application=event.application, event_id=event.id, sealed=event.sealed
+    )
+    return replace(event, attributes_json=text)
 
 
 def new_event(
@@ -33,6 +48,16 @@ def new_event(
     time: datetime = NOW,
     attributes: dict[str, str | bool | Decimal] | None = None,
 ) -> NewEvent:
+    attributes_json = canonical_json(attributes or {})
+    content = event_content(
+        tenant=tenant,
+        type=type,
+        quantity=Decimal(quantity),
+        time=time,
+        subject=subject,
+        unit="s",
+        attributes_json=attributes_json,
+    )
     return NewEvent(
         application=application,
         id=event_id,
@@ -42,8 +67,11 @@ def new_event(
         time=time,
         subject=subject,
         unit="s",
-        attributes_json=canonical_json(attributes or {}),
+        attributes=cipher(tenant).seal(
+            application=application, event_id=event_id, attributes_json=attributes_json
+        ),
         region="eu-west",
+        digest=cipher(tenant).digest(content),
     )
 
 
@@ -108,7 +136,7 @@ def test_quantities_are_exact_at_the_edges_of_numeric_38_18(store: EventStore) -
     tiny = store.get_event("vm", "tiny")
     assert tiny is not None
     assert tiny.quantity == Decimal("1E-18")
-    assert tiny.to_json().count('"quantity":"0.000000000000000001"') == 1
+    assert opened(tiny).to_json().count('"quantity":"0.000000000000000001"') == 1
 
 
 def test_stored_event_round_trips_every_field(store: EventStore) -> None:
@@ -120,9 +148,10 @@ def test_stored_event_round_trips_every_field(store: EventStore) -> None:
     sent = new_event("a", subject="vm-42", attributes=attributes, time=NOW - timedelta(hours=1))
     store.append([sent], received_at=NOW)
 
-    got = store.get_event("vm", "a")
+    found = store.get_event("vm", "a")
 
-    assert got is not None
+    assert found is not None
+    got = opened(found)
     assert (got.tenant, got.type, got.subject, got.unit, got.region) == (
         "acme",
         "compute.vcpu_seconds",

@@ -1,4 +1,5 @@
-"""A throwaway PostgreSQL cluster for tests that crash or restart the database.
+"""A throwaway PostgreSQL cluster for tests that crash or restart the database, or need it
+configured in a way the shared server is not (TLS).
 
 initdb into a fresh folder and a port of its own, so the machine's shared server is never
 touched. As root, the server's programs run as the `postgres` user (PostgreSQL refuses root).
@@ -38,6 +39,7 @@ class Cluster:
     port: int
     bindir: Path
     as_user: list[str]
+    settings: tuple[str, ...] = ()  # extra `-c name=value` server settings
 
     @property
     def url(self) -> str:
@@ -53,6 +55,7 @@ class Cluster:
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1"
+        options += "".join(f" -c {setting}" for setting in self.settings)
         self._pg_ctl("-o", options, "-l", str(self.datadir / "server.log"), "-w", "start")
 
     def crash(self) -> None:
@@ -61,7 +64,10 @@ class Cluster:
 
 
 @contextmanager
-def throwaway_cluster() -> Iterator[Cluster]:
+def throwaway_cluster(*, tls: tuple[bytes, bytes] | None = None) -> Iterator[Cluster]:
+    """A started cluster, stopped and deleted on exit. With `tls` (a PEM certificate chain
+    and its private key) it also accepts TLS connections (`ssl=on`) with that certificate.
+    """
     bindir = _bindir()
     as_user: list[str] = []
     folder = Path(tempfile.mkdtemp(prefix="tally-pg-"))
@@ -76,7 +82,19 @@ def throwaway_cluster() -> Iterator[Cluster]:
         capture_output=True,
         timeout=120,
     )
-    cluster = Cluster(datadir=datadir, port=_free_port(), bindir=bindir, as_user=as_user)
+    settings: tuple[str, ...] = ()
+    if tls is not None:
+        cert, key = datadir / "server.crt", datadir / "server.key"
+        cert.write_bytes(tls[0])
+        key.write_bytes(tls[1])
+        key.chmod(0o600)  # PostgreSQL refuses a key that others can read
+        if as_user:
+            for path in (cert, key):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+        settings = ("ssl=on", f"ssl_cert_file={cert}", f"ssl_key_file={key}")
+    cluster = Cluster(
+        datadir=datadir, port=_free_port(), bindir=bindir, as_user=as_user, settings=settings
+    )
     cluster.start()
     try:
         yield cluster

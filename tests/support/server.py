@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -19,8 +20,11 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+
+from tally.crypto import keyring as keyrings
 
 TALLY = Path(sys.executable).parent / "tally"
 START_TIMEOUT = 30.0
@@ -36,6 +40,13 @@ class Server:
     process: subprocess.Popen[bytes]
     stdout: Path
     stderr: Path
+    # With TLS: the client context that trusts the server (and holds a client certificate
+    # when the server requires one); base_url is then https.
+    tls: ssl.SSLContext | None = None
+
+    def client(self, **options: Any) -> httpx.Client:
+        """An HTTP client for this server (trusting its certificate when it has one)."""
+        return httpx.Client(base_url=self.base_url, verify=self.tls or True, **options)
 
     def logs(self) -> str:
         return (
@@ -76,13 +87,16 @@ def printed_admin_key(stdout: str) -> str | None:
     return found.group(1) if found else None
 
 
-def _wait_until_ready(process: subprocess.Popen[bytes], base_url: str) -> None:
+def _wait_until_ready(
+    process: subprocess.Popen[bytes], base_url: str, tls: ssl.SSLContext | None = None
+) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"tally serve exited with {process.returncode}")
         try:
-            if httpx.get(f"{base_url}/readyz", timeout=1.0).status_code == 200:
+            ready = httpx.get(f"{base_url}/readyz", timeout=1.0, verify=tls or True)
+            if ready.status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -97,16 +111,25 @@ def running_server(
     *options: str,
     env: Mapping[str, str] | None = None,
     label: str | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Iterator[Server]:
-    """`tally serve` over `database_url`, output in `workdir`, stopped on exit.
+    """`tally serve` over `database_url`, output in `workdir`, stopped on exit; `options`
+    and `env` go to the server. With `tls` (a client context: pass the server its certificate
+    in `options` or `env`) the server is reached over https.
 
     Raises RuntimeError, with the server's output, when it does not become ready.
     """
     port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
+    base_url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     environment = {key: value for key, value in os.environ.items() if not key.startswith("TALLY_")}
     environment |= {"TALLY_DATABASE_URL": database_url, "TALLY_LOG_LEVEL": "warning"}
     environment |= env or {}
+    if "TALLY_KEYRING" not in environment and not database_url.startswith("sqlite:"):
+        # A PostgreSQL store needs a named keyring; every server of one workdir shares it.
+        keyring = workdir / "tally.keyring"
+        if not keyring.exists():
+            keyrings.generate(keyring)
+        environment["TALLY_KEYRING"] = str(keyring)
     run = label or f"serve-{port}"
     stdout, stderr = workdir / f"{run}.stdout", workdir / f"{run}.stderr"
     command = [str(TALLY), "serve", "--host", "127.0.0.1", "--port", str(port), *options]
@@ -116,12 +139,12 @@ def running_server(
         )
     try:
         try:
-            _wait_until_ready(process, base_url)
+            _wait_until_ready(process, base_url, tls)
         except RuntimeError as error:
             stop(process)
-            logs = Server(base_url, port, "", process, stdout, stderr).logs()
+            logs = Server(base_url, port, "", process, stdout, stderr, tls).logs()
             raise RuntimeError(f"{error}\n{logs}") from None
         admin_key = printed_admin_key(stdout.read_text(errors="replace")) or ""
-        yield Server(base_url, port, admin_key, process, stdout, stderr)
+        yield Server(base_url, port, admin_key, process, stdout, stderr, tls)
     finally:
         stop(process)

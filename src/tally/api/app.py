@@ -17,6 +17,7 @@ from tally.api.schemas import BatchIn
 from tally.bootstrap import Services, build
 from tally.events.validation import CloudEventIn, EventIn
 from tally.logs import configure_logging
+from tally.ratelimit.http import RateLimitHeaders
 from tally.settings import Settings
 
 
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     problems.install(app, [route for router in routers for route in router.routes])
     for router in routers:
         app.include_router(router)
+    app.add_middleware(RateLimitHeaders)  # inside RequestContext: 2xx get RateLimit-* too
     app.add_middleware(RequestContext)
 
     def openapi() -> dict[str, Any]:

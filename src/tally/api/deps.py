@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import structlog
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from tally.api.problems import request_id_of
 from tally.auth.service import Principal, Scope
 from tally.bootstrap import Services
+from tally.errors import TallyError
+from tally.ratelimit.http import note_of
+from tally.ratelimit.policy import request_tenant
+from tally.registry.audit import Actor
+
+log = structlog.get_logger(__name__)
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer tly_…`")
 
@@ -22,16 +30,39 @@ def principal(
     request: Request,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    """Raises Unauthenticated (401) for any key that is not valid now."""
-    return services(request).authenticator.authenticate(request.headers.get("authorization"))
+    """Raises Unauthenticated (401) for any key that is not valid now, and RateLimited (429)
+    once the key, or the tenant the request is for, is over its request rate: checked here,
+    before any body is read (ratelimit/policy.py says which tenant a request is for)."""
+    found = services(request)
+    caller = found.authenticator.authenticate(request.headers.get("authorization"))
+    tenant = request_tenant(caller, request.query_params.get("tenant"))
+    found.rate_limits.admit_request(caller, tenant=tenant, note=note_of(request))
+    return caller
 
 
 ServicesDep = Annotated[Services, Depends(services)]
 PrincipalDep = Annotated[Principal, Depends(principal)]
 
 
-def admin(caller: PrincipalDep) -> Principal:
-    """The caller, if it holds the admin scope; checked before the body is even validated."""
+def admin(request: Request, caller: PrincipalDep) -> Principal:
+    """The caller, if it holds the admin scope; checked before the body is even validated.
+
+    A refusal (403) is recorded in the audit log as `access.denied`. Only a valid key gets this
+    far (a bad one is a 401, never logged), so the entries are attributable to a key and
+    cannot be made by anonymous callers; failing to record one never changes the answer.
+    """
+    if Scope.ADMIN not in caller.scopes:
+        client = request.client.host if request.client is not None else None
+        who = Actor.api(caller.key_id, client=client, request_id=request_id_of(request))
+        try:
+            services(request).registry.audit(
+                who,
+                "access.denied",
+                target=request.url.path[:200],
+                details={"method": request.method},
+            )
+        except TallyError as error:
+            log.warning("denial_not_audited", error_type=type(error).__name__)
     caller.require(Scope.ADMIN)
     return caller
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated, Any
 
@@ -21,10 +22,12 @@ from tally.errors import (
     Forbidden,
     InvalidInput,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 from tally.events.service import Candidate, IngestReport
 from tally.events.validation import (
+    EventDraft,
     EventId,
     EventType,
     Name,
@@ -34,6 +37,8 @@ from tally.events.validation import (
     validate_cloudevent,
     validate_event,
 )
+from tally.ratelimit.http import note_of
+from tally.ratelimit.policy import RateNote
 from tally.store.interface import ExportFilter
 
 router = APIRouter(tags=["events"])
@@ -43,19 +48,24 @@ CLOUDEVENT = "application/cloudevents+json"
 CLOUDEVENT_BATCH = "application/cloudevents-batch+json"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes (never read whole)."""
+async def read_body(request: Request, limit: int, *, time_limit: float | None = None) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (never read whole), and
+    with 408 when it has not all arrived `time_limit` seconds after reading began (a client
+    dribbling it must not hold a connection and its slot forever)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
-            chunks.append(chunk)
+        async with asyncio.timeout(time_limit):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"The body did not arrive within {time_limit:g} seconds.") from None
     except ClientDisconnect:
         # A client that gave up (a timeout, a closed socket) is not a fault of Tally's.
         raise InvalidInput(
@@ -115,12 +125,17 @@ def split(kind: str, parsed: object, maximum: int) -> tuple[bool, str, list[Any]
 
 
 def ingest_body(
-    services: Services, principal: Principal, kind: str, body: bytes
+    services: Services, principal: Principal, kind: str, body: bytes, note: RateNote
 ) -> tuple[bool, str, IngestReport]:
-    """Parse, validate and ingest a body: (is_batch, pointer prefix, report)."""
+    """Parse, validate and ingest a body: (is_batch, pointer prefix, report).
+
+    Raises RateLimited, storing nothing, when the batch's events are over a key or tenant limit.
+    """
     batch, prefix, raws = split(kind, parse_json(body), services.settings.max_batch_events)
     check = validate_cloudevent if kind in (CLOUDEVENT, CLOUDEVENT_BATCH) else validate_event
     candidates: list[Candidate] = [check(raw) for raw in raws]
+    tenants = [c.tenant for c in candidates if isinstance(c, EventDraft)]
+    services.rate_limits.admit_events(principal, events=len(raws), tenants=tenants, note=note)
     ids = [_sent_id(raw) for raw in raws]
     return batch, prefix, services.ingest.ingest(principal, candidates, ids)
 
@@ -150,6 +165,7 @@ def _batch_body(report: IngestReport, prefix: str) -> bytes:
         (409, "A single event whose id holds other content"),
         (413, "The body is over 1 MiB"),
         (415, "Unsupported Content-Type"),
+        (429, "Over a request or event rate limit of the key or a tenant; nothing was stored"),
     ),
     openapi_extra={"requestBody": ingest_body_schema()},
 )
@@ -161,10 +177,15 @@ async def post_events(request: Request, principal: PrincipalDep, services: Servi
     """
     principal.require(Scope.EVENTS_WRITE)
     kind = media_type(request)
-    body = await read_body(request, services.settings.max_body_bytes)
+    settings = services.settings
+    body = await read_body(
+        request, settings.max_body_bytes, time_limit=settings.request_timeout_seconds
+    )
     # Parsing and validating up to 1 MiB is CPU work: it runs in the worker thread that then
     # waits for the commit, not on the event loop.
-    batch, prefix, report = await run_in_threadpool(ingest_body, services, principal, kind, body)
+    batch, prefix, report = await run_in_threadpool(
+        ingest_body, services, principal, kind, body, note_of(request)
+    )
     if batch:
         return Response(_batch_body(report, prefix), media_type=JSON)
     result = report.results[0]

@@ -21,12 +21,15 @@ from tally.errors import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
+    RequestTimeout,
     StoreUnavailable,
     TallyError,
     Unauthenticated,
     UnsupportedMediaType,
 )
 from tally.events.validation import pointer_of
+from tally.ratelimit.http import rate_limit_fields
 
 log = structlog.get_logger(__name__)
 
@@ -55,12 +58,14 @@ class Problem(BaseModel):
 # error class -> (HTTP status, code, type slug, title); the most specific class first.
 _KINDS: list[tuple[type[TallyError], int, str, str, str]] = [
     (PayloadTooLarge, 413, "ERR-VAL-400", "payload-too-large", "Payload too large"),
+    (RequestTimeout, 408, "ERR-VAL-400", "request-timeout", "Request timeout"),
     (UnsupportedMediaType, 415, "ERR-VAL-400", "unsupported-media-type", "Unsupported media type"),
     (Conflict, 409, "ERR-VAL-400", "conflict", "Conflict"),
     (InvalidInput, 400, "ERR-VAL-400", "invalid-input", "Invalid input"),
     (Unauthenticated, 401, "ERR-AUTH-401", "invalid-credentials", "Invalid credentials"),
     (Forbidden, 403, "ERR-AUTH-403", "access-denied", "Access denied"),
     (NotFound, 404, "ERR-RES-404", "not-found", "Resource not found"),
+    (RateLimited, 429, "ERR-RATE-429", "rate-limited", "Too many requests"),
     (StoreUnavailable, 503, "ERR-SYS-503", "service-unavailable", "Service unavailable"),
 ]
 
@@ -120,6 +125,13 @@ def from_error(request: Request, error: TallyError) -> Response:
                 headers["WWW-Authenticate"] = 'Bearer realm="tally"'
             if status == 503:
                 headers["Retry-After"] = RETRY_AFTER_SECONDS
+            if status == 408:  # the rest of the body may still be on its way: do not reuse
+                headers["Connection"] = "close"
+            if isinstance(error, RateLimited):
+                headers["Retry-After"] = str(error.retry_after)
+                headers |= rate_limit_fields(
+                    limit=error.limit, remaining=error.remaining, reset=error.reset
+                )
             errors = field_errors(error.errors) if isinstance(error, InvalidInput) else None
             return problem_response(
                 request,
@@ -226,6 +238,21 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         (503, "Store unreachable or shutting down (ERR-SYS-503); Retry-After is set"),
     ]
 }
+# Every authenticated route checks the key's rate limit (api/deps.py).
+PROBLEM_RESPONSES[429] = {
+    "model": Problem,
+    "content": {PROBLEM_JSON: {}},
+    "description": "Over a rate limit of the key or tenant (ERR-RATE-429); nothing was done",
+    "headers": {
+        name: {"description": description, "required": True, "schema": {"type": "integer"}}
+        for name, description in [
+            ("Retry-After", "Seconds to wait before retrying (at least 1)"),
+            ("RateLimit-Limit", "The burst of the limit that refused"),
+            ("RateLimit-Remaining", "Units left in it"),
+            ("RateLimit-Reset", "Seconds until it is full again"),
+        ]
+    },
+}
 
 
 def responses(*extra: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
@@ -233,6 +260,7 @@ def responses(*extra: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
     found = dict(PROBLEM_RESPONSES)
     for status, description in extra:
         found[status] = {
+            **found.get(status, {}),  # keeps the documented headers of a 429
             "model": Problem,
             "content": {PROBLEM_JSON: {}},
             "description": description,

@@ -7,7 +7,6 @@ what is stored and exported, and numbers in them never pass through a binary flo
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,13 +65,39 @@ def parse_attributes(text: str) -> dict[str, str | bool | Decimal]:
     return parsed
 
 
+def event_content(
+    *,
+    tenant: str,
+    type: str,
+    quantity: Decimal,
+    time: datetime,
+    subject: str | None,
+    unit: str | None,
+    attributes_json: str,
+) -> bytes:
+    """The canonical form of everything an application sent for one event identity: two
+    reports are the same event exactly when these bytes match (`1.0` equals `1`, `+02:00`
+    equals the same instant in `Z`, attribute order is ignored). It is digested with the
+    tenant's key (crypto/sealing.py), never stored."""
+    return canonical_json(
+        {
+            "tenant": tenant,
+            "type": type,
+            "quantity": quantity,
+            "time": format_time(time),
+            "subject": subject,
+            "unit": unit,
+            "attributes": attributes_json,
+        }
+    ).encode()
+
+
 @dataclass(frozen=True, slots=True)
 class NewEvent:
     """A validated event, ready to be appended. `region` comes from the tenant.
 
-    `digest` is SHA-256 over a canonical form of everything the application sent: two reports
-    of one identity are the same event exactly when their digests match (`1.0` equals `1`,
-    `+02:00` equals the same instant in `Z`, attribute order is ignored).
+    `attributes` are sealed with the tenant's data key; `digest` is the keyed digest of the
+    event's content (`event_content`), which decides duplicate against conflict.
     """
 
     application: str
@@ -83,23 +108,9 @@ class NewEvent:
     time: datetime
     subject: str | None
     unit: str | None
-    attributes_json: str
+    attributes: bytes = field(repr=False)
     region: str
-    digest: bytes = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        canonical = canonical_json(
-            {
-                "tenant": self.tenant,
-                "type": self.type,
-                "quantity": self.quantity,
-                "time": format_time(self.time),
-                "subject": self.subject,
-                "unit": self.unit,
-                "attributes": self.attributes_json,
-            }
-        )
-        object.__setattr__(self, "digest", hashlib.sha256(canonical.encode()).digest())
+    digest: bytes = field(repr=False, compare=False)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -118,12 +129,20 @@ class StoredEvent:
     time: datetime
     subject: str | None
     unit: str | None
-    attributes_json: str
+    sealed: bytes = field(repr=False)
     region: str
     received_at: datetime
+    # Set once the attributes are opened (events/service.py); `shredded` when they never can
+    # be, because the tenant's data key was destroyed.
+    attributes_json: str | None = field(default=None, repr=False)
+    shredded: bool = False
 
     def to_json(self) -> str:
-        """The export representation. Attributes are spliced in as stored: never re-parsed."""
+        """The export representation. Attributes are spliced in as opened: never re-parsed.
+
+        A shredded tenant's event keeps its identity, time and quantity, with `attributes`
+        null and `"shredded": true`, so a billing system sees why instead of an error.
+        """
         head = {
             "id": self.id,
             "application": self.application,
@@ -137,8 +156,12 @@ class StoredEvent:
             "received_at": format_time(self.received_at),
         }
         body = json.dumps(head, ensure_ascii=False, separators=(",", ":"))
+        if self.shredded:
+            return f'{body[:-1]},"attributes":null,"shredded":true}}'
+        if self.attributes_json is None:
+            raise ValueError("the attributes of this event were not opened")
         return f'{body[:-1]},"attributes":{self.attributes_json}}}'
 
     @property
-    def attributes(self) -> dict[str, str | bool | Decimal]:
-        return parse_attributes(self.attributes_json)
+    def attributes(self) -> dict[str, str | bool | Decimal] | None:
+        return None if self.attributes_json is None else parse_attributes(self.attributes_json)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from tally.auth.service import Principal, Scope
+from tally.crypto.sealing import TenantCipher
+from tally.crypto.tenant_keys import TenantKeys
 from tally.errors import FieldError, Forbidden, NotFound
 from tally.events.cursor import CursorCodec
 from tally.events.model import (
@@ -14,6 +16,7 @@ from tally.events.model import (
     Outcome,
     StoredEvent,
     canonical_json,
+    event_content,
 )
 from tally.events.validation import EventDraft
 from tally.store.groupcommit import GroupCommitter
@@ -52,10 +55,12 @@ class IngestService:
         *,
         store: EventStore,
         committer: GroupCommitter,
+        keys: TenantKeys,
         clock: Callable[[], datetime],
     ) -> None:
         self._store = store
         self._committer = committer
+        self._keys = keys
         self._clock = clock
 
     def ingest(
@@ -73,6 +78,7 @@ class IngestService:
         assert principal.application is not None  # noqa: S101 - registry binds write keys
         drafts = [c for c in candidates if isinstance(c, EventDraft)]
         tenants = self._store.get_tenants(sorted({d.tenant for d in drafts})) if drafts else {}
+        ciphers = self._keys.ciphers(t for t in tenants if principal.may_serve(t))
         now = self._clock()
         results: list[EventResult] = []
         ready: list[tuple[EventResult, NewEvent]] = []
@@ -88,10 +94,13 @@ class IngestService:
             elif not principal.may_serve(tenant.id):
                 result.errors = [FieldError("/tenant", "is not a tenant this key may report for")]
                 result.forbidden = True
+            elif (cipher := ciphers[tenant.id]) is None:
+                result.errors = [FieldError("/tenant", "was shredded: it takes no more events")]
             else:
                 result.errors = _timeliness(candidate.time, tenant, now)
                 if not result.errors:
-                    ready.append((result, _new_event(principal.application, candidate, tenant)))
+                    event = _new_event(principal.application, candidate, tenant, cipher)
+                    ready.append((result, event))
         if ready:
             outcomes = self._committer.append([event for _, event in ready])
             for (result, _), outcome in zip(ready, outcomes, strict=True):
@@ -112,7 +121,19 @@ def _timeliness(time: datetime, tenant: Tenant, now: datetime) -> list[FieldErro
     return []
 
 
-def _new_event(application: str, draft: EventDraft, tenant: Tenant) -> NewEvent:
+def _new_event(
+    application: str, draft: EventDraft, tenant: Tenant, cipher: TenantCipher
+) -> NewEvent:
+    attributes_json = canonical_json(draft.attributes)
+    content = event_content(
+        tenant=draft.tenant,
+        type=draft.type,
+        quantity=draft.quantity,
+        time=draft.time,
+        subject=draft.subject,
+        unit=draft.unit,
+        attributes_json=attributes_json,
+    )
     return NewEvent(
         application=application,
         id=draft.id,
@@ -122,8 +143,11 @@ def _new_event(application: str, draft: EventDraft, tenant: Tenant) -> NewEvent:
         time=draft.time,
         subject=draft.subject,
         unit=draft.unit,
-        attributes_json=canonical_json(draft.attributes),
+        attributes=cipher.seal(
+            application=application, event_id=draft.id, attributes_json=attributes_json
+        ),
         region=tenant.region,
+        digest=cipher.digest(content),
     )
 
 
@@ -147,9 +171,10 @@ class Page:
 
 
 class ExportService:
-    def __init__(self, *, store: EventStore, cursors: CursorCodec) -> None:
+    def __init__(self, *, store: EventStore, cursors: CursorCodec, keys: TenantKeys) -> None:
         self._store = store
         self._cursors = cursors
+        self._keys = keys
 
     def page(
         self, principal: Principal, filters: ExportFilter, *, cursor: str | None, limit: int
@@ -181,7 +206,7 @@ class ExportService:
         )
         page = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
         return Page(
-            events=page.events,
+            events=self._opened(page.events),
             next_cursor=self._cursors.encode(page.positions, page.start, digest),
             has_more=page.has_more,
         )
@@ -194,4 +219,18 @@ class ExportService:
             raise NotFound("There is no event with this application and id.")
         if not principal.may_serve(event.tenant):
             raise Forbidden("This key is not allowed for this event's tenant.")
-        return event
+        return self._opened([event])[0]
+
+    def _opened(self, events: list[StoredEvent]) -> list[StoredEvent]:
+        """`events` with their attributes opened, or marked shredded. Raises SealBroken for
+        a sealed value that is not its row's (tampering): no export rather than a wrong one.
+        """
+        ciphers = self._keys.ciphers({event.tenant for event in events})
+        return [_open(event, ciphers[event.tenant]) for event in events]
+
+
+def _open(event: StoredEvent, cipher: TenantCipher | None) -> StoredEvent:
+    if cipher is None:
+        return replace(event, shredded=True)
+    text = cipher.open(application=event.application, event_id=event.id, sealed=event.sealed)
+    return replace(event, attributes_json=text)

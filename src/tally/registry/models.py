@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,6 +13,7 @@ from tally.events.validation import Name, Rfc3339, Text
 _INPUT = ConfigDict(extra="forbid", frozen=True)
 
 MAX_LATENESS_HOURS = 35 * 24
+MAX_GRACE_SECONDS = 30 * 24 * 3600
 
 
 class TenantIn(BaseModel):
@@ -43,6 +45,17 @@ class KeyIn(BaseModel):
     expires_at: Rfc3339 | None = None
 
 
+class RotateIn(BaseModel):
+    model_config = _INPUT
+
+    grace_seconds: int = Field(
+        ge=0,
+        le=MAX_GRACE_SECONDS,
+        strict=True,
+        description="How long the old key keeps working (0: it stops at once; at most 30 days).",
+    )
+
+
 class TenantOut(BaseModel):
     id: str
     name: str | None
@@ -67,7 +80,52 @@ class KeyOut(BaseModel):
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    last_used_at: datetime | None = Field(description="Last authenticated use, to a minute.")
+    rotated_from: str | None = Field(description="The key this one replaced by rotation.")
+    replaced_by: str | None = Field(description="The key that replaced this one by rotation.")
 
 
 class NewKeyOut(KeyOut):
     key: str = Field(description="The secret. Shown only in this response: store it now.")
+
+
+class AuditQuery(BaseModel):
+    """Which audit entries to list (query parameters of GET /v1/audit, options of the CLI)."""
+
+    # Unknown query parameters are ignored, as on every other GET route.
+    model_config = ConfigDict(frozen=True)
+
+    action: str | None = Field(
+        default=None, pattern=r"^[a-z][a-z0-9_.]{0,63}$", description="e.g. key.rotate"
+    )
+    actor: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.:@-]{1,128}$",
+        description="A key id, or cli:<OS user>",
+    )
+    since: Rfc3339 | None = Field(default=None, description="Entries at or after this time")
+    cursor: str | None = Field(
+        default=None, max_length=32, description="A previous page's next_cursor"
+    )
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class AuditOut(BaseModel):
+    """One administrative action: who (`actor`: a key id or `cli:<OS user>`), what (`action`
+    on `target`, with non-secret `details`), when (`at`) and from where (`source`: the client
+    address or `cli`), and the `request_id` of the API request that did it."""
+
+    seq: int
+    at: datetime
+    actor: str
+    action: str
+    target: str | None
+    details: dict[str, Any]
+    source: str
+    request_id: str | None
+
+
+class AuditPageOut(BaseModel):
+    entries: list[AuditOut] = Field(description="Newest first.")
+    next_cursor: str | None = Field(description="Pass as `cursor` for older entries.")
+    has_more: bool

@@ -1,16 +1,40 @@
-"""Registering tenants and applications and issuing and revoking keys."""
+"""Registering tenants and applications; issuing, rotating and revoking keys; the audit log.
+
+Every administrative action here is recorded in the audit log by the store, in the same
+transaction as the action, with the `Actor` the caller names (the API's key and client address,
+or the CLI's OS user).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 
 from tally.auth import keys
 from tally.auth.service import Scope
-from tally.errors import FieldError, InvalidInput, NotFound
-from tally.registry.models import ApplicationIn, KeyIn, KeyOut, NewKeyOut, TenantIn
-from tally.store.interface import Application, EventStore, KeyRecord, Tenant
+from tally.errors import Conflict, FieldError, InvalidInput, NotFound
+from tally.events.model import format_time
+from tally.registry.audit import SYSTEM, Actor
+from tally.registry.models import (
+    MAX_GRACE_SECONDS,
+    ApplicationIn,
+    AuditOut,
+    AuditPageOut,
+    AuditQuery,
+    KeyIn,
+    KeyOut,
+    NewKeyOut,
+    TenantIn,
+)
+from tally.store.interface import (
+    Application,
+    AuditFilter,
+    EventStore,
+    JsonValue,
+    KeyRecord,
+    Tenant,
+)
 
 
 def describe_key(record: KeyRecord) -> KeyOut:
@@ -22,7 +46,20 @@ def describe_key(record: KeyRecord) -> KeyOut:
         created_at=record.created_at,
         expires_at=record.expires_at,
         revoked_at=record.revoked_at,
+        last_used_at=record.last_used_at,
+        rotated_from=record.rotated_from,
+        replaced_by=record.replaced_by,
     )
+
+
+def _key_details(record: KeyRecord) -> dict[str, JsonValue]:
+    """What the audit log keeps of a key: its bindings, never its secret or hash."""
+    return {
+        "scopes": list(record.scopes),
+        "application": record.application,
+        "tenants": list(record.tenants) if record.tenants is not None else None,
+        "expires_at": format_time(record.expires_at) if record.expires_at else None,
+    }
 
 
 @dataclass
@@ -31,8 +68,8 @@ class Registry:
     region: str
     clock: Callable[[], datetime]
 
-    def create_tenant(self, spec: TenantIn) -> Tenant:
-        """Raises AlreadyExists if the id is taken."""
+    def create_tenant(self, spec: TenantIn, *, actor: Actor = SYSTEM) -> Tenant:
+        """Raises AlreadyExists if the id is taken (and records nothing)."""
         tenant = Tenant(
             id=spec.id,
             name=spec.name,
@@ -40,17 +77,38 @@ class Registry:
             lateness_hours=spec.lateness_hours,
             created_at=self.clock(),
         )
-        self.store.create_tenant(tenant)
+        # The display name stays out of the log: it is free text an operator typed.
+        details: dict[str, JsonValue] = {
+            "region": tenant.region,
+            "lateness_hours": tenant.lateness_hours,
+        }
+        audit = actor.entry(
+            "tenant.create", at=tenant.created_at, target=tenant.id, details=details
+        )
+        self.store.create_tenant(tenant, audit=audit)
         return tenant
 
-    def create_application(self, spec: ApplicationIn) -> Application:
-        """Raises AlreadyExists if the id is taken."""
+    def shred_tenant(self, tenant_id: str, *, actor: Actor = SYSTEM) -> None:
+        """Destroy the tenant's data key (crypto/tenant_keys.py): its sealed attributes are
+        unreadable from now on wherever they are kept, its exports say `shredded`, and it
+        takes no more events. Irreversible; shredding twice changes nothing more.
+
+        Raises NotFound if there is no such tenant.
+        """
+        now = self.clock()
+        audit = actor.entry("tenant.shred", at=now, target=tenant_id)
+        if not self.store.shred_data_key(tenant_id, at=now, audit=audit):
+            raise NotFound("There is no tenant with this id.")
+
+    def create_application(self, spec: ApplicationIn, *, actor: Actor = SYSTEM) -> Application:
+        """Raises AlreadyExists if the id is taken (and records nothing)."""
         application = Application(id=spec.id, name=spec.name, created_at=self.clock())
-        self.store.create_application(application)
+        audit = actor.entry("application.create", at=application.created_at, target=spec.id)
+        self.store.create_application(application, audit=audit)
         return application
 
-    def create_key(self, spec: KeyIn) -> NewKeyOut:
-        """Issue a key; its secret is in the result and nowhere else.
+    def create_key(self, spec: KeyIn, *, actor: Actor = SYSTEM) -> NewKeyOut:
+        """Issue a key; its secret is in the result and nowhere else (the log has its id).
 
         Raises InvalidInput when the scopes and bindings do not fit together or name an
         unknown application or tenant.
@@ -70,7 +128,8 @@ class Registry:
             expires_at=spec.expires_at,
             revoked_at=None,
         )
-        self.store.create_key(record)
+        audit = actor.entry("key.create", at=now, target=record.id, details=_key_details(record))
+        self.store.create_key(record, audit=audit)
         return NewKeyOut(**describe_key(record).model_dump(), key=secret)
 
     def _key_problems(self, spec: KeyIn, now: datetime) -> list[FieldError]:
@@ -97,13 +156,131 @@ class Registry:
             problems.append(FieldError("/expires_at", "must be in the future"))
         return problems
 
-    def revoke_key(self, key_id: str) -> None:
-        """Revoked at once, for every replica. Raises NotFound."""
-        if not self.store.revoke_key(key_id, at=self.clock()):
+    def rotate_key(self, key_id: str, *, grace: timedelta, actor: Actor = SYSTEM) -> NewKeyOut:
+        """Issue a replacement for a key and retire the old one after `grace`.
+
+        The new key has the old one's scopes, application and tenants, and the same lifetime
+        (`expires_at - created_at`) counted from now, or no expiry if the old one had none. Its
+        secret is in the result only. The old key keeps working until now + `grace` (0: not
+        at all), never longer than it would have anyway; after that it gets the same 401 as
+        any invalid key. Both keys point at each other (`replaced_by`, `rotated_from`).
+
+        Raises NotFound for an unknown key; InvalidInput when `grace` is negative or over 30
+        days; Conflict (409) when the key is revoked, expired or already rotated.
+        """
+        if not timedelta(0) <= grace <= timedelta(seconds=MAX_GRACE_SECONDS):
+            raise InvalidInput(
+                "The grace period must be between 0 and 30 days.",
+                [FieldError("/grace_seconds", "must be between 0 and 2592000")],
+            )
+        now = self.clock()
+        old = self.store.get_key(key_id)
+        if old is None:
+            raise NotFound("There is no key with this id.")
+        self._require_rotatable(old, now)
+        lifetime = old.expires_at - old.created_at if old.expires_at is not None else None
+        secret = keys.new_secret()
+        new = KeyRecord(
+            id=keys.new_key_id(),
+            secret_hash=keys.secret_hash(secret),
+            scopes=old.scopes,
+            application=old.application,
+            tenants=old.tenants,
+            created_at=now,
+            expires_at=now + lifetime if lifetime is not None else None,
+            revoked_at=None,
+            rotated_from=old.id,
+        )
+        retire_at = now + grace
+        if old.expires_at is not None:
+            retire_at = min(retire_at, old.expires_at)
+        audit = actor.entry(
+            "key.rotate",
+            at=now,
+            target=old.id,
+            details={
+                "replaced_by": new.id,
+                "grace_seconds": int(grace.total_seconds()),
+                "old_expires_at": format_time(retire_at),
+                "new_expires_at": format_time(new.expires_at) if new.expires_at else None,
+            },
+        )
+        if not self.store.rotate_key(
+            old.id, new=new, old_expires_at=retire_at, now=now, audit=audit
+        ):
+            # Revoked, expired or rotated between our read and the store's conditional update.
+            current = self.store.get_key(key_id)
+            if current is not None:
+                self._require_rotatable(current, now)
+            raise Conflict("This key changed while it was being rotated; look at it again.")
+        return NewKeyOut(**describe_key(new).model_dump(), key=secret)
+
+    @staticmethod
+    def _require_rotatable(record: KeyRecord, now: datetime) -> None:
+        if record.revoked_at is not None:
+            raise Conflict("This key is revoked and cannot be rotated; issue a new key instead.")
+        if record.replaced_by is not None:
+            raise Conflict(f"This key was rotated already; rotate {record.replaced_by} instead.")
+        if not record.usable_at(now):
+            raise Conflict("This key has expired and cannot be rotated; issue a new key instead.")
+
+    def revoke_key(self, key_id: str, *, actor: Actor = SYSTEM) -> None:
+        """Revoked at once, for every replica. Raises NotFound (and records nothing)."""
+        now = self.clock()
+        audit = actor.entry("key.revoke", at=now, target=key_id)
+        if not self.store.revoke_key(key_id, at=now, audit=audit):
             raise NotFound("There is no key with this id.")
 
-    def bootstrap_admin_key(self) -> NewKeyOut | None:
+    def bootstrap_admin_key(self, *, actor: Actor = SYSTEM) -> NewKeyOut | None:
         """On a store without any key, issue the first admin key; otherwise None."""
         if self.store.count_keys() > 0:
             return None
-        return self.create_key(KeyIn(scopes=[Scope.ADMIN]))
+        return self.create_key(KeyIn(scopes=[Scope.ADMIN]), actor=actor)
+
+    # --- the audit log ------------------------------------------------------------------
+
+    def audit(
+        self,
+        actor: Actor,
+        action: str,
+        *,
+        target: str | None,
+        details: dict[str, JsonValue] | None = None,
+    ) -> None:
+        """Record an action that is not one store transaction (e.g. a long re-encryption, at
+        its start and end) or a refused attempt. An action that *is* one store transaction
+        passes `audit=actor.entry(...)` to its store method instead, so that the entry and the
+        action commit together. `details` must hold no secret and no attribute value.
+
+        Raises StoreUnavailable when the entry cannot be written.
+        """
+        self.store.record_audit(
+            actor.entry(action, at=self.clock(), target=target, details=details)
+        )
+
+    def audit_page(self, query: AuditQuery) -> AuditPageOut:
+        """Entries matching `query`, newest first; its `cursor` is a previous `next_cursor`.
+
+        Raises InvalidInput for a cursor that is not one Tally handed out.
+        """
+        before: int | None = None
+        if query.cursor is not None:
+            cursor = query.cursor
+            if not (cursor.isascii() and cursor.isdigit() and 0 < len(cursor) <= 18):
+                raise InvalidInput(
+                    "The cursor is not one Tally handed out.",
+                    [FieldError("", "is not a valid cursor", parameter="cursor")],
+                )
+            before = int(cursor)
+        filters = AuditFilter(
+            action=query.action, actor=query.actor, since=query.since, before=before
+        )
+        # One row beyond the page says whether more follows.
+        found = self.store.list_audit(filters, limit=query.limit + 1)
+        page = found[: query.limit]
+        has_more = len(found) > query.limit
+        return AuditPageOut(
+            entries=[AuditOut(**asdict(record)) for record in page],
+            next_cursor=str(page[-1].seq) if has_more else None,
+            has_more=has_more,
+        )

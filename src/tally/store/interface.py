@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from tally.events.model import NewEvent, Outcome, StoredEvent
@@ -27,6 +27,18 @@ class Tenant:
     region: str
     lateness_hours: int
     created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DataKey:
+    """A tenant's data key as stored: wrapped by the master key `master_key_id`. Once the
+    tenant is shredded, `wrapped` and `master_key_id` are None for good."""
+
+    tenant: str
+    master_key_id: str | None
+    wrapped: bytes | None
+    created_at: datetime
+    shredded_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +60,53 @@ class KeyRecord:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    last_used_at: datetime | None = None  # to within a minute (see auth/service.py)
+    rotated_from: str | None = None  # the key this one replaced by rotation
+    replaced_by: str | None = None  # the key that replaced this one by rotation
+
+    def usable_at(self, now: datetime) -> bool:
+        """Neither revoked nor expired at `now` (a key in its rotation grace is usable)."""
+        if self.revoked_at is not None:
+            return False
+        return self.expires_at is None or now < self.expires_at
+
+
+JsonValue = str | int | bool | None | list[str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditEntry:
+    """One administrative action, as recorded: who, what, when, from where.
+
+    `details` is a small JSON object of non-secret facts (never a key's secret, never an
+    attribute value). `actor` is a key id or `cli:<OS user>`; `source` the client's address,
+    or `cli`.
+    """
+
+    at: datetime
+    actor: str
+    action: str
+    target: str | None
+    details: dict[str, JsonValue]
+    source: str
+    request_id: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditRecord(AuditEntry):
+    """An entry as listed: `seq` orders the log (higher is newer)."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    """Which entries a listing wants; `before` is the cursor (a `seq`: older ones only)."""
+
+    action: str | None = None
+    actor: str | None = None
+    since: datetime | None = None
+    before: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +198,47 @@ class EventStore(Protocol):
 
     def get_event(self, application: str, event_id: str) -> StoredEvent | None: ...
 
+    # --- tenant data keys (crypto/tenant_keys.py) ------------------------------------------
+
+    def data_keys(self, tenants: Sequence[str]) -> dict[str, DataKey]:
+        """The data keys (live or shredded) of those of `tenants` that have one."""
+
+    def add_data_key(self, key: DataKey) -> DataKey:
+        """Store `key` unless its tenant has a data key already; returns the one stored."""
+
+    def rewrap_data_key(
+        self,
+        tenant: str,
+        *,
+        expected_master: str,
+        master_key_id: str,
+        wrapped: bytes,
+        at: datetime,
+    ) -> bool:
+        """Replace the wrapped key if it is still wrapped by `expected_master` (and not
+        shredded); False, changing nothing, otherwise."""
+
+    def shred_data_key(self, tenant: str, *, at: datetime, audit: AuditEntry | None = None) -> bool:
+        """Destroy the tenant's data key for good (a tenant with none gets a shredded record,
+        so none is ever made for it). False if there is no such tenant. Shredding twice keeps
+        the first time."""
+
+    def data_keys_to_rewrap(self, newest: str, *, limit: int) -> list[DataKey]:
+        """Up to `limit` live data keys not wrapped by master key `newest`."""
+
+    def data_key_usage(self) -> dict[str, int]:
+        """Master key id -> how many live data keys it wraps."""
+
+    def sample_data_keys(self) -> list[DataKey]:
+        """One live data key per master key in use (to check a keyring against)."""
+
     # --- registration -------------------------------------------------------------------
 
-    def create_tenant(self, tenant: Tenant) -> None:
+    # Administrative writes take `audit`: the entry is written in the same transaction as
+    # the action, so the log holds an action if and only if it happened. None records
+    # nothing (fixtures, start-up). A new administrative store method does the same.
+
+    def create_tenant(self, tenant: Tenant, *, audit: AuditEntry | None = None) -> None:
         """Raises AlreadyExists if the id is taken."""
 
     def get_tenants(self, ids: Sequence[str]) -> dict[str, Tenant]:
@@ -149,21 +246,56 @@ class EventStore(Protocol):
 
     def list_tenants(self) -> list[Tenant]: ...
 
-    def create_application(self, application: Application) -> None:
+    def create_application(
+        self, application: Application, *, audit: AuditEntry | None = None
+    ) -> None:
         """Raises AlreadyExists if the id is taken."""
 
     def get_application(self, application_id: str) -> Application | None: ...
 
     def list_applications(self) -> list[Application]: ...
 
-    def create_key(self, key: KeyRecord) -> None: ...
+    def create_key(self, key: KeyRecord, *, audit: AuditEntry | None = None) -> None:
+        """Raises AlreadyExists if the id or the hash is taken."""
 
     def find_key(self, secret_hash: bytes) -> KeyRecord | None:
         """The key with this hash, revoked or expired ones included (the caller decides)."""
 
+    def get_key(self, key_id: str) -> KeyRecord | None: ...
+
     def list_keys(self) -> list[KeyRecord]: ...
 
-    def revoke_key(self, key_id: str, *, at: datetime) -> bool:
+    def revoke_key(self, key_id: str, *, at: datetime, audit: AuditEntry | None = None) -> bool:
         """Revoke at once; False if there is no such key. Revoking twice keeps the first time."""
 
+    def rotate_key(
+        self,
+        old_id: str,
+        *,
+        new: KeyRecord,
+        old_expires_at: datetime,
+        now: datetime,
+        audit: AuditEntry | None = None,
+    ) -> bool:
+        """Atomically: store `new` (its `rotated_from` is `old_id`), point the old key at it
+        (`replaced_by`) and set the old key's `expires_at` to `old_expires_at`.
+
+        Returns False, changing nothing, unless the old key exists and at `now` is neither
+        revoked, expired nor already replaced (so two concurrent rotations cannot fork the
+        chain).
+        """
+
+    def touch_key(self, key_id: str, *, at: datetime, every: timedelta) -> None:
+        """Set `last_used_at` to `at` unless it is already within `every` of it: a conditional
+        UPDATE, so concurrent processes write a key's row at most about once per `every`."""
+
     def count_keys(self) -> int: ...
+
+    # --- audit log ----------------------------------------------------------------------
+
+    def record_audit(self, entry: AuditEntry) -> None:
+        """Append one entry on its own, for an action that is not one store transaction (or a
+        refused attempt). An action that is one transaction passes `audit=` to it instead."""
+
+    def list_audit(self, filters: AuditFilter, *, limit: int) -> list[AuditRecord]:
+        """Up to `limit` entries matching `filters`, newest (highest `seq`) first."""

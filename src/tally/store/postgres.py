@@ -11,7 +11,7 @@ import json
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,7 +23,18 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from tally.errors import AlreadyExists, StoreUnavailable
 from tally.events.model import NewEvent, Outcome, StoredEvent
 from tally.store import migrate, plan
-from tally.store.interface import Application, ExportFilter, ExportPage, KeyRecord, Tenant
+from tally.store.audit import audit_where
+from tally.store.interface import (
+    Application,
+    AuditEntry,
+    AuditFilter,
+    AuditRecord,
+    DataKey,
+    ExportFilter,
+    ExportPage,
+    KeyRecord,
+    Tenant,
+)
 
 _EVENT_COLUMNS = (
     "application, id, tenant, type, quantity, time, subject, unit, attributes, region, received_at"
@@ -43,9 +54,19 @@ def _event(row: Row) -> StoredEvent:
         time=row["time"],
         subject=row["subject"],
         unit=row["unit"],
-        attributes_json=row["attributes"],
+        sealed=bytes(row["attributes"]),
         region=row["region"],
         received_at=row["received_at"],
+    )
+
+
+def _data_key(row: Row) -> DataKey:
+    return DataKey(
+        tenant=row["tenant"],
+        master_key_id=row["master_key_id"],
+        wrapped=bytes(row["wrapped"]) if row["wrapped"] is not None else None,
+        created_at=row["created_at"],
+        shredded_at=row["shredded_at"],
     )
 
 
@@ -60,6 +81,22 @@ def _key(row: Row) -> KeyRecord:
         created_at=row["created_at"],
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
+        last_used_at=row["last_used_at"],
+        rotated_from=row["rotated_from"],
+        replaced_by=row["replaced_by"],
+    )
+
+
+def _audit_record(row: Row) -> AuditRecord:
+    return AuditRecord(
+        seq=row["seq"],
+        at=row["at"],
+        actor=row["actor"],
+        action=row["action"],
+        target=row["target"],
+        details=json.loads(row["details"]),
+        source=row["source"],
+        request_id=row["request_id"],
     )
 
 
@@ -192,7 +229,7 @@ class PostgresStore:
                     "quantity, time, subject, unit, attributes, region, received_at, digest) "
                     "SELECT * FROM unnest(%s::smallint[], %s::bigint[], %s::text[], %s::text[], "
                     "%s::text[], %s::text[], %s::numeric[], %s::timestamptz[], %s::text[], "
-                    "%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::bytea[]) "
+                    "%s::text[], %s::bytea[], %s::text[], %s::timestamptz[], %s::bytea[]) "
                     "ON CONFLICT (application, id) DO NOTHING RETURNING application, id",
                     (
                         [p for p, _ in places],
@@ -205,7 +242,7 @@ class PostgresStore:
                         [e.time for e in fresh],
                         [e.subject for e in fresh],
                         [e.unit for e in fresh],
-                        [e.attributes_json for e in fresh],
+                        [e.attributes for e in fresh],
                         [e.region for e in fresh],
                         [received_at] * len(fresh),
                         [e.digest for e in fresh],
@@ -274,14 +311,90 @@ class PostgresStore:
         )
         return _event(row) if row is not None else None
 
+    # --- tenant data keys -----------------------------------------------------------------
+
+    def data_keys(self, tenants: Sequence[str]) -> dict[str, DataKey]:
+        rows = self._all("SELECT * FROM tenant_keys WHERE tenant = ANY(%s)", (list(tenants),))
+        return {row["tenant"]: _data_key(row) for row in rows}
+
+    def add_data_key(self, key: DataKey) -> DataKey:
+        with self._transaction() as connection:
+            connection.execute(
+                "INSERT INTO tenant_keys (tenant, master_key_id, wrapped, created_at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (tenant) DO NOTHING",
+                (key.tenant, key.master_key_id, key.wrapped, key.created_at),
+            )
+            row = connection.execute(
+                "SELECT * FROM tenant_keys WHERE tenant = %s", (key.tenant,)
+            ).fetchone()
+        assert row is not None  # noqa: S101 - inserted just above when missing
+        return _data_key(row)
+
+    def rewrap_data_key(
+        self,
+        tenant: str,
+        *,
+        expected_master: str,
+        master_key_id: str,
+        wrapped: bytes,
+        at: datetime,
+    ) -> bool:
+        with self._connection() as connection:
+            cursor = connection.execute(
+                "UPDATE tenant_keys SET master_key_id = %s, wrapped = %s, rewrapped_at = %s "
+                "WHERE tenant = %s AND master_key_id = %s AND shredded_at IS NULL",
+                (master_key_id, wrapped, at, tenant, expected_master),
+            )
+            return cursor.rowcount == 1
+
+    def shred_data_key(self, tenant: str, *, at: datetime, audit: AuditEntry | None = None) -> bool:
+        with self._transaction() as connection:
+            found = connection.execute(
+                "SELECT 1 FROM tenants WHERE id = %s FOR SHARE", (tenant,)
+            ).fetchone()
+            if found is None:
+                return False
+            connection.execute(
+                "INSERT INTO tenant_keys (tenant, created_at, shredded_at) VALUES (%s, %s, %s) "
+                "ON CONFLICT (tenant) DO UPDATE SET master_key_id = NULL, wrapped = NULL, "
+                "shredded_at = excluded.shredded_at WHERE tenant_keys.shredded_at IS NULL",
+                (tenant, at, at),
+            )
+            if audit is not None:
+                _record(connection, audit)
+        return True
+
+    def data_keys_to_rewrap(self, newest: str, *, limit: int) -> list[DataKey]:
+        rows = self._all(
+            "SELECT * FROM tenant_keys WHERE wrapped IS NOT NULL AND master_key_id <> %s "
+            "ORDER BY tenant LIMIT %s",
+            (newest, limit),
+        )
+        return [_data_key(row) for row in rows]
+
+    def data_key_usage(self) -> dict[str, int]:
+        rows = self._all(
+            "SELECT master_key_id, count(*) AS n FROM tenant_keys WHERE wrapped IS NOT NULL "
+            "GROUP BY master_key_id"
+        )
+        return {row["master_key_id"]: int(row["n"]) for row in rows}
+
+    def sample_data_keys(self) -> list[DataKey]:
+        rows = self._all(
+            "SELECT DISTINCT ON (master_key_id) * FROM tenant_keys WHERE wrapped IS NOT NULL "
+            "ORDER BY master_key_id, tenant"
+        )
+        return [_data_key(row) for row in rows]
+
     # --- registration ---------------------------------------------------------------------
 
-    def create_tenant(self, tenant: Tenant) -> None:
+    def create_tenant(self, tenant: Tenant, *, audit: AuditEntry | None = None) -> None:
         self._insert(
             "INSERT INTO tenants (id, name, region, lateness_hours, created_at) "
             "VALUES (%s, %s, %s, %s, %s)",
             (tenant.id, tenant.name, tenant.region, tenant.lateness_hours, tenant.created_at),
             what="tenant",
+            audit=audit,
         )
 
     def get_tenants(self, ids: Sequence[str]) -> dict[str, Tenant]:
@@ -291,11 +404,14 @@ class PostgresStore:
     def list_tenants(self) -> list[Tenant]:
         return [_tenant(row) for row in self._all("SELECT * FROM tenants ORDER BY id")]
 
-    def create_application(self, application: Application) -> None:
+    def create_application(
+        self, application: Application, *, audit: AuditEntry | None = None
+    ) -> None:
         self._insert(
             "INSERT INTO applications (id, name, created_at) VALUES (%s, %s, %s)",
             (application.id, application.name, application.created_at),
             what="application",
+            audit=audit,
         )
 
     def get_application(self, application_id: str) -> Application | None:
@@ -305,37 +421,65 @@ class PostgresStore:
     def list_applications(self) -> list[Application]:
         return [_application(r) for r in self._all("SELECT * FROM applications ORDER BY id")]
 
-    def create_key(self, key: KeyRecord) -> None:
-        self._insert(
-            "INSERT INTO api_keys (id, secret_hash, scopes, application, tenants, created_at, "
-            "expires_at, revoked_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                key.id,
-                key.secret_hash,
-                json.dumps(list(key.scopes)),
-                key.application,
-                json.dumps(list(key.tenants)) if key.tenants is not None else None,
-                key.created_at,
-                key.expires_at,
-                key.revoked_at,
-            ),
-            what="key",
-        )
+    def create_key(self, key: KeyRecord, *, audit: AuditEntry | None = None) -> None:
+        self._insert(*_key_insert(key), what="key", audit=audit)
 
     def find_key(self, secret_hash: bytes) -> KeyRecord | None:
         row = self._one("SELECT * FROM api_keys WHERE secret_hash = %s", (secret_hash,))
         return _key(row) if row is not None else None
 
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        row = self._one("SELECT * FROM api_keys WHERE id = %s", (key_id,))
+        return _key(row) if row is not None else None
+
     def list_keys(self) -> list[KeyRecord]:
         return [_key(row) for row in self._all("SELECT * FROM api_keys ORDER BY created_at, id")]
 
-    def revoke_key(self, key_id: str, *, at: datetime) -> bool:
-        with self._connection() as connection:
+    def revoke_key(self, key_id: str, *, at: datetime, audit: AuditEntry | None = None) -> bool:
+        with self._transaction() as connection:
             cursor = connection.execute(
                 "UPDATE api_keys SET revoked_at = coalesce(revoked_at, %s) WHERE id = %s",
                 (at, key_id),
             )
+            if cursor.rowcount == 1 and audit is not None:
+                _record(connection, audit)
             return cursor.rowcount == 1
+
+    def rotate_key(
+        self,
+        old_id: str,
+        *,
+        new: KeyRecord,
+        old_expires_at: datetime,
+        now: datetime,
+        audit: AuditEntry | None = None,
+    ) -> bool:
+        try:
+            with self._transaction() as connection:
+                # The UPDATE locks the old key's row, so a concurrent rotation waits and then
+                # finds replaced_by set: the chain cannot fork.
+                cursor = connection.execute(
+                    "UPDATE api_keys SET expires_at = %s, replaced_by = %s WHERE id = %s "
+                    "AND revoked_at IS NULL AND replaced_by IS NULL "
+                    "AND (expires_at IS NULL OR expires_at > %s)",
+                    (old_expires_at, new.id, old_id, now),
+                )
+                if cursor.rowcount != 1:
+                    raise _NotRotatable
+                connection.execute(*_key_insert(new))
+                if audit is not None:
+                    _record(connection, audit)
+        except _NotRotatable:
+            return False
+        return True
+
+    def touch_key(self, key_id: str, *, at: datetime, every: timedelta) -> None:
+        with self._connection() as connection:
+            connection.execute(
+                "UPDATE api_keys SET last_used_at = %s WHERE id = %s "
+                "AND (last_used_at IS NULL OR last_used_at <= %s)",
+                (at, key_id, at - every),
+            )
 
     def count_keys(self) -> int:
         row = self._one("SELECT count(*) AS n FROM api_keys", ())
@@ -349,12 +493,77 @@ class PostgresStore:
         with self._connection() as connection:
             return connection.execute(sql, params).fetchall()
 
-    def _insert(self, sql: str, params: Sequence[object], *, what: str) -> None:
+    def _insert(
+        self,
+        sql: str,
+        params: Sequence[object],
+        *,
+        what: str,
+        audit: AuditEntry | None = None,
+    ) -> None:
         try:
-            with self._connection() as connection:
+            with self._transaction() as connection:
                 connection.execute(sql, params)
+                if audit is not None:
+                    _record(connection, audit)
         except pg_errors.UniqueViolation as error:
             raise AlreadyExists(f"A {what} with this id exists already.") from error
+
+    # --- audit log ------------------------------------------------------------------------
+
+    def record_audit(self, entry: AuditEntry) -> None:
+        with self._connection() as connection:
+            _record(connection, entry)
+
+    def list_audit(self, filters: AuditFilter, *, limit: int) -> list[AuditRecord]:
+        where, params = audit_where(filters, mark="%s", time=lambda t: t)
+        rows = self._all(
+            f"SELECT * FROM audit_log WHERE {where} ORDER BY seq DESC LIMIT %s",
+            (*params, limit),
+        )
+        return [_audit_record(row) for row in rows]
+
+
+class _NotRotatable(Exception):
+    """Rolls a rotation back when the old key cannot be rotated (see rotate_key)."""
+
+
+def _key_insert(key: KeyRecord) -> tuple[str, tuple[object, ...]]:
+    return (
+        "INSERT INTO api_keys (id, secret_hash, scopes, application, tenants, created_at, "
+        "expires_at, revoked_at, last_used_at, rotated_from, replaced_by) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            key.id,
+            key.secret_hash,
+            json.dumps(list(key.scopes)),
+            key.application,
+            json.dumps(list(key.tenants)) if key.tenants is not None else None,
+            key.created_at,
+            key.expires_at,
+            key.revoked_at,
+            key.last_used_at,
+            key.rotated_from,
+            key.replaced_by,
+        ),
+    )
+
+
+def _record(connection: psycopg.Connection[Row], entry: AuditEntry) -> None:
+    """Append `entry` inside the caller's transaction (so it commits with the action)."""
+    connection.execute(
+        "INSERT INTO audit_log (at, actor, action, target, details, source, request_id) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (
+            entry.at,
+            entry.actor,
+            entry.action,
+            entry.target,
+            json.dumps(entry.details, sort_keys=True),
+            entry.source,
+            entry.request_id,
+        ),
+    )
 
 
 def _filter_sql(filters: ExportFilter) -> tuple[str, list[object]]:

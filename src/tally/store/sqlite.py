@@ -7,6 +7,7 @@ connections from a small pool; WAL gives each read transaction a stable snapshot
 
 from __future__ import annotations
 
+import base64
 import json
 import queue
 import secrets
@@ -14,7 +15,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -28,8 +29,13 @@ from tally.events.model import (
     parse_time,
 )
 from tally.store import migrate, plan
+from tally.store.audit import audit_where
 from tally.store.interface import (
     Application,
+    AuditEntry,
+    AuditFilter,
+    AuditRecord,
+    DataKey,
     ExportFilter,
     ExportPage,
     KeyRecord,
@@ -53,9 +59,24 @@ def _event(row: sqlite3.Row) -> StoredEvent:
         time=parse_time(row["time"]),
         subject=row["subject"],
         unit=row["unit"],
-        attributes_json=row["attributes"],
+        sealed=_sealed_from_text(row["attributes"]),
         region=row["region"],
         received_at=parse_time(row["received_at"]),
+    )
+
+
+def _sealed_from_text(text: str) -> bytes:
+    # Plaintext JSON from before encryption at rest starts with '{'; base64 never does.
+    return text.encode() if text.startswith("{") else base64.b64decode(text)
+
+
+def _data_key(row: sqlite3.Row) -> DataKey:
+    return DataKey(
+        tenant=row["tenant"],
+        master_key_id=row["master_key_id"],
+        wrapped=bytes(row["wrapped"]) if row["wrapped"] is not None else None,
+        created_at=parse_time(row["created_at"]),
+        shredded_at=_time_or_none(row["shredded_at"]),
     )
 
 
@@ -74,6 +95,22 @@ def _key(row: sqlite3.Row) -> KeyRecord:
         created_at=parse_time(row["created_at"]),
         expires_at=_time_or_none(row["expires_at"]),
         revoked_at=_time_or_none(row["revoked_at"]),
+        last_used_at=_time_or_none(row["last_used_at"]),
+        rotated_from=row["rotated_from"],
+        replaced_by=row["replaced_by"],
+    )
+
+
+def _audit_record(row: sqlite3.Row) -> AuditRecord:
+    return AuditRecord(
+        seq=row["seq"],
+        at=parse_time(row["at"]),
+        actor=row["actor"],
+        action=row["action"],
+        target=row["target"],
+        details=json.loads(row["details"]),
+        source=row["source"],
+        request_id=row["request_id"],
     )
 
 
@@ -256,7 +293,8 @@ class SQLiteStore:
                         format_time(e.time),
                         e.subject,
                         e.unit,
-                        e.attributes_json,
+                        # Sealed bytes travel through JSON (json_each) as base64 text.
+                        base64.b64encode(e.attributes).decode(),
                         e.region,
                         received,
                         e.digest.hex(),
@@ -310,9 +348,85 @@ class SQLiteStore:
         )
         return _event(row) if row is not None else None
 
+    # --- tenant data keys -----------------------------------------------------------------
+
+    def data_keys(self, tenants: Sequence[str]) -> dict[str, DataKey]:
+        rows = self._all(
+            "SELECT * FROM tenant_keys WHERE tenant IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(tenants)),),
+        )
+        return {row["tenant"]: _data_key(row) for row in rows}
+
+    def add_data_key(self, key: DataKey) -> DataKey:
+        with self._write() as connection:
+            connection.execute(
+                "INSERT INTO tenant_keys (tenant, master_key_id, wrapped, created_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (tenant) DO NOTHING",
+                (key.tenant, key.master_key_id, key.wrapped, format_time(key.created_at)),
+            )
+            row = connection.execute(
+                "SELECT * FROM tenant_keys WHERE tenant = ?", (key.tenant,)
+            ).fetchone()
+        return _data_key(row)
+
+    def rewrap_data_key(
+        self,
+        tenant: str,
+        *,
+        expected_master: str,
+        master_key_id: str,
+        wrapped: bytes,
+        at: datetime,
+    ) -> bool:
+        with self._write() as connection:
+            cursor = connection.execute(
+                "UPDATE tenant_keys SET master_key_id = ?, wrapped = ?, rewrapped_at = ? "
+                "WHERE tenant = ? AND master_key_id = ? AND shredded_at IS NULL",
+                (master_key_id, wrapped, format_time(at), tenant, expected_master),
+            )
+            return cursor.rowcount == 1
+
+    def shred_data_key(self, tenant: str, *, at: datetime, audit: AuditEntry | None = None) -> bool:
+        with self._write() as connection:
+            found = connection.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant,))
+            if found.fetchone() is None:
+                return False
+            stamp = format_time(at)
+            connection.execute(
+                "INSERT INTO tenant_keys (tenant, created_at, shredded_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (tenant) DO UPDATE SET master_key_id = NULL, wrapped = NULL, "
+                "shredded_at = excluded.shredded_at WHERE tenant_keys.shredded_at IS NULL",
+                (tenant, stamp, stamp),
+            )
+            if audit is not None:
+                _record(connection, audit)
+        return True
+
+    def data_keys_to_rewrap(self, newest: str, *, limit: int) -> list[DataKey]:
+        rows = self._all(
+            "SELECT * FROM tenant_keys WHERE wrapped IS NOT NULL AND master_key_id != ? "
+            "ORDER BY tenant LIMIT ?",
+            (newest, limit),
+        )
+        return [_data_key(row) for row in rows]
+
+    def data_key_usage(self) -> dict[str, int]:
+        rows = self._all(
+            "SELECT master_key_id, count(*) AS n FROM tenant_keys WHERE wrapped IS NOT NULL "
+            "GROUP BY master_key_id"
+        )
+        return {row["master_key_id"]: int(row["n"]) for row in rows}
+
+    def sample_data_keys(self) -> list[DataKey]:
+        rows = self._all(
+            "SELECT * FROM tenant_keys WHERE tenant IN (SELECT min(tenant) FROM tenant_keys "
+            "WHERE wrapped IS NOT NULL GROUP BY master_key_id)"
+        )
+        return [_data_key(row) for row in rows]
+
     # --- registration ---------------------------------------------------------------------
 
-    def create_tenant(self, tenant: Tenant) -> None:
+    def create_tenant(self, tenant: Tenant, *, audit: AuditEntry | None = None) -> None:
         self._insert(
             "INSERT INTO tenants (id, name, region, lateness_hours, created_at) "
             "VALUES (?, ?, ?, ?, ?)",
@@ -324,6 +438,7 @@ class SQLiteStore:
                 format_time(tenant.created_at),
             ),
             what="tenant",
+            audit=audit,
         )
 
     def get_tenants(self, ids: Sequence[str]) -> dict[str, Tenant]:
@@ -336,11 +451,14 @@ class SQLiteStore:
     def list_tenants(self) -> list[Tenant]:
         return [_tenant(r) for r in self._all("SELECT * FROM tenants ORDER BY id")]
 
-    def create_application(self, application: Application) -> None:
+    def create_application(
+        self, application: Application, *, audit: AuditEntry | None = None
+    ) -> None:
         self._insert(
             "INSERT INTO applications (id, name, created_at) VALUES (?, ?, ?)",
             (application.id, application.name, format_time(application.created_at)),
             what="application",
+            audit=audit,
         )
 
     def get_application(self, application_id: str) -> Application | None:
@@ -351,49 +469,140 @@ class SQLiteStore:
         rows = self._all("SELECT * FROM applications ORDER BY id")
         return [_application(row) for row in rows]
 
-    def create_key(self, key: KeyRecord) -> None:
-        self._insert(
-            "INSERT INTO api_keys (id, secret_hash, scopes, application, tenants, created_at, "
-            "expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                key.id,
-                key.secret_hash,
-                json.dumps(list(key.scopes)),
-                key.application,
-                json.dumps(list(key.tenants)) if key.tenants is not None else None,
-                format_time(key.created_at),
-                format_time(key.expires_at) if key.expires_at else None,
-                format_time(key.revoked_at) if key.revoked_at else None,
-            ),
-            what="key",
-        )
+    def create_key(self, key: KeyRecord, *, audit: AuditEntry | None = None) -> None:
+        self._insert(*_key_insert(key), what="key", audit=audit)
 
     def find_key(self, secret_hash: bytes) -> KeyRecord | None:
         row = self._one("SELECT * FROM api_keys WHERE secret_hash = ?", (secret_hash,))
+        return _key(row) if row is not None else None
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        row = self._one("SELECT * FROM api_keys WHERE id = ?", (key_id,))
         return _key(row) if row is not None else None
 
     def list_keys(self) -> list[KeyRecord]:
         rows = self._all("SELECT * FROM api_keys ORDER BY created_at, id")
         return [_key(row) for row in rows]
 
-    def revoke_key(self, key_id: str, *, at: datetime) -> bool:
+    def revoke_key(self, key_id: str, *, at: datetime, audit: AuditEntry | None = None) -> bool:
         with self._write() as connection:
             cursor = connection.execute(
                 "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?",
                 (format_time(at), key_id),
             )
+            if cursor.rowcount == 1 and audit is not None:
+                _record(connection, audit)
             return cursor.rowcount == 1
+
+    def rotate_key(
+        self,
+        old_id: str,
+        *,
+        new: KeyRecord,
+        old_expires_at: datetime,
+        now: datetime,
+        audit: AuditEntry | None = None,
+    ) -> bool:
+        try:
+            with self._write() as connection:
+                cursor = connection.execute(
+                    "UPDATE api_keys SET expires_at = ?, replaced_by = ? WHERE id = ? "
+                    "AND revoked_at IS NULL AND replaced_by IS NULL "
+                    "AND (expires_at IS NULL OR expires_at > ?)",
+                    (format_time(old_expires_at), new.id, old_id, format_time(now)),
+                )
+                if cursor.rowcount != 1:
+                    raise _NotRotatable
+                connection.execute(*_key_insert(new))
+                if audit is not None:
+                    _record(connection, audit)
+        except _NotRotatable:
+            return False
+        return True
+
+    def touch_key(self, key_id: str, *, at: datetime, every: timedelta) -> None:
+        with self._write() as connection:
+            connection.execute(
+                "UPDATE api_keys SET last_used_at = ? WHERE id = ? "
+                "AND (last_used_at IS NULL OR last_used_at <= ?)",
+                (format_time(at), key_id, format_time(at - every)),
+            )
 
     def count_keys(self) -> int:
         row = self._one("SELECT count(*) FROM api_keys")
         return int(row[0]) if row is not None else 0
 
-    def _insert(self, sql: str, params: Sequence[object], *, what: str) -> None:
+    # --- audit log ------------------------------------------------------------------------
+
+    def record_audit(self, entry: AuditEntry) -> None:
+        with self._write() as connection:
+            _record(connection, entry)
+
+    def list_audit(self, filters: AuditFilter, *, limit: int) -> list[AuditRecord]:
+        where, params = audit_where(filters, mark="?", time=format_time)
+        rows = self._all(
+            f"SELECT * FROM audit_log WHERE {where} ORDER BY seq DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [_audit_record(row) for row in rows]
+
+    def _insert(
+        self,
+        sql: str,
+        params: Sequence[object],
+        *,
+        what: str,
+        audit: AuditEntry | None = None,
+    ) -> None:
         try:
             with self._write() as connection:
                 connection.execute(sql, params)
+                if audit is not None:
+                    _record(connection, audit)
         except sqlite3.IntegrityError as error:
             raise AlreadyExists(f"A {what} with this id exists already.") from error
+
+
+class _NotRotatable(Exception):
+    """Rolls a rotation back when the old key cannot be rotated (see rotate_key)."""
+
+
+def _key_insert(key: KeyRecord) -> tuple[str, tuple[object, ...]]:
+    return (
+        "INSERT INTO api_keys (id, secret_hash, scopes, application, tenants, created_at, "
+        "expires_at, revoked_at, last_used_at, rotated_from, replaced_by) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            key.id,
+            key.secret_hash,
+            json.dumps(list(key.scopes)),
+            key.application,
+            json.dumps(list(key.tenants)) if key.tenants is not None else None,
+            format_time(key.created_at),
+            format_time(key.expires_at) if key.expires_at else None,
+            format_time(key.revoked_at) if key.revoked_at else None,
+            format_time(key.last_used_at) if key.last_used_at else None,
+            key.rotated_from,
+            key.replaced_by,
+        ),
+    )
+
+
+def _record(connection: sqlite3.Connection, entry: AuditEntry) -> None:
+    """Append `entry` inside the caller's write transaction (so it commits with the action)."""
+    connection.execute(
+        "INSERT INTO audit_log (at, actor, action, target, details, source, request_id) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            format_time(entry.at),
+            entry.actor,
+            entry.action,
+            entry.target,
+            json.dumps(entry.details, sort_keys=True),
+            entry.source,
+            entry.request_id,
+        ),
+    )
 
 
 def _application(row: sqlite3.Row) -> Application:

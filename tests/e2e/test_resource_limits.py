@@ -1,0 +1,247 @@
+"""Resource limits (OWASP API4) of a real `tally serve`: one client cannot exhaust the server.
+
+Each limit is set low through its TALLY_* variable and then hit with raw sockets, the way a
+careless or hostile client would: oversized and endless headers, headers or a body dribbled
+slowly, idle connections, more connections than the cap. Waits are bounded generously and
+never asserted on: a test fails when the server *never* gives up, not when it is slow to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import event
+from tests.support.server import Server, running_server
+
+MAX_HEADER_BYTES = 8192
+REQUEST_TIMEOUT = 2
+PATIENCE = 30.0  # far beyond every limit here: reaching it means the server never gave up
+
+LIMITS = {
+    "TALLY_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
+    "TALLY_REQUEST_TIMEOUT_SECONDS": str(REQUEST_TIMEOUT),
+    "TALLY_KEEPALIVE_TIMEOUT_SECONDS": "1",
+    "TALLY_MAX_BODY_BYTES": "4096",
+    "TALLY_MAX_BATCH_EVENTS": "3",
+}
+
+
+def start(tmp: Path, env: dict[str, str]) -> contextlib.AbstractContextManager[Server]:
+    return running_server(f"sqlite:///{tmp / 'tally.db'}", tmp, env=env)
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with start(tmp_path_factory.mktemp("limited"), LIMITS) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def writer(limited: Server) -> str:
+    """An events:write key for tenant acme on the `limited` server."""
+    admin = {"Authorization": f"Bearer {limited.admin_key}"}
+    with limited.client(headers=admin, timeout=PATIENCE) as client:
+        client.post("/v1/tenants", json={"id": "acme"}).raise_for_status()
+        client.post("/v1/applications", json={"id": "vm"}).raise_for_status()
+        issued = client.post("/v1/keys", json={"scopes": ["events:write"], "application": "vm"})
+    issued.raise_for_status()
+    key: str = issued.json()["key"]
+    return key
+
+
+def connect(server: Server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=PATIENCE)
+
+
+def read_answer(connection: socket.socket) -> bytes:
+    """Everything the server sends until it closes (b"" if it closed without a word).
+
+    Raises TimeoutError when the server neither answers nor closes within PATIENCE.
+    """
+    answer = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return answer
+
+
+def send(server: Server, request: bytes) -> bytes:
+    """One raw request on a new connection; what came back (a reset mid-send ends it)."""
+    with connect(server) as connection:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            connection.sendall(request)
+        return read_answer(connection)
+
+
+def get_with_headers(header_bytes: int, *, lines: int = 1) -> bytes:
+    each = "a" * (header_bytes // lines)
+    padding = "".join(f"X-Pad-{i}: {each}\r\n" for i in range(lines))
+    return f"GET /healthz HTTP/1.1\r\nHost: t\r\n{padding}Connection: close\r\n\r\n".encode()
+
+
+def status_of(answer: bytes) -> int:
+    assert answer.startswith(b"HTTP/1.1 "), answer[:200]
+    return int(answer.split(b" ", 2)[1])
+
+
+def problem_of(answer: bytes) -> dict[str, object]:
+    document: dict[str, object] = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    return document
+
+
+# --- headers -------------------------------------------------------------------------------------
+
+
+def test_headers_under_the_limit_are_served(limited: Server) -> None:
+    assert status_of(send(limited, get_with_headers(MAX_HEADER_BYTES // 2, lines=4))) == 200
+
+
+@pytest.mark.parametrize("lines", [2, 1], ids=["many-headers", "one-long-header"])
+def test_headers_just_over_the_limit_get_431(limited: Server, lines: int) -> None:
+    answer = send(limited, get_with_headers(MAX_HEADER_BYTES + 1024, lines=lines))
+    assert status_of(answer) == 431
+
+
+@pytest.mark.parametrize("lines", [1000, 1], ids=["many-headers", "one-long-header"])
+def test_a_megabyte_of_headers_is_cut_off(limited: Server, lines: int) -> None:
+    # The server stops reading and closes: the client may see the 431 or a reset while it is
+    # still sending. It must never see the request served.
+    answer = send(limited, get_with_headers(1024 * 1024, lines=lines))
+    assert answer == b"" or status_of(answer) == 431
+    assert status_of(send(limited, get_with_headers(100))) == 200  # and the server is fine
+
+
+def test_headers_that_never_finish_get_408(limited: Server) -> None:
+    with connect(limited) as connection:
+        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+        answer = read_answer(connection)  # the headers' end never comes
+    assert status_of(answer) == 408
+
+
+def test_headers_dribbled_byte_by_byte_get_408(limited: Server) -> None:
+    request = b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + b"X-Slow: " + b"a" * 10_000
+    with connect(limited) as connection:
+        connection.settimeout(0.2)
+        answer = b""
+        deadline = time.monotonic() + PATIENCE
+        for byte in request:  # each byte restarts no clock: the limit is on the whole
+            if time.monotonic() > deadline:
+                break
+            try:
+                connection.sendall(bytes([byte]))
+                answer += connection.recv(65536)
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            if answer:
+                break
+    assert status_of(answer) == 408
+
+
+# --- body ---------------------------------------------------------------------------------------
+
+
+def post(key: str, body: bytes, *, declared: int | None = None) -> bytes:
+    length = len(body) if declared is None else declared
+    head = (
+        f"POST /v1/events HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def test_a_body_dribbled_too_slowly_gets_a_408_problem(limited: Server, writer: str) -> None:
+    body = json.dumps(event("slow-1")).encode()
+    with connect(limited) as connection:
+        connection.sendall(post(writer, b"", declared=len(body)))
+        connection.settimeout(0.5)
+        answer = b""
+        deadline = time.monotonic() + PATIENCE
+        for byte in body[:-1]:  # never the last byte
+            if answer or time.monotonic() > deadline:
+                break
+            connection.sendall(bytes([byte]))
+            with contextlib.suppress(TimeoutError):
+                answer += connection.recv(65536)
+        connection.settimeout(PATIENCE)
+        answer += read_answer(connection)
+    assert status_of(answer) == 408
+    problem = problem_of(answer)
+    assert problem["code"] == "ERR-VAL-400"
+    assert problem["type"] == "/problems/request-timeout"
+
+
+def test_a_body_over_the_configured_size_gets_413(limited: Server, writer: str) -> None:
+    body = json.dumps({"events": [event("big", attributes={"pad": "x" * 200})] * 3}).encode()
+    body += b" " * (4097 - len(body))
+    answer = send(limited, post(writer, body))
+    assert status_of(answer) == 413
+    assert problem_of(answer)["type"] == "/problems/payload-too-large"
+
+
+def test_a_batch_over_the_configured_size_is_refused_whole(limited: Server, writer: str) -> None:
+    batch = json.dumps({"events": [event(f"many-{i}") for i in range(4)]}).encode()
+    answer = send(limited, post(writer, batch))
+    assert status_of(answer) == 400
+    assert problem_of(answer)["errors"] == [
+        {"pointer": "/events", "detail": "must hold 1 to 3 events"}
+    ]
+    exactly = json.dumps({"events": [event(f"three-{i}") for i in range(3)]}).encode()
+    assert (
+        json.loads(send(limited, post(writer, exactly)).split(b"\r\n\r\n", 1)[1])["accepted"] == 3
+    )
+
+
+# --- idle connections ---------------------------------------------------------------------------
+
+
+def test_a_connection_that_never_sends_is_closed(limited: Server) -> None:
+    with connect(limited) as connection:
+        assert read_answer(connection) == b""
+
+
+def test_an_idle_keep_alive_connection_is_closed(limited: Server) -> None:
+    with connect(limited) as connection:
+        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        answer = read_answer(connection)  # returns once the server closes the idle connection
+    assert status_of(answer) == 200
+
+
+# --- connections --------------------------------------------------------------------------------
+
+
+def test_connections_over_the_cap_get_503_until_some_close(tmp_path: Path) -> None:
+    cap = 4
+    env = {"TALLY_MAX_CONNECTIONS": str(cap), "TALLY_KEEPALIVE_TIMEOUT_SECONDS": "300"}
+    request = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    with start(tmp_path, env) as server:
+        held: list[socket.socket] = []
+        try:
+            # One client opens keep-alive connections one after another; each is served
+            # while the open ones (itself included) stay under the cap, and stays open.
+            for _ in range(cap - 1):
+                held.append(connect(server))
+                held[-1].sendall(request)
+                assert status_of(held[-1].recv(65536)) == 200
+            refused = send(server, request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        finally:
+            for connection in held:
+                connection.close()
+        assert status_of(refused) == 503
+
+        deadline = time.monotonic() + PATIENCE
+        while True:  # the server sees the held connections close on its own time
+            answer = httpx.get(f"{server.base_url}/healthz", timeout=PATIENCE)
+            if answer.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert answer.status_code == 200

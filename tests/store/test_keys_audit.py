@@ -1,0 +1,242 @@
+"""Key rotation, last use and the audit log, run against every store (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tally.auth import keys
+from tally.errors import AlreadyExists
+from tally.store.interface import (
+    Application,
+    AuditEntry,
+    AuditFilter,
+    EventStore,
+    KeyRecord,
+    Tenant,
+)
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+def key_record(key_id: str, **fields: object) -> KeyRecord:
+    base: dict[str, object] = {
+        "id": key_id,
+        "secret_hash": keys.secret_hash(keys.new_secret()),
+        "scopes": ("events:read",),
+        "application": None,
+        "tenants": None,
+        "created_at": NOW - timedelta(days=1),
+        "expires_at": None,
+        "revoked_at": None,
+    }
+    base.update(fields)
+    return KeyRecord(**base)  # type: ignore[arg-type]
+
+
+def entry(action: str, *, target: str | None = None, **fields: object) -> AuditEntry:
+    base: dict[str, object] = {
+        "at": NOW,
+        "actor": "cli:alice",
+        "action": action,
+        "target": target,
+        "details": {},
+        "source": "cli",
+        "request_id": None,
+    }
+    base.update(fields)
+    return AuditEntry(**base)  # type: ignore[arg-type]
+
+
+def actions(store: EventStore, **filters: object) -> list[str]:
+    return [r.action for r in store.list_audit(AuditFilter(**filters), limit=1000)]  # type: ignore[arg-type]
+
+
+def test_each_registration_is_recorded_with_its_action(store: EventStore) -> None:
+    store.create_tenant(
+        Tenant(id="acme", name=None, region="eu", lateness_hours=72, created_at=NOW),
+        audit=entry("tenant.create", target="acme", details={"region": "eu"}),
+    )
+    store.create_application(
+        Application(id="vm", name=None, created_at=NOW),
+        audit=entry("application.create", target="vm"),
+    )
+    store.create_key(key_record("key_a"), audit=entry("key.create", target="key_a"))
+    assert store.revoke_key("key_a", at=NOW, audit=entry("key.revoke", target="key_a"))
+
+    listed = store.list_audit(AuditFilter(), limit=10)
+    assert [r.action for r in listed] == [
+        "key.revoke",
+        "key.create",
+        "application.create",
+        "tenant.create",
+    ]
+    assert [r.seq for r in listed] == sorted((r.seq for r in listed), reverse=True)
+    oldest = listed[-1]
+    assert (oldest.actor, oldest.target, oldest.details, oldest.source, oldest.at) == (
+        "cli:alice",
+        "acme",
+        {"region": "eu"},
+        "cli",
+        NOW,
+    )
+
+
+def test_a_refused_action_records_nothing(store: EventStore) -> None:
+    tenant = Tenant(id="acme", name=None, region="eu", lateness_hours=72, created_at=NOW)
+    store.create_tenant(tenant, audit=entry("tenant.create", target="acme"))
+    with pytest.raises(AlreadyExists):
+        store.create_tenant(tenant, audit=entry("tenant.create", target="acme"))
+    store.create_key(key_record("key_a"), audit=entry("key.create", target="key_a"))
+    with pytest.raises(AlreadyExists):
+        store.create_key(key_record("key_a"), audit=entry("key.create", target="key_a"))
+    assert not store.revoke_key("key_nope", at=NOW, audit=entry("key.revoke"))
+    assert actions(store) == ["key.create", "tenant.create"]
+
+
+def test_rotation_links_both_keys_and_retires_the_old_one(store: EventStore) -> None:
+    store.create_key(key_record("key_old", expires_at=NOW + timedelta(days=90)))
+    new = key_record("key_new", created_at=NOW, rotated_from="key_old")
+    retire = NOW + timedelta(hours=1)
+
+    assert store.rotate_key(
+        "key_old", new=new, old_expires_at=retire, now=NOW, audit=entry("key.rotate")
+    )
+
+    old = store.get_key("key_old")
+    assert old is not None
+    assert (old.expires_at, old.replaced_by, old.rotated_from) == (retire, "key_new", None)
+    assert store.find_key(new.secret_hash) == new
+    assert actions(store) == ["key.rotate"]
+
+
+@pytest.mark.parametrize(
+    "old",
+    [
+        key_record("key_old", revoked_at=NOW - timedelta(minutes=1)),
+        key_record("key_old", expires_at=NOW - timedelta(minutes=1)),
+        key_record("key_old", expires_at=NOW),
+        key_record("key_old", replaced_by="key_other"),
+    ],
+    ids=["revoked", "expired", "expiring-now", "rotated-already"],
+)
+def test_a_key_that_cannot_be_rotated_changes_nothing(store: EventStore, old: KeyRecord) -> None:
+    store.create_key(old)
+    new = key_record("key_new", created_at=NOW, rotated_from="key_old")
+
+    rotated = store.rotate_key(
+        "key_old", new=new, old_expires_at=NOW, now=NOW, audit=entry("key.rotate")
+    )
+
+    assert not rotated
+    assert store.get_key("key_old") == old
+    assert store.get_key("key_new") is None
+    assert actions(store) == []
+
+
+def test_an_unknown_key_cannot_be_rotated(store: EventStore) -> None:
+    new = key_record("key_new", created_at=NOW, rotated_from="key_nope")
+    assert not store.rotate_key("key_nope", new=new, old_expires_at=NOW, now=NOW)
+    assert store.get_key("key_new") is None
+
+
+def test_concurrent_rotations_of_one_key_make_one_replacement(store: EventStore) -> None:
+    store.create_key(key_record("key_old"))
+    results: list[bool] = []
+    barrier = threading.Barrier(4)
+
+    def rotate(n: int) -> None:
+        new = key_record(f"key_new{n}", created_at=NOW, rotated_from="key_old")
+        barrier.wait()
+        results.append(
+            store.rotate_key(
+                "key_old", new=new, old_expires_at=NOW, now=NOW, audit=entry("key.rotate")
+            )
+        )
+
+    threads = [threading.Thread(target=rotate, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(results) == [False, False, False, True]
+    old = store.get_key("key_old")
+    assert old is not None
+    assert [k.id for k in store.list_keys() if k.rotated_from == "key_old"] == [old.replaced_by]
+    assert actions(store) == ["key.rotate"]
+
+
+def test_last_use_is_written_at_most_once_per_interval(store: EventStore) -> None:
+    store.create_key(key_record("key_a"))
+    every = timedelta(minutes=1)
+
+    def last_used() -> datetime | None:
+        found = store.get_key("key_a")
+        assert found is not None
+        return found.last_used_at
+
+    assert last_used() is None
+    store.touch_key("key_a", at=NOW, every=every)
+    assert last_used() == NOW
+    store.touch_key("key_a", at=NOW + timedelta(seconds=59), every=every)
+    assert last_used() == NOW
+    store.touch_key("key_a", at=NOW + timedelta(seconds=60), every=every)
+    assert last_used() == NOW + timedelta(seconds=60)
+    store.touch_key("key_nope", at=NOW, every=every)  # no such key: nothing happens
+
+
+def test_audit_listing_filters_and_pages(store: EventStore) -> None:
+    for n in range(5):
+        store.record_audit(
+            entry(
+                "key.create" if n % 2 == 0 else "access.denied",
+                actor="key_admin" if n < 3 else "cli:bob",
+                at=NOW + timedelta(minutes=n),
+                target=f"t{n}",
+            )
+        )
+    everything = store.list_audit(AuditFilter(), limit=10)
+    assert [r.target for r in everything] == ["t4", "t3", "t2", "t1", "t0"]
+
+    def targets(**filters: object) -> list[str | None]:
+        found = store.list_audit(AuditFilter(**filters), limit=10)  # type: ignore[arg-type]
+        return [r.target for r in found]
+
+    assert targets(action="key.create") == ["t4", "t2", "t0"]
+    assert targets(actor="cli:bob") == ["t4", "t3"]
+    assert targets(since=NOW + timedelta(minutes=2)) == ["t4", "t3", "t2"]
+    assert targets(before=everything[1].seq) == ["t2", "t1", "t0"]
+    assert targets(action="key.create", actor="key_admin", before=everything[2].seq) == ["t0"]
+    assert [r.target for r in store.list_audit(AuditFilter(), limit=2)] == ["t4", "t3"]
+
+
+def raw_execute(database_url: str, sql: str) -> None:
+    if database_url.startswith("sqlite:///"):
+        connection = sqlite3.connect(Path(database_url.removeprefix("sqlite:///")))
+        try:
+            connection.execute(sql)
+            connection.commit()
+        finally:
+            connection.close()
+    else:
+        with psycopg.connect(database_url, autocommit=True) as pg:
+            pg.execute(sql)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["UPDATE audit_log SET actor = 'someone else'", "DELETE FROM audit_log"],
+    ids=["update", "delete"],
+)
+def test_the_audit_log_is_append_only(store: EventStore, database_url: str, sql: str) -> None:
+    store.record_audit(entry("key.create", target="key_a"))
+    with pytest.raises((sqlite3.DatabaseError, psycopg.Error), match="append-only"):
+        raw_execute(database_url, sql)
+    [kept] = store.list_audit(AuditFilter(), limit=10)
+    assert (kept.actor, kept.target) == ("cli:alice", "key_a")
