@@ -46,9 +46,18 @@ class ExportedEvent(BaseModel):
     time: str = Field(description="RFC 3339, UTC")
     subject: str | None
     unit: str | None
-    attributes: dict[str, str | float | bool]
+    attributes: dict[str, str | float | bool] | None = Field(
+        description="As sent; null only when the tenant was shredded (see `shredded`)"
+    )
     region: str
     received_at: str = Field(description="RFC 3339, UTC: when Tally accepted the event")
+    shredded: bool = Field(
+        default=False,
+        description=(
+            "Present (true) only when the tenant's data key was destroyed: the event still "
+            "counts, its attributes can never be read again"
+        ),
+    )
 
 
 class ExportPageOut(BaseModel):

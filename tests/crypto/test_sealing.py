@@ -1,0 +1,81 @@
+"""AES-256-GCM sealing: values open only for their own tenant, event and key."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tally.crypto import sealing
+from tally.crypto.keyring import MasterKey
+from tally.crypto.sealing import SealBroken, TenantCipher
+
+KEY = bytes(range(32))
+
+
+def cipher(tenant: str = "acme", key: bytes = KEY) -> TenantCipher:
+    return TenantCipher(tenant, key)
+
+
+@given(st.text(max_size=300))
+def test_attributes_round_trip_and_never_appear_in_the_sealed_bytes(text: str) -> None:
+    sealed = cipher().seal(application="vm", event_id="e1", attributes_json=text)
+    assert cipher().open(application="vm", event_id="e1", sealed=sealed) == text
+    if len(text) >= 8:
+        assert text.encode() not in sealed
+    assert sealed[:1] == sealing.VERSION
+
+
+def test_sealing_twice_gives_different_bytes() -> None:
+    one = cipher().seal(application="vm", event_id="e1", attributes_json="{}")
+    two = cipher().seal(application="vm", event_id="e1", attributes_json="{}")
+    assert one != two
+
+
+@pytest.mark.parametrize(
+    ("tenant", "application", "event_id"),
+    [("globex", "vm", "e1"), ("acme", "db", "e1"), ("acme", "vm", "e2"), ("acm", "evm", "e1")],
+)
+def test_a_sealed_value_opens_only_for_its_own_row(
+    tenant: str, application: str, event_id: str
+) -> None:
+    sealed = cipher().seal(application="vm", event_id="e1", attributes_json='{"a":1}')
+    with pytest.raises(SealBroken):
+        cipher(tenant).open(application=application, event_id=event_id, sealed=sealed)
+
+
+def test_a_flipped_bit_or_another_key_does_not_open() -> None:
+    sealed = bytearray(cipher().seal(application="vm", event_id="e1", attributes_json="{}"))
+    sealed[-1] ^= 1
+    with pytest.raises(SealBroken):
+        cipher().open(application="vm", event_id="e1", sealed=bytes(sealed))
+    good = cipher().seal(application="vm", event_id="e1", attributes_json="{}")
+    with pytest.raises(SealBroken):
+        cipher(key=bytes(32)).open(application="vm", event_id="e1", sealed=good)
+    with pytest.raises(SealBroken, match="format"):
+        cipher().open(application="vm", event_id="e1", sealed=b"\x02" + good[1:])
+
+
+def test_plaintext_from_before_encryption_at_rest_still_reads() -> None:
+    assert cipher().open(application="vm", event_id="e1", sealed=b'{"a":1}') == '{"a":1}'
+
+
+def test_a_wrapped_data_key_opens_only_with_its_master_key_and_tenant() -> None:
+    master = MasterKey("mk-1", bytes(32))
+    wrapped = sealing.wrap(master, tenant="acme", data_key=KEY)
+    assert sealing.unwrap(master, tenant="acme", wrapped=wrapped) == KEY
+    with pytest.raises(SealBroken):
+        sealing.unwrap(master, tenant="globex", wrapped=wrapped)
+    with pytest.raises(SealBroken):
+        sealing.unwrap(MasterKey("mk-1", KEY), tenant="acme", wrapped=wrapped)
+    with pytest.raises(SealBroken):
+        sealing.unwrap(MasterKey("mk-2", bytes(32)), tenant="acme", wrapped=wrapped)
+
+
+def test_digests_are_keyed_by_the_tenant_key() -> None:
+    content = b'{"tenant":"acme"}'
+    assert cipher().digest(content) == cipher().digest(content)
+    assert cipher().digest(content) != cipher(key=bytes(32)).digest(content)
+    assert cipher().digest(content) != hashlib.sha256(content).digest()
