@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tally.auth import keys
 from tally.crypto import keyring as keyrings

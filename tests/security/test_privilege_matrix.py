@@ -77,7 +77,7 @@ MATRIX: dict[str, tuple[Callable[[Matrix], dict[str, Any]] | None, str]] = {
 }
 
 # Keys restricted to tenant acme, used on tenant globex's data and on acme's own.
-# (caller, method, path, body, status)
+# Each: caller, method, path, body, status.
 TENANT_CASES: list[tuple[str, str, str, dict[str, Any] | None, int]] = [
     ("acme_reader", "GET", "/v1/events?tenant=globex", None, 403),
     ("acme_reader", "GET", "/v1/events?tenant=acme", None, 200),
@@ -210,7 +210,13 @@ def test_each_caller_gets_the_status_in_the_table(matrix: Matrix, route: str) ->
 
 @pytest.mark.parametrize(("caller", "method", "path", "body", "status"), TENANT_CASES)
 def test_tenant_restricted_keys_get_only_their_tenants(
-    matrix: Matrix, caller: str, method: str, path: str, body: dict[str, Any] | None, status: int
+    matrix: Matrix,
+    *,
+    caller: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    status: int,
 ) -> None:
     response = matrix.client.request(
         method, path, json=body, headers={"Authorization": f"Bearer {matrix.keys[caller]}"}

@@ -172,18 +172,22 @@ def test_the_service_role_ingests_exports_and_administers(roles: Roles, migrated
 def test_the_service_role_is_refused_what_it_does_not_need(
     roles: Roles, migrated: str, statement: str
 ) -> None:
-    with as_role(roles, roles.service, migrated) as connection:
-        with pytest.raises(pg_errors.InsufficientPrivilege) as refused:
-            connection.execute(statement)
+    with (
+        as_role(roles, roles.service, migrated) as connection,
+        pytest.raises(pg_errors.InsufficientPrivilege) as refused,
+    ):
+        connection.execute(statement)
     assert refused.value.sqlstate == INSUFFICIENT_PRIVILEGE
 
 
 def test_the_owner_meets_the_append_only_trigger_instead(roles: Roles, migrated: str) -> None:
     # The service role's refusal above is the privilege check, not this trigger: were the
     # grants missing (the service running as the owner), UPDATE would fail here, differently.
-    with as_role(roles, roles.owner, migrated) as connection:
-        with pytest.raises(pg_errors.RaiseException, match="append-only"):
-            connection.execute("UPDATE events SET quantity = quantity + 1")
+    with (
+        as_role(roles, roles.owner, migrated) as connection,
+        pytest.raises(pg_errors.RaiseException, match="append-only"),
+    ):
+        connection.execute("UPDATE events SET quantity = quantity + 1")
 
 
 def test_every_table_has_its_service_privileges_stated_in_one_place(
@@ -234,6 +238,17 @@ def test_migrating_again_keeps_the_grants(roles: Roles, migrated: str) -> None:
         assert isinstance(count, int) and count >= 1
         with pytest.raises(pg_errors.InsufficientPrivilege):
             connection.execute("DELETE FROM events")
+
+
+def test_the_service_alone_starts_on_a_current_schema_without_the_owner_url(
+    roles: Roles, migrated: str
+) -> None:
+    # Servers need not hold the owner's credentials once the owner has migrated.
+    store = open_store(roles.settings(migrated, owner=False), migrate=True)
+    try:
+        assert store.list_tenants()
+    finally:
+        store.close()
 
 
 def test_a_superuser_service_role_is_refused(roles: Roles, migrated: str) -> None:

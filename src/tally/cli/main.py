@@ -38,9 +38,13 @@ app.add_typer(crypto.app, name="keyring")
 app.command("reencrypt")(crypto.reencrypt)
 tenants_app.command("shred")(crypto.shred)
 
+
 @app.command()
 def migrate(as_json: JsonOption = False) -> None:
-    """Create or update the schema of the configured store."""
+    """Create or update the schema of the configured store.
+
+    On PostgreSQL as the owner role (TALLY_OWNER_DATABASE_URL, else TALLY_DATABASE_URL's),
+    which then grants the service role exactly what it needs."""
     with command_store(migrate=True) as store:
         del store
     emit({"status": "current"}, as_json=as_json, text="Schema is current.")

@@ -39,12 +39,13 @@ SERVICE_PRIVILEGES: Mapping[str, frozenset[str]] = {
     # Each tenant's wrapped data key: created on first use, rewrapped, shredded (an UPDATE,
     # also through INSERT … ON CONFLICT DO UPDATE); never deleted.
     "tenant_keys": frozenset({"SELECT", "INSERT", "UPDATE"}),
+    # yoyo's record of applied migrations: read, so that a server started without the owner's
+    # URL can tell that the schema is current (see migrate_postgresql).
+    "_yoyo_migration": frozenset({"SELECT"}),
 }
 
-# Tables that are yoyo's bookkeeping: the owner's alone.
-OWNER_ONLY: frozenset[str] = frozenset(
-    {"_yoyo_log", "_yoyo_migration", "_yoyo_version", "yoyo_lock"}
-)
+# The rest of yoyo's bookkeeping: the owner's alone.
+OWNER_ONLY: frozenset[str] = frozenset({"_yoyo_log", "_yoyo_version", "yoyo_lock"})
 
 # Serialises grant runs: concurrent GRANTs on one table fail with "tuple concurrently updated",
 # and every worker of `tally serve --workers N` migrates at start.
@@ -69,8 +70,13 @@ def migrate_postgresql(*, owner_url: str, service_role: str) -> list[str]:
     """Apply pending migrations as the role of `owner_url`, then grant `service_role` its
     privileges (`grant_service_role`); the ids of the migrations applied.
 
-    Raises StoreUnavailable when the store cannot be reached, when the role of `owner_url` may
-    not change the schema, or when `service_role` cannot be held to its privileges.
+    A role that may not change the schema (the service role, when no owner URL is set)
+    finds nothing to do when every migration is applied already: so servers need not hold the
+    owner's credentials once `tally migrate` has run as the owner.
+
+    Raises StoreUnavailable when the store cannot be reached, when migrations are pending and
+    the role of `owner_url` may not change the schema, or when `service_role` cannot be held
+    to its privileges.
     """
     refused = StoreUnavailable(
         "The database role that migrates may not change Tally's schema: set "
@@ -84,6 +90,8 @@ def migrate_postgresql(*, owner_url: str, service_role: str) -> list[str]:
             (may_create,) = _one(
                 connection, "SELECT has_schema_privilege(current_schema(), 'CREATE')"
             )
+            if not may_create and _is_current(connection):
+                return []
         if not may_create:
             raise refused
         applied = migrate.apply(yoyo_url(owner_url), "postgresql")
@@ -161,6 +169,19 @@ def grant_service_role(connection: psycopg.Connection[tuple[object, ...]], role:
                             sequence=sql.Identifier(str(schema), str(sequence)), who=who
                         )
                     )
+
+
+def _is_current(connection: psycopg.Connection[tuple[object, ...]]) -> bool:
+    """Every migration this version ships is applied (False when that cannot be read)."""
+    try:
+        with connection.transaction():
+            applied = {
+                str(found)
+                for (found,) in connection.execute("SELECT migration_id FROM _yoyo_migration")
+            }
+    except (pg_errors.UndefinedTable, pg_errors.InsufficientPrivilege):
+        return False
+    return set(migrate.known("postgresql")) <= applied
 
 
 def _check_restrictable(

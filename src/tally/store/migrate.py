@@ -23,3 +23,8 @@ def apply(yoyo_url: str, backend: str) -> list[str]:
     applied = [migration.id for migration in pending]
     database.connection.close()
     return applied
+
+
+def known(backend: str) -> list[str]:
+    """The ids of every migration of `backend` that this version of Tally ships."""
+    return [migration.id for migration in read_migrations(str(MIGRATIONS / backend))]
