@@ -319,3 +319,14 @@ def test_cursor_survives_a_restart_on_the_same_store(
         restarted.close()
     ids = [e["id"] for e in first["events"] + rest["events"]]
     assert sorted(ids) == [f"c-{i}" for i in range(5)]
+
+
+def test_a_misspelt_filter_is_refused_not_ignored(client: TestClient, world: World) -> None:
+    assert post_events(client, world.writer, event("a")).status_code == 200
+    response = client.get("/v1/events", params={"tenat": "globex"}, headers=auth(world.reader))
+    problem = assert_problem(response, 400, "ERR-VAL-400")
+    assert problem["errors"] == [
+        {"parameter": "tenat", "detail": "is not a parameter of this route"}
+    ]
+    audit = client.get("/v1/audit", params={"acton": "x"}, headers=auth(world.admin))
+    assert_problem(audit, 400, "ERR-VAL-400")

@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.status import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
-from tally.api.deps import AdminDep, ServicesDep
+from tally.api.deps import AdminDep, ServicesDep, known_query_only
 from tally.api.problems import request_id_of, responses
 from tally.registry.audit import Actor
 from tally.registry.models import (
@@ -28,7 +28,7 @@ from tally.registry.models import (
 )
 from tally.registry.service import describe_key
 
-router = APIRouter(tags=["registration"])
+router = APIRouter(tags=["registration"], dependencies=[Depends(known_query_only)])
 
 _CREATED = responses((409, "The id is taken (ERR-VAL-400)"))
 

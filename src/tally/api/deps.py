@@ -6,12 +6,15 @@ from typing import Annotated
 
 import structlog
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 
 from tally.api.problems import request_id_of
 from tally.auth.service import Principal, Scope
 from tally.bootstrap import Services
-from tally.errors import TallyError
+from tally.errors import FieldError, InvalidInput, TallyError
 from tally.ratelimit.http import note_of
 from tally.ratelimit.policy import request_tenant
 from tally.registry.audit import Actor
@@ -68,3 +71,32 @@ def admin(request: Request, caller: PrincipalDep) -> Principal:
 
 
 AdminDep = Annotated[Principal, Depends(admin)]
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names: set[str] = set()
+    for param in dependant.query_params:
+        model = param.field_info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):  # a Query() model
+            names |= {field.alias or name for name, field in model.model_fields.items()}
+        else:
+            names.add(param.alias)
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def known_query_only(request: Request) -> None:
+    """Raises InvalidInput naming each query parameter the route does not take.
+
+    A misspelt filter (`?tenat=acme`) would otherwise be ignored and silently widen an export
+    to everything the key may read: for a billing system, a wrong answer that looks right.
+    """
+    route = request.scope.get("route")
+    known = _query_names(route.dependant) if isinstance(route, APIRoute) else set()
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise InvalidInput(
+            "The request names query parameters this route does not take.",
+            [FieldError("", "is not a parameter of this route", parameter=n[:64]) for n in unknown],
+        )

@@ -6,12 +6,12 @@ import asyncio
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from tally.api.deps import PrincipalDep, ServicesDep
+from tally.api.deps import PrincipalDep, ServicesDep, known_query_only
 from tally.api.problems import field_errors, responses
 from tally.api.schemas import BatchOut, ExportedEvent, ExportPageOut, ingest_body_schema
 from tally.auth.service import Principal, Scope
@@ -41,7 +41,7 @@ from tally.ratelimit.http import note_of
 from tally.ratelimit.policy import RateNote
 from tally.store.interface import ExportFilter
 
-router = APIRouter(tags=["events"])
+router = APIRouter(tags=["events"], dependencies=[Depends(known_query_only)])
 
 JSON = "application/json"
 CLOUDEVENT = "application/cloudevents+json"

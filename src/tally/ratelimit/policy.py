@@ -152,7 +152,7 @@ class RateGuard:
         what = {charge.bucket: label for charge, label in charges}[refusal.bucket]
         raise RateLimited(
             f"Over the rate limit for {what}; nothing was done. "
-            f"Retry after {refusal.retry_after} seconds.",
+            f"Retry after {refusal.retry_after} s.",
             limit=refusal.limit,
             remaining=refusal.remaining,
             reset=refusal.reset,
