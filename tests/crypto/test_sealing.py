@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 
 import pytest
 from hypothesis import given
@@ -79,3 +81,28 @@ def test_digests_are_keyed_by_the_tenant_key() -> None:
     assert cipher().digest(content) == cipher().digest(content)
     assert cipher().digest(content) != cipher(key=bytes(32)).digest(content)
     assert cipher().digest(content) != hashlib.sha256(content).digest()
+
+
+def test_nonces_never_repeat_across_blocks_threads_or_a_fork() -> None:
+    nonces: list[bytes] = []
+
+    def take(count: int) -> None:
+        nonces.extend(sealing._nonces.take() for _ in range(count))
+
+    threads = [threading.Thread(target=take, args=(3000,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(nonces)) == len(nonces) == 12_000  # several blocks' worth, four threads
+
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: report its first nonce and leave at once
+        os.write(write, sealing._nonces.take())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    from_child = os.read(read, 12)
+    os.close(read)
+    assert from_child != sealing._nonces.take()  # the child did not reuse the parent's block

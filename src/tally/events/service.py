@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from tally.auth.service import Principal, Scope
@@ -231,6 +231,10 @@ class ExportService:
 
 def _open(event: StoredEvent, cipher: TenantCipher | None) -> StoredEvent:
     if cipher is None:
-        return replace(event, shredded=True)
-    text = cipher.open(application=event.application, event_id=event.id, sealed=event.sealed)
-    return replace(event, attributes_json=text)
+        event.shredded = True
+    else:
+        sealed = event.sealed
+        event.attributes_json = cipher.open(
+            application=event.application, event_id=event.id, sealed=sealed
+        )
+    return event
