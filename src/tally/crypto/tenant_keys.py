@@ -11,8 +11,6 @@ takes effect at once.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime
 
@@ -31,10 +29,11 @@ class TenantKeys:
         self._store = store
         self._source = keyring
         self._clock = clock
-        self._lock = threading.Lock()
         # Keyed by the wrapped bytes too: a rewrapped key is a new entry, a shredded one has
-        # none, so the cache can never answer for a key the store no longer holds.
-        self._cache: OrderedDict[tuple[str, bytes], TenantCipher] = OrderedDict()
+        # none, so the cache can never answer for a key the store no longer holds. A plain
+        # dict without a lock (its get and set are atomic): a lock taken per request makes
+        # threads queue for the GIL under load.
+        self._cache: dict[tuple[str, bytes], TenantCipher] = {}
 
     @property
     def keyring(self) -> Keyring:
@@ -124,16 +123,12 @@ class TenantKeys:
         if record.wrapped is None:
             return None
         entry = (record.tenant, record.wrapped)
-        with self._lock:
-            cipher = self._cache.get(entry)
-            if cipher is not None:
-                self._cache.move_to_end(entry)
-                return cipher
-        cipher = TenantCipher(record.tenant, self._unwrap(record))
-        with self._lock:
+        cipher = self._cache.get(entry)
+        if cipher is None:
+            cipher = TenantCipher(record.tenant, self._unwrap(record))
+            if len(self._cache) >= CACHE_SIZE:  # rare: more live tenants than it holds
+                self._cache.clear()
             self._cache[entry] = cipher
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
         return cipher
 
     def _unwrap(self, record: DataKey) -> bytes:
