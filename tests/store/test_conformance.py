@@ -15,6 +15,7 @@ from tally.errors import AlreadyExists
 from tally.events.model import NewEvent, Outcome, StoredEvent, canonical_json, event_content
 from tally.store.interface import (
     Application,
+    DataKey,
     EventStore,
     ExportFilter,
     KeyRecord,
@@ -304,6 +305,46 @@ def test_registration_round_trips_and_refuses_repeats(store: EventStore) -> None
     assert [t.id for t in store.list_tenants()] == ["acme"]
     assert store.get_application("vm") == Application(id="vm", name=None, created_at=NOW)
     assert store.get_application("nope") is None
+
+
+def test_data_keys_are_made_once_rewrapped_by_compare_and_set_and_shredded_for_good(
+    store: EventStore,
+) -> None:
+    for tenant_id in ("acme", "globex", "initech"):
+        store.create_tenant(
+            Tenant(id=tenant_id, name=None, region="eu-west", lateness_hours=72, created_at=NOW)
+        )
+    assert {t: k for t, (_, k) in store.tenants_with_keys(["acme", "nope"]).items()} == {
+        "acme": None
+    }
+    first = DataKey("acme", "mk-1", b"wrapped-1", NOW, None)
+    assert store.add_data_key(first) == first
+    # A racing second maker gets the first one back.
+    assert store.add_data_key(replace(first, master_key_id="mk-2", wrapped=b"other")) == first
+    store.add_data_key(DataKey("globex", "mk-1", b"wrapped-g", NOW, None))
+    assert store.tenants_with_keys(["acme"])["acme"] == (store.get_tenants(["acme"])["acme"], first)
+    assert store.data_key_usage() == {"mk-1": 2}
+    assert [k.master_key_id for k in store.sample_data_keys()] == ["mk-1"]
+
+    assert not store.rewrap_data_key(
+        "acme", expected_master="mk-0", master_key_id="mk-2", wrapped=b"w2", at=NOW
+    )
+    assert store.rewrap_data_key(
+        "acme", expected_master="mk-1", master_key_id="mk-2", wrapped=b"w2", at=NOW
+    )
+    assert [k.tenant for k in store.data_keys_to_rewrap("mk-2", limit=10)] == ["globex"]
+    assert store.data_key_usage() == {"mk-1": 1, "mk-2": 1}
+
+    assert store.shred_data_key("acme", at=NOW)
+    assert store.shred_data_key("initech", at=NOW)  # no key yet: none is ever made for it
+    assert not store.shred_data_key("nope", at=NOW)
+    shredded = store.data_keys(["acme", "initech"])
+    assert all(k.wrapped is None and k.master_key_id is None for k in shredded.values())
+    assert store.add_data_key(DataKey("initech", "mk-2", b"new", NOW, None)).wrapped is None
+    assert not store.rewrap_data_key(
+        "acme", expected_master="mk-2", master_key_id="mk-3", wrapped=b"w3", at=NOW
+    )
+    assert store.data_key_usage() == {"mk-1": 1}
 
 
 def test_keys_are_found_by_hash_and_revoked_once(store: EventStore) -> None:

@@ -11,7 +11,7 @@ takes effect at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 
 from tally.crypto import sealing
@@ -39,17 +39,21 @@ class TenantKeys:
     def keyring(self) -> Keyring:
         return self._source.current()
 
-    def ciphers(self, tenants: Iterable[str]) -> dict[str, TenantCipher | None]:
+    def ciphers(
+        self, tenants: Iterable[str], *, known: Mapping[str, DataKey] | None = None
+    ) -> dict[str, TenantCipher | None]:
         """A cipher for each of `tenants` (registered ones), None for a shredded tenant.
 
-        A tenant without a data key gets one now, wrapped with the newest master key; when
-        two processes race to make it, both use the one stored first. Raises SealBroken if a
-        data key does not open with this keyring, StoreUnavailable if the store is down.
+        `known` are data keys the caller has just read from the store (with its tenant
+        lookup); without it they are read now. A tenant without a data key gets one now,
+        wrapped with the newest master key; when two processes race to make it, both use the
+        one stored first. Raises SealBroken if a data key does not open with this keyring,
+        StoreUnavailable if the store is down.
         """
         wanted = sorted(set(tenants))
         if not wanted:
             return {}
-        found = self._store.data_keys(wanted)
+        found = dict(known) if known is not None else self._store.data_keys(wanted)
         for tenant in wanted:
             if tenant not in found:
                 found[tenant] = self._store.add_data_key(self._new_key(tenant))

@@ -77,8 +77,12 @@ class IngestService:
         principal.require(Scope.EVENTS_WRITE)
         assert principal.application is not None  # noqa: S101 - registry binds write keys
         drafts = [c for c in candidates if isinstance(c, EventDraft)]
-        tenants = self._store.get_tenants(sorted({d.tenant for d in drafts})) if drafts else {}
-        ciphers = self._keys.ciphers(t for t in tenants if principal.may_serve(t))
+        found = self._store.tenants_with_keys(sorted({d.tenant for d in drafts})) if drafts else {}
+        tenants = {tenant_id: tenant for tenant_id, (tenant, _) in found.items()}
+        ciphers = self._keys.ciphers(
+            (t for t in tenants if principal.may_serve(t)),
+            known={t: key for t, (_, key) in found.items() if key is not None},
+        )
         now = self._clock()
         results: list[EventResult] = []
         ready: list[tuple[EventResult, NewEvent]] = []

@@ -203,6 +203,10 @@ class EventStore(Protocol):
     def data_keys(self, tenants: Sequence[str]) -> dict[str, DataKey]:
         """The data keys (live or shredded) of those of `tenants` that have one."""
 
+    def tenants_with_keys(self, ids: Sequence[str]) -> dict[str, tuple[Tenant, DataKey | None]]:
+        """The tenants among `ids` that exist, each with its data key (None: none yet), in
+        one query: the write path's one lookup per request."""
+
     def add_data_key(self, key: DataKey) -> DataKey:
         """Store `key` unless its tenant has a data key already; returns the one stored."""
 

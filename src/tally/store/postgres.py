@@ -70,6 +70,22 @@ def _data_key(row: Row) -> DataKey:
     )
 
 
+def _joined_tenant(row: Row) -> Tenant:
+    return Tenant(
+        id=row["id"],
+        name=row["name"],
+        region=row["region"],
+        lateness_hours=row["lateness_hours"],
+        created_at=row["created_at"],
+    )
+
+
+def _joined_data_key(row: Row) -> DataKey | None:
+    if row["tenant"] is None:
+        return None
+    return _data_key({**row, "created_at": row["key_created_at"]})
+
+
 def _key(row: Row) -> KeyRecord:
     tenants = json.loads(row["tenants"]) if row["tenants"] is not None else None
     return KeyRecord(
@@ -316,6 +332,15 @@ class PostgresStore:
     def data_keys(self, tenants: Sequence[str]) -> dict[str, DataKey]:
         rows = self._all("SELECT * FROM tenant_keys WHERE tenant = ANY(%s)", (list(tenants),))
         return {row["tenant"]: _data_key(row) for row in rows}
+
+    def tenants_with_keys(self, ids: Sequence[str]) -> dict[str, tuple[Tenant, DataKey | None]]:
+        rows = self._all(
+            "SELECT t.id, t.name, t.region, t.lateness_hours, t.created_at, k.tenant, "
+            "k.master_key_id, k.wrapped, k.created_at AS key_created_at, k.shredded_at "
+            "FROM tenants t LEFT JOIN tenant_keys k ON k.tenant = t.id WHERE t.id = ANY(%s)",
+            (list(ids),),
+        )
+        return {row["id"]: (_joined_tenant(row), _joined_data_key(row)) for row in rows}
 
     def add_data_key(self, key: DataKey) -> DataKey:
         with self._transaction() as connection:

@@ -80,6 +80,18 @@ def _data_key(row: sqlite3.Row) -> DataKey:
     )
 
 
+def _joined_data_key(row: sqlite3.Row) -> DataKey | None:
+    if row["tenant"] is None:
+        return None
+    return DataKey(
+        tenant=row["tenant"],
+        master_key_id=row["master_key_id"],
+        wrapped=bytes(row["wrapped"]) if row["wrapped"] is not None else None,
+        created_at=parse_time(row["key_created_at"]),
+        shredded_at=_time_or_none(row["shredded_at"]),
+    )
+
+
 def _time_or_none(text: str | None) -> datetime | None:
     return parse_time(text) if text is not None else None
 
@@ -356,6 +368,15 @@ class SQLiteStore:
             (json.dumps(list(tenants)),),
         )
         return {row["tenant"]: _data_key(row) for row in rows}
+
+    def tenants_with_keys(self, ids: Sequence[str]) -> dict[str, tuple[Tenant, DataKey | None]]:
+        rows = self._all(
+            "SELECT t.*, k.tenant, k.master_key_id, k.wrapped, k.created_at AS key_created_at, "
+            "k.shredded_at FROM tenants t LEFT JOIN tenant_keys k ON k.tenant = t.id "
+            "WHERE t.id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(ids)),),
+        )
+        return {row["id"]: (_tenant(row), _joined_data_key(row)) for row in rows}
 
     def add_data_key(self, key: DataKey) -> DataKey:
         with self._write() as connection:
