@@ -70,26 +70,19 @@ def _sealed_from_text(text: str) -> bytes:
     return text.encode() if text.startswith("{") else base64.b64decode(text)
 
 
-def _data_key(row: sqlite3.Row) -> DataKey:
+def _data_key(row: sqlite3.Row, *, created_at: str = "created_at") -> DataKey:
     return DataKey(
         tenant=row["tenant"],
         master_key_id=row["master_key_id"],
         wrapped=bytes(row["wrapped"]) if row["wrapped"] is not None else None,
-        created_at=parse_time(row["created_at"]),
+        created_at=parse_time(row[created_at]),
         shredded_at=_time_or_none(row["shredded_at"]),
     )
 
 
 def _joined_data_key(row: sqlite3.Row) -> DataKey | None:
-    if row["tenant"] is None:
-        return None
-    return DataKey(
-        tenant=row["tenant"],
-        master_key_id=row["master_key_id"],
-        wrapped=bytes(row["wrapped"]) if row["wrapped"] is not None else None,
-        created_at=parse_time(row["key_created_at"]),
-        shredded_at=_time_or_none(row["shredded_at"]),
-    )
+    """The data key of a tenant row LEFT JOINed with tenant_keys (None: it has none)."""
+    return None if row["tenant"] is None else _data_key(row, created_at="key_created_at")
 
 
 def _time_or_none(text: str | None) -> datetime | None:
