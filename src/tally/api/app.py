@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     for router in routers:
         app.include_router(router)
     app.add_middleware(RateLimitHeaders)  # inside RequestContext: 2xx get RateLimit-* too
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:

@@ -12,19 +12,48 @@ import uuid
 from typing import Any
 
 import structlog
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tally.api.problems import internal_error
+from tally.api.problems import from_error, internal_error
+from tally.errors import PayloadTooLarge
 
 log = structlog.get_logger("tally.access")
 
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
+def _bounded(receive: Receive, limit: int | None) -> Receive:
+    if limit is None:
+        return receive
+    received = 0
+
+    async def bounded() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise HTTPException(413, f"The body is over the limit of {limit} bytes.")
+        return message
+
+    return bounded
+
+
 class RequestContext:
-    def __init__(self, app: ASGIApp) -> None:
+    """Request ids, the access log, the last line of defence, and a bound on every body.
+
+    FastAPI reads a route's body before its dependencies run, so without the bound an
+    unauthenticated client could make the server hold any amount in memory on an admin
+    route. A declared length over `max_body_bytes` is refused before the app reads a byte;
+    a body without one is cut off as soon as it passes the limit (an HTTPException, which
+    FastAPI passes through its body parsing to the one problem mapping).
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int | None = None) -> None:
         self.app = app
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,7 +77,13 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            limit = self.max_body_bytes
+            if limit is not None and declared.isdigit() and int(declared) > limit:
+                too_large = PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
+                await from_error(Request(scope), too_large)(scope, receive, send_with_id)
+                return
+            await self.app(scope, _bounded(receive, limit), send_with_id)
         except Exception as error:  # noqa: BLE001 - answered as ERR-SYS-500, never re-raised
             if response_started:
                 log.error(
