@@ -54,7 +54,11 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     for router in routers:
         app.include_router(router)
     app.add_middleware(RateLimitHeaders)  # inside RequestContext: 2xx get RateLimit-* too
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestContext,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_seconds=settings.request_timeout_seconds,
+    )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:

@@ -6,6 +6,7 @@ problem document and is not re-raised to the server (which would log its traceba
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -24,17 +25,36 @@ log = structlog.get_logger("tally.access")
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def _bounded(receive: Receive, limit: int | None) -> Receive:
-    if limit is None:
+def _bounded(receive: Receive, limit: int | None, seconds: float | None) -> Receive:
+    """`receive`, refusing a body over `limit` bytes (413) or not complete `seconds` after
+    the app first asked for it (408). Once the body is complete, `receive` is left alone:
+    later calls wait for a disconnect, which may take as long as it takes."""
+    if limit is None and seconds is None:
         return receive
     received = 0
+    complete = False
+    deadline: float | None = None
 
     async def bounded() -> Message:
-        nonlocal received
-        message = await receive()
-        if message["type"] == "http.request":
+        nonlocal received, complete, deadline
+        if complete or seconds is None:
+            message = await receive()
+        else:
+            loop = asyncio.get_running_loop()
+            deadline = deadline if deadline is not None else loop.time() + seconds
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(
+                    408,
+                    f"The body did not arrive within {seconds:g} seconds.",
+                    headers={"Connection": "close"},
+                ) from None
+        if message["type"] == "http.request" and not complete:
             received += len(message.get("body", b""))
-            if received > limit:
+            complete = not message.get("more_body", False)
+            if limit is not None and received > limit:
                 raise HTTPException(413, f"The body is over the limit of {limit} bytes.")
         return message
 
@@ -47,13 +67,21 @@ class RequestContext:
     FastAPI reads a route's body before its dependencies run, so without the bound an
     unauthenticated client could make the server hold any amount in memory on an admin
     route. A declared length over `max_body_bytes` is refused before the app reads a byte;
-    a body without one is cut off as soon as it passes the limit (an HTTPException, which
+    a body without one is cut off as soon as it passes the limit, and a body still arriving
+    `body_timeout_seconds` after the app asked for it is cut off too (HTTPExceptions, which
     FastAPI passes through its body parsing to the one problem mapping).
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int | None = None,
+        body_timeout_seconds: float | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_seconds = body_timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,7 +111,8 @@ class RequestContext:
                 too_large = PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
                 await from_error(Request(scope), too_large)(scope, receive, send_with_id)
                 return
-            await self.app(scope, _bounded(receive, limit), send_with_id)
+            bounded = _bounded(receive, limit, self.body_timeout_seconds)
+            await self.app(scope, bounded, send_with_id)
         except Exception as error:  # noqa: BLE001 - answered as ERR-SYS-500, never re-raised
             if response_started:
                 log.error(

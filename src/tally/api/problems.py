@@ -72,6 +72,7 @@ _KINDS: list[tuple[type[TallyError], int, str, str, str]] = [
 _HTTP_KINDS = {
     404: ("ERR-RES-404", "not-found", "Resource not found"),
     405: ("ERR-VAL-400", "method-not-allowed", "Method not allowed"),
+    408: ("ERR-VAL-400", "request-timeout", "Request timeout"),
     413: ("ERR-VAL-400", "payload-too-large", "Payload too large"),
 }
 
