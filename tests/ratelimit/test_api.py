@@ -85,7 +85,15 @@ def test_the_key_request_limit_is_checked_before_the_body_is_read(
     # Not JSON, and over the size limit: still a 429, because the body was never looked at.
     assert_rate_limited(post_events(client, world.writer, b"{not json"), limit=1)
     oversized = b"x" * (2 * 1024 * 1024)
-    assert_rate_limited(post_events(client, world.writer, oversized), limit=1)
+    chunked = client.post(
+        "/v1/events",
+        content=(oversized[i : i + 65536] for i in range(0, len(oversized), 65536)),
+        headers={**auth(world.writer), "Content-Type": "application/json"},
+    )
+    assert_rate_limited(chunked, limit=1)
+    # A declared length over the limit is refused before anything, the limiter included.
+    declared = post_events(client, world.writer, oversized)
+    assert declared.status_code == 413
 
 
 @pytest.mark.limits(max_batch_events=10, rate_key_events_per_second=1, rate_key_events_burst=10)
