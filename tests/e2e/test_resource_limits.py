@@ -108,6 +108,12 @@ def test_headers_under_the_limit_are_served(limited: Server) -> None:
 def test_headers_just_over_the_limit_get_431(limited: Server, lines: int) -> None:
     answer = send(limited, get_with_headers(MAX_HEADER_BYTES + 1024, lines=lines))
     assert status_of(answer) == 431
+    problem = problem_of(answer)
+    assert (problem["code"], problem["type"]) == (
+        "ERR-VAL-400",
+        "/problems/request-header-fields-too-large",
+    )
+    assert b"content-type: application/problem+json" in answer.lower()
 
 
 @pytest.mark.parametrize("lines", [1000, 1], ids=["many-headers", "one-long-header"])
@@ -124,6 +130,7 @@ def test_headers_that_never_finish_get_408(limited: Server) -> None:
         connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: ")
         answer = read_answer(connection)  # the headers' end never comes
     assert status_of(answer) == 408
+    assert problem_of(answer)["type"] == "/problems/request-timeout"
 
 
 def test_headers_dribbled_byte_by_byte_get_408(limited: Server) -> None:

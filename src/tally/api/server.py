@@ -14,7 +14,9 @@ connections by uvicorn's `limit_concurrency` (503 past it).
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -109,6 +111,12 @@ class ConnectionLimits:
     header_timeout_seconds: float
 
 
+_EDGE_PROBLEMS = {
+    408: ("request-timeout", "Request timeout"),
+    431: ("request-header-fields-too-large", "Request header fields too large"),
+}
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with three bounds it lacks:
 
@@ -200,16 +208,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._stop_header_timer()
         if self.transport.is_closing():  # refused already
             return
-        body = message.encode("ascii")
+        # A problem document like every other refusal, though no request (and so no app)
+        # exists yet: its request id is made here, and the log line carries it.
+        request_id = uuid.uuid4().hex
+        slug, title = _EDGE_PROBLEMS[status]
+        body = json.dumps(
+            {
+                "type": f"/problems/{slug}",
+                "title": title,
+                "status": status,
+                "detail": message,
+                "code": "ERR-VAL-400",
+                "request_id": request_id,
+            }
+        ).encode()
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
         head += [
-            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-type: application/problem+json\r\n",
+            b"x-request-id: %s\r\n" % request_id.encode(),
             b"content-length: %d\r\n" % len(body),
             b"connection: close\r\n\r\n",
         ]
-        self.logger.warning(message)
+        self.logger.warning("%s request_id=%s", message, request_id)
         self.transport.write(b"".join(head) + body)
         self.transport.close()
 
