@@ -37,14 +37,6 @@ class InvalidInput(TallyError):
         self.errors = errors or []
 
 
-class PayloadTooLarge(InvalidInput):
-    """The body is over the size limit (ERR-VAL-400, HTTP 413)."""
-
-
-class RequestTimeout(InvalidInput):
-    """The client did not send the request in time (ERR-VAL-400, HTTP 408)."""
-
-
 class UnsupportedMediaType(InvalidInput):
     """The content type is not one Tally reads (ERR-VAL-400, HTTP 415)."""
 

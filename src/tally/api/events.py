@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Annotated, Any
 
@@ -21,8 +20,6 @@ from tally.errors import (
     FieldError,
     Forbidden,
     InvalidInput,
-    PayloadTooLarge,
-    RequestTimeout,
     UnsupportedMediaType,
 )
 from tally.events.service import Candidate, IngestReport
@@ -48,30 +45,16 @@ CLOUDEVENT = "application/cloudevents+json"
 CLOUDEVENT_BATCH = "application/cloudevents-batch+json"
 
 
-async def read_body(request: Request, limit: int, *, time_limit: float | None = None) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes (never read whole), and
-    with 408 when it has not all arrived `time_limit` seconds after reading began (a client
-    dribbling it must not hold a connection and its slot forever)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
+async def read_body(request: Request) -> bytes:
+    """The body. Its size and the time it may take are bounded for every route by the
+    request middleware (api/middleware.py), which answers 413 and 408 from inside this read."""
     try:
-        async with asyncio.timeout(time_limit):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestTimeout(f"The body did not arrive within {time_limit:g} seconds.") from None
+        return await request.body()
     except ClientDisconnect:
         # A client that gave up (a timeout, a closed socket) is not a fault of Tally's.
         raise InvalidInput(
             "The client closed the connection before the body was complete."
         ) from None
-    return b"".join(chunks)
 
 
 def media_type(request: Request) -> str:
@@ -177,10 +160,7 @@ async def post_events(request: Request, principal: PrincipalDep, services: Servi
     """
     principal.require(Scope.EVENTS_WRITE)
     kind = media_type(request)
-    settings = services.settings
-    body = await read_body(
-        request, settings.max_body_bytes, time_limit=settings.request_timeout_seconds
-    )
+    body = await read_body(request)
     # Parsing and validating up to 1 MiB is CPU work: it runs in the worker thread that then
     # waits for the commit, not on the event loop.
     batch, prefix, report = await run_in_threadpool(

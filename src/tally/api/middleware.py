@@ -17,44 +17,43 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tally.api.problems import from_error, internal_error
-from tally.errors import PayloadTooLarge
+from tally.api.problems import internal_error
 
 log = structlog.get_logger("tally.access")
 
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def _bounded(receive: Receive, limit: int | None, seconds: float | None) -> Receive:
-    """`receive`, refusing a body over `limit` bytes (413) or not complete `seconds` after
-    the app first asked for it (408). Once the body is complete, `receive` is left alone:
-    later calls wait for a disconnect, which may take as long as it takes."""
-    if limit is None and seconds is None:
-        return receive
+def _bounded(receive: Receive, *, declared: bytes, limit: int, seconds: float) -> Receive:
+    """`receive`, refusing a body over `limit` bytes (413: a declared length before a byte is
+    read, else as soon as the count passes it) or not complete `seconds` after the app first
+    asked for it (408). Once the body is complete `receive` is left alone: later calls wait
+    for a disconnect, which may take as long as it takes."""
+    over = declared.isdigit() and int(declared) > limit
     received = 0
     complete = False
     deadline: float | None = None
 
     async def bounded() -> Message:
         nonlocal received, complete, deadline
-        if complete or seconds is None:
-            message = await receive()
-        else:
-            loop = asyncio.get_running_loop()
-            deadline = deadline if deadline is not None else loop.time() + seconds
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise HTTPException(
-                    408,
-                    f"The body did not arrive within {seconds:g} seconds.",
-                    headers={"Connection": "close"},
-                ) from None
-        if message["type"] == "http.request" and not complete:
+        if complete:
+            return await receive()
+        if over:
+            raise HTTPException(413, f"The body is over the limit of {limit} bytes.")
+        deadline = deadline or asyncio.get_running_loop().time() + seconds
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            raise HTTPException(
+                408,
+                f"The body did not arrive within {seconds:g} seconds.",
+                headers={"Connection": "close"},
+            ) from None
+        if message["type"] == "http.request":
             received += len(message.get("body", b""))
             complete = not message.get("more_body", False)
-            if limit is not None and received > limit:
+            if received > limit:
                 raise HTTPException(413, f"The body is over the limit of {limit} bytes.")
         return message
 
@@ -66,18 +65,17 @@ class RequestContext:
 
     FastAPI reads a route's body before its dependencies run, so without the bound an
     unauthenticated client could make the server hold any amount in memory on an admin
-    route. A declared length over `max_body_bytes` is refused before the app reads a byte;
-    a body without one is cut off as soon as it passes the limit, and a body still arriving
-    `body_timeout_seconds` after the app asked for it is cut off too (HTTPExceptions, which
-    FastAPI passes through its body parsing to the one problem mapping).
+    route. This is the one place bodies are bounded (`_bounded`): the errors are
+    HTTPExceptions, which FastAPI passes through its body parsing, and the events route's
+    own reader, to the one problem mapping.
     """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        max_body_bytes: int | None = None,
-        body_timeout_seconds: float | None = None,
+        max_body_bytes: int,
+        body_timeout_seconds: float,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -105,13 +103,12 @@ class RequestContext:
             await send(message)
 
         try:
-            declared = dict(scope["headers"]).get(b"content-length", b"")
-            limit = self.max_body_bytes
-            if limit is not None and declared.isdigit() and int(declared) > limit:
-                too_large = PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
-                await from_error(Request(scope), too_large)(scope, receive, send_with_id)
-                return
-            bounded = _bounded(receive, limit, self.body_timeout_seconds)
+            bounded = _bounded(
+                receive,
+                declared=dict(scope["headers"]).get(b"content-length", b""),
+                limit=self.max_body_bytes,
+                seconds=self.body_timeout_seconds,
+            )
             await self.app(scope, bounded, send_with_id)
         except Exception as error:  # noqa: BLE001 - answered as ERR-SYS-500, never re-raised
             if response_started:

@@ -20,9 +20,7 @@ from tally.errors import (
     Forbidden,
     InvalidInput,
     NotFound,
-    PayloadTooLarge,
     RateLimited,
-    RequestTimeout,
     StoreUnavailable,
     TallyError,
     Unauthenticated,
@@ -57,8 +55,6 @@ class Problem(BaseModel):
 
 # error class -> (HTTP status, code, type slug, title); the most specific class first.
 _KINDS: list[tuple[type[TallyError], int, str, str, str]] = [
-    (PayloadTooLarge, 413, "ERR-VAL-400", "payload-too-large", "Payload too large"),
-    (RequestTimeout, 408, "ERR-VAL-400", "request-timeout", "Request timeout"),
     (UnsupportedMediaType, 415, "ERR-VAL-400", "unsupported-media-type", "Unsupported media type"),
     (Conflict, 409, "ERR-VAL-400", "conflict", "Conflict"),
     (InvalidInput, 400, "ERR-VAL-400", "invalid-input", "Invalid input"),
@@ -127,8 +123,6 @@ def from_error(request: Request, error: TallyError) -> Response:
                 headers["WWW-Authenticate"] = 'Bearer realm="tally"'
             if status == 503:
                 headers["Retry-After"] = RETRY_AFTER_SECONDS
-            if status == 408:  # the rest of the body may still be on its way: do not reuse
-                headers["Connection"] = "close"
             if isinstance(error, RateLimited):
                 headers["Retry-After"] = str(error.retry_after)
                 headers |= rate_limit_fields(

@@ -7,8 +7,8 @@ versions, so the context is built here (`tls_context`) and handed to uvicorn as 
 Limits (OWASP API4): uvicorn's httptools protocol buffers request headers without any bound,
 gives a client unlimited time to send them, and starts its idle timer only after a first
 response. `GuardedHttpToolsProtocol` adds those three bounds. The time to send a body is
-bounded where the body is read (api/events.py `read_body`), the body size there too, and open
-connections by uvicorn's `limit_concurrency` (503 past it).
+bounded, with its size, for every route by the request middleware (api/middleware.py), and
+open connections by uvicorn's `limit_concurrency` (503 past it).
 """
 
 from __future__ import annotations
