@@ -12,7 +12,9 @@ import pytest
 
 from tally.crypto.sealing import TenantCipher
 from tally.errors import AlreadyExists
-from tally.events.model import NewEvent, Outcome, StoredEvent, canonical_json, event_content
+from tally.events.model import NewEvent, Outcome, StoredEvent
+from tally.events.service import seal_event
+from tally.events.validation import EventDraft
 from tally.store.interface import (
     Application,
     DataKey,
@@ -49,18 +51,7 @@ def new_event(
     time: datetime = NOW,
     attributes: dict[str, str | bool | Decimal] | None = None,
 ) -> NewEvent:
-    attributes_json = canonical_json(attributes or {})
-    content = event_content(
-        tenant=tenant,
-        type=type,
-        quantity=Decimal(quantity),
-        time=time,
-        subject=subject,
-        unit="s",
-        attributes_json=attributes_json,
-    )
-    return NewEvent(
-        application=application,
+    draft = EventDraft(
         id=event_id,
         tenant=tenant,
         type=type,
@@ -68,12 +59,9 @@ def new_event(
         time=time,
         subject=subject,
         unit="s",
-        attributes=cipher(tenant).seal(
-            application=application, event_id=event_id, attributes_json=attributes_json
-        ),
-        region="eu-west",
-        digest=cipher(tenant).digest(content),
+        attributes=attributes or {},
     )
+    return seal_event(draft, application=application, region="eu-west", cipher=cipher(tenant))
 
 
 def read_all(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 
 class Outcome(StrEnum):
@@ -65,28 +65,36 @@ def parse_attributes(text: str) -> dict[str, str | bool | Decimal]:
     return parsed
 
 
-def event_content(
-    *,
-    tenant: str,
-    type: str,
-    quantity: Decimal,
-    time: datetime,
-    subject: str | None,
-    unit: str | None,
-    attributes_json: str,
-) -> bytes:
+class EventFields(Protocol):
+    """What an application sends for an event, besides its id and attributes."""
+
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def quantity(self) -> Decimal: ...
+    @property
+    def time(self) -> datetime: ...
+    @property
+    def subject(self) -> str | None: ...
+    @property
+    def unit(self) -> str | None: ...
+
+
+def event_content(event: EventFields, attributes_json: str) -> bytes:
     """The canonical form of everything an application sent for one event identity: two
     reports are the same event exactly when these bytes match (`1.0` equals `1`, `+02:00`
     equals the same instant in `Z`, attribute order is ignored). It is digested with the
     tenant's key (crypto/sealing.py), never stored."""
     return canonical_json(
         {
-            "tenant": tenant,
-            "type": type,
-            "quantity": quantity,
-            "time": format_time(time),
-            "subject": subject,
-            "unit": unit,
+            "tenant": event.tenant,
+            "type": event.type,
+            "quantity": event.quantity,
+            "time": format_time(event.time),
+            "subject": event.subject,
+            "unit": event.unit,
             "attributes": attributes_json,
         }
     ).encode()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from tally.auth.service import Principal, Scope
@@ -103,7 +103,12 @@ class IngestService:
             else:
                 result.errors = _timeliness(candidate.time, tenant, now)
                 if not result.errors:
-                    event = _new_event(principal.application, candidate, tenant, cipher)
+                    event = seal_event(
+                        candidate,
+                        application=principal.application,
+                        region=tenant.region,
+                        cipher=cipher,
+                    )
                     ready.append((result, event))
         if ready:
             outcomes = self._committer.append([event for _, event in ready])
@@ -125,19 +130,12 @@ def _timeliness(time: datetime, tenant: Tenant, now: datetime) -> list[FieldErro
     return []
 
 
-def _new_event(
-    application: str, draft: EventDraft, tenant: Tenant, cipher: TenantCipher
+def seal_event(
+    draft: EventDraft, *, application: str, region: str, cipher: TenantCipher
 ) -> NewEvent:
+    """`draft` ready to append: its attributes sealed and its content digested with the
+    tenant's data key (`cipher`)."""
     attributes_json = canonical_json(draft.attributes)
-    content = event_content(
-        tenant=draft.tenant,
-        type=draft.type,
-        quantity=draft.quantity,
-        time=draft.time,
-        subject=draft.subject,
-        unit=draft.unit,
-        attributes_json=attributes_json,
-    )
     return NewEvent(
         application=application,
         id=draft.id,
@@ -150,8 +148,8 @@ def _new_event(
         attributes=cipher.seal(
             application=application, event_id=draft.id, attributes_json=attributes_json
         ),
-        region=tenant.region,
-        digest=cipher.digest(content),
+        region=region,
+        digest=cipher.digest(event_content(draft, attributes_json)),
     )
 
 
@@ -192,15 +190,7 @@ class ExportService:
         principal.require(Scope.EVENTS_READ)
         if filters.tenant is not None:
             principal.require_tenant(filters.tenant)
-        scoped = ExportFilter(
-            tenant=filters.tenant,
-            application=filters.application,
-            type=filters.type,
-            subject=filters.subject,
-            time_from=filters.time_from,
-            time_to=filters.time_to,
-            tenants=principal.tenants,
-        )
+        scoped = replace(filters, tenants=principal.tenants)
         digest = scoped.digest()
         partitions = self._store.partitions
         positions, start = (
