@@ -39,25 +39,23 @@ class TenantKeys:
     def keyring(self) -> Keyring:
         return self._source.current()
 
-    def ciphers(
-        self, tenants: Iterable[str], *, known: Mapping[str, DataKey] | None = None
-    ) -> dict[str, TenantCipher | None]:
-        """A cipher for each of `tenants` (registered ones), None for a shredded tenant.
+    def ciphers(self, keys: Mapping[str, DataKey | None]) -> dict[str, TenantCipher | None]:
+        """A cipher for each tenant of `keys` (its data key as just read from the store with
+        the tenant, `EventStore.tenants_with_keys`), None for a shredded tenant.
 
-        `known` are data keys the caller has just read from the store (with its tenant
-        lookup); without it they are read now. A tenant without a data key gets one now,
-        wrapped with the newest master key; when two processes race to make it, both use the
-        one stored first. Raises SealBroken if a data key does not open with this keyring,
-        StoreUnavailable if the store is down.
+        A tenant without a data key gets one now, wrapped with the newest master key; when
+        two processes race to make it, both use the one stored first. Raises SealBroken if a
+        data key does not open with this keyring, StoreUnavailable if the store is down.
         """
-        wanted = sorted(set(tenants))
-        if not wanted:
-            return {}
-        found = dict(known) if known is not None else self._store.data_keys(wanted)
-        for tenant in wanted:
-            if tenant not in found:
-                found[tenant] = self._store.add_data_key(self._new_key(tenant))
-        return {tenant: self._cipher(found[tenant]) for tenant in wanted}
+        return {
+            tenant: self._cipher(key or self._store.add_data_key(self._new_key(tenant)))
+            for tenant, key in keys.items()
+        }
+
+    def ciphers_of(self, tenants: Iterable[str]) -> dict[str, TenantCipher | None]:
+        """`ciphers` for registered `tenants`, read from the store now."""
+        found = self._store.tenants_with_keys(sorted(set(tenants)))
+        return self.ciphers({tenant: key for tenant, (_, key) in found.items()})
 
     def verify(self) -> None:
         """Check that this keyring opens the store's data keys (one per master key in use).

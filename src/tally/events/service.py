@@ -80,8 +80,7 @@ class IngestService:
         found = self._store.tenants_with_keys(sorted({d.tenant for d in drafts})) if drafts else {}
         tenants = {tenant_id: tenant for tenant_id, (tenant, _) in found.items()}
         ciphers = self._keys.ciphers(
-            (t for t in tenants if principal.may_serve(t)),
-            known={t: key for t, (_, key) in found.items() if key is not None},
+            {t: key for t, (_, key) in found.items() if principal.may_serve(t)}
         )
         now = self._clock()
         results: list[EventResult] = []
@@ -219,7 +218,7 @@ class ExportService:
         """`events` with their attributes opened, or marked shredded. Raises SealBroken for
         a sealed value that is not its row's (tampering): no export rather than a wrong one.
         """
-        ciphers = self._keys.ciphers({event.tenant for event in events})
+        ciphers = self._keys.ciphers_of({event.tenant for event in events})
         return [_open(event, ciphers[event.tenant]) for event in events]
 
 

@@ -200,9 +200,6 @@ class EventStore(Protocol):
 
     # --- tenant data keys (crypto/tenant_keys.py) ------------------------------------------
 
-    def data_keys(self, tenants: Sequence[str]) -> dict[str, DataKey]:
-        """The data keys (live or shredded) of those of `tenants` that have one."""
-
     def tenants_with_keys(self, ids: Sequence[str]) -> dict[str, tuple[Tenant, DataKey | None]]:
         """The tenants among `ids` that exist, each with its data key (None: none yet), in
         one query: the write path's one lookup per request."""

@@ -11,6 +11,7 @@ import json
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import fields
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -70,16 +71,6 @@ def _data_key(row: Row) -> DataKey:
     )
 
 
-def _joined_tenant(row: Row) -> Tenant:
-    return Tenant(
-        id=row["id"],
-        name=row["name"],
-        region=row["region"],
-        lateness_hours=row["lateness_hours"],
-        created_at=row["created_at"],
-    )
-
-
 def _joined_data_key(row: Row) -> DataKey | None:
     if row["tenant"] is None:
         return None
@@ -117,7 +108,8 @@ def _audit_record(row: Row) -> AuditRecord:
 
 
 def _tenant(row: Row) -> Tenant:
-    return Tenant(**row)
+    # By name: a row joined with tenant_keys holds more columns than a Tenant has.
+    return Tenant(**{field.name: row[field.name] for field in fields(Tenant)})
 
 
 def _application(row: Row) -> Application:
@@ -329,18 +321,14 @@ class PostgresStore:
 
     # --- tenant data keys -----------------------------------------------------------------
 
-    def data_keys(self, tenants: Sequence[str]) -> dict[str, DataKey]:
-        rows = self._all("SELECT * FROM tenant_keys WHERE tenant = ANY(%s)", (list(tenants),))
-        return {row["tenant"]: _data_key(row) for row in rows}
-
     def tenants_with_keys(self, ids: Sequence[str]) -> dict[str, tuple[Tenant, DataKey | None]]:
         rows = self._all(
-            "SELECT t.id, t.name, t.region, t.lateness_hours, t.created_at, k.tenant, "
-            "k.master_key_id, k.wrapped, k.created_at AS key_created_at, k.shredded_at "
-            "FROM tenants t LEFT JOIN tenant_keys k ON k.tenant = t.id WHERE t.id = ANY(%s)",
+            "SELECT t.*, k.tenant, k.master_key_id, k.wrapped, k.created_at AS key_created_at, "
+            "k.shredded_at FROM tenants t LEFT JOIN tenant_keys k ON k.tenant = t.id "
+            "WHERE t.id = ANY(%s)",
             (list(ids),),
         )
-        return {row["id"]: (_joined_tenant(row), _joined_data_key(row)) for row in rows}
+        return {row["id"]: (_tenant(row), _joined_data_key(row)) for row in rows}
 
     def add_data_key(self, key: DataKey) -> DataKey:
         with self._transaction() as connection:

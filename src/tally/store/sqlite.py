@@ -355,13 +355,6 @@ class SQLiteStore:
 
     # --- tenant data keys -----------------------------------------------------------------
 
-    def data_keys(self, tenants: Sequence[str]) -> dict[str, DataKey]:
-        rows = self._all(
-            "SELECT * FROM tenant_keys WHERE tenant IN (SELECT value FROM json_each(?))",
-            (json.dumps(list(tenants)),),
-        )
-        return {row["tenant"]: _data_key(row) for row in rows}
-
     def tenants_with_keys(self, ids: Sequence[str]) -> dict[str, tuple[Tenant, DataKey | None]]:
         rows = self._all(
             "SELECT t.*, k.tenant, k.master_key_id, k.wrapped, k.created_at AS key_created_at, "
