@@ -86,6 +86,16 @@ def _query_names(dependant: Dependant) -> set[str]:
     return names
 
 
+def _known_query(route: APIRoute) -> frozenset[str]:
+    # Worked out once per route, not per request (the names never change after start-up),
+    # and kept on the route itself: routes are not hashable, and an id() could be reused.
+    known: frozenset[str] | None = getattr(route, "_tally_query_names", None)
+    if known is None:
+        known = frozenset(_query_names(route.dependant))
+        route._tally_query_names = known  # type: ignore[attr-defined]
+    return known
+
+
 def known_query_only(request: Request) -> None:
     """Raises InvalidInput naming each query parameter the route does not take.
 
@@ -93,7 +103,7 @@ def known_query_only(request: Request) -> None:
     to everything the key may read: for a billing system, a wrong answer that looks right.
     """
     route = request.scope.get("route")
-    known = _query_names(route.dependant) if isinstance(route, APIRoute) else set()
+    known = _known_query(route) if isinstance(route, APIRoute) else frozenset()
     unknown = sorted(set(request.query_params) - known)
     if unknown:
         raise InvalidInput(
