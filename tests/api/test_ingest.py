@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 
+from tally.api.app import create_app
+from tally.bootstrap import Services, build
+from tally.settings import Settings
+from tally.store.interface import EventStore
 from tests.api.helpers import (
     CLOUDEVENT,
     CLOUDEVENT_BATCH,
@@ -298,3 +306,122 @@ def test_cloudevent_batch_must_be_an_array(client: TestClient, world: World) -> 
     response = post_events(client, world.writer, cloudevent("ce-1"), CLOUDEVENT_BATCH)
     assert_problem(response, 400, "ERR-VAL-400")
     assert stored(client, world, "ce-1").status_code == 404
+
+
+# --- retries judged by identity before time and shred ----------------------------------------
+
+
+@dataclass
+class Clock:
+    """The time the ingest service sees; tests move it."""
+
+    now: datetime
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class Timed:
+    client: TestClient
+    services: Services
+    clock: Clock
+
+    def post(self, key: str, body: object) -> httpx.Response:
+        return post_events(self.client, key, body)
+
+
+@pytest.fixture
+def timed(settings: Settings, store: EventStore, world: World) -> Iterator[Timed]:
+    """An app on the test store whose clock the test sets (world's keys work in it)."""
+    clock = Clock(datetime.now(UTC).replace(microsecond=0))
+    built = build(settings, store=store, clock=clock)
+    try:
+        with TestClient(create_app(services=built), raise_server_exceptions=False) as client:
+            yield Timed(client, built, clock)
+    finally:
+        built.committer.close()
+
+
+def stamp(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def globex(event_id: str, time: datetime, **fields: object) -> dict[str, object]:
+    """An event for tenant globex, whose lateness window is 24 hours."""
+    return event(event_id, tenant="globex", time=stamp(time), **fields)
+
+
+def status_of(response: httpx.Response) -> Any:
+    assert response.status_code == 200, response.text
+    return response.json()["status"]
+
+
+def test_a_retry_after_its_lateness_window_has_passed_is_a_duplicate(
+    timed: Timed, world: World
+) -> None:
+    edge = timed.clock.now - timedelta(hours=24) + timedelta(seconds=1)
+    sent = globex("edge", edge, attributes={"sku": "a"})
+    assert status_of(timed.post(world.writer, sent)) == "accepted"
+    timed.clock.now += timedelta(seconds=5)
+
+    assert status_of(timed.post(world.writer, sent)) == "duplicate"
+    batch = timed.post(world.writer, {"events": [sent, globex("new-late", edge)]}).json()
+    assert [e["status"] for e in batch["events"]] == ["duplicate", "rejected"]
+    assert "errors" not in batch["events"][0]
+    assert (batch["duplicates"], batch["rejected"]) == (1, 1)
+    assert "lateness window" in batch["events"][1]["errors"][0]["detail"]
+
+
+def test_a_retry_whose_time_is_now_too_far_ahead_is_a_duplicate(timed: Timed, world: World) -> None:
+    ahead = globex("ahead", timed.clock.now + timedelta(minutes=4))
+    assert status_of(timed.post(world.writer, ahead)) == "accepted"
+    timed.clock.now -= timedelta(minutes=2)  # a clock stepped back by NTP
+    assert status_of(timed.post(world.writer, ahead)) == "duplicate"
+
+
+def test_other_content_for_a_stored_id_outside_the_window_is_still_a_conflict(
+    timed: Timed, world: World
+) -> None:
+    edge = timed.clock.now - timedelta(hours=24) + timedelta(seconds=1)
+    assert status_of(timed.post(world.writer, globex("edge", edge, quantity="2"))) == "accepted"
+    timed.clock.now += timedelta(seconds=5)
+
+    for changed in ({"quantity": "3"}, {"attributes": {"sku": "b"}}):
+        response = timed.post(world.writer, globex("edge", edge, **changed))
+        assert response.status_code == 409, response.text
+        assert pointers(response.json()) == ["/id"]
+    batch = timed.post(world.writer, {"events": [globex("edge", edge, quantity="3")]}).json()
+    assert batch["events"][0]["status"] == "rejected"
+    assert pointers(batch["events"][0]) == ["/events/0/id"]
+    assert stored(timed.client, world, "edge").json()["quantity"] == "2"
+
+
+def test_a_retry_after_its_tenant_was_shredded_is_a_duplicate_judged_by_its_clear_fields(
+    timed: Timed, world: World
+) -> None:
+    sent = event("kept", subject="vm-1", unit="s", quantity="1.5", attributes={"sku": "a"})
+    assert status_of(timed.post(world.writer, sent)) == "accepted"
+    timed.services.registry.shred_tenant("acme")
+
+    assert status_of(timed.post(world.writer, sent)) == "duplicate"
+    # The attributes were digested under the destroyed key: they can no longer be compared.
+    assert status_of(timed.post(world.writer, {**sent, "attributes": {"sku": "z"}})) == "duplicate"
+    for changed in ({"quantity": "2"}, {"subject": "vm-2"}, {"unit": "ms"}, {"type": "x.y"}):
+        response = timed.post(world.writer, {**sent, **changed})
+        assert response.status_code == 409, (changed, response.text)
+    refused = assert_problem(timed.post(world.writer, event("fresh")), 400, "ERR-VAL-400")
+    assert "shredded" in refused["errors"][0]["detail"]
+
+
+def test_retries_of_a_shredded_tenant_in_one_batch_are_judged_each(
+    timed: Timed, world: World
+) -> None:
+    first = event("s-1", quantity="1")
+    assert timed.post(world.writer, {"events": [first, event("s-2")]}).json()["accepted"] == 2
+    timed.services.registry.shred_tenant("acme")
+    body = {"events": [first, event("s-2", quantity="9"), event("s-3")]}
+    batch = timed.post(world.writer, body).json()
+    assert [e["status"] for e in batch["events"]] == ["duplicate", "rejected", "rejected"]
+    assert pointers(batch["events"][1]) == ["/events/1/id"]
+    assert pointers(batch["events"][2]) == ["/events/2/tenant"]

@@ -232,6 +232,20 @@ def test_filters_select_matching_events(store: EventStore) -> None:
     assert ids(tenant="acme", tenants=("globex",)) == []
 
 
+def test_find_events_returns_stored_identities_with_their_digests(store: EventStore) -> None:
+    sent = [new_event("a", quantity="2"), new_event("b", application="db")]
+    store.append(sent, received_at=NOW)
+
+    found = store.find_events([("vm", "a"), ("vm", "b"), ("db", "b"), ("vm", "missing")])
+
+    assert set(found) == {("vm", "a"), ("db", "b")}
+    event, digest = found[("vm", "a")]
+    assert (event.id, event.quantity, event.time) == ("a", Decimal("2"), NOW)
+    assert digest == sent[0].digest
+    assert found[("db", "b")][1] == sent[1].digest
+    assert store.find_events([]) == {}
+
+
 def test_filtered_reader_moves_past_events_it_does_not_want(store: EventStore) -> None:
     store.append([new_event(f"e{i}", type="other.kind") for i in range(50)], received_at=NOW)
 

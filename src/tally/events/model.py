@@ -82,22 +82,29 @@ class EventFields(Protocol):
     def unit(self) -> str | None: ...
 
 
+def _clear_fields(event: EventFields) -> dict[str, Any]:
+    return {
+        "tenant": event.tenant,
+        "type": event.type,
+        "quantity": event.quantity,
+        "time": format_time(event.time),
+        "subject": event.subject,
+        "unit": event.unit,
+    }
+
+
 def event_content(event: EventFields, attributes_json: str) -> bytes:
     """The canonical form of everything an application sent for one event identity: two
     reports are the same event exactly when these bytes match (`1.0` equals `1`, `+02:00`
     equals the same instant in `Z`, attribute order is ignored). It is digested with the
     tenant's key (crypto/sealing.py), never stored."""
-    return canonical_json(
-        {
-            "tenant": event.tenant,
-            "type": event.type,
-            "quantity": event.quantity,
-            "time": format_time(event.time),
-            "subject": event.subject,
-            "unit": event.unit,
-            "attributes": attributes_json,
-        }
-    ).encode()
+    return canonical_json({**_clear_fields(event), "attributes": attributes_json}).encode()
+
+
+def clear_content(event: EventFields) -> bytes:
+    """`event_content` without the attributes: what can still be compared once a shred has
+    destroyed the key that digested (and sealed) them."""
+    return canonical_json(_clear_fields(event)).encode()
 
 
 @dataclass(frozen=True, slots=True)

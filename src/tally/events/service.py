@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -16,6 +17,7 @@ from tally.events.model import (
     Outcome,
     StoredEvent,
     canonical_json,
+    clear_content,
     event_content,
 )
 from tally.events.validation import EventDraft
@@ -85,6 +87,9 @@ class IngestService:
         now = self._clock()
         results: list[EventResult] = []
         ready: list[tuple[EventResult, NewEvent]] = []
+        # Refused for their time or a shred unless their identity is already stored: a retry
+        # of what was accepted is a duplicate whatever the clock says now.
+        held: list[tuple[EventResult, EventDraft, TenantCipher | None]] = []
         for index, (candidate, sent_id) in enumerate(zip(candidates, ids, strict=True)):
             result = EventResult(index=index, id=sent_id, status="rejected")
             results.append(result)
@@ -99,9 +104,12 @@ class IngestService:
                 result.forbidden = True
             elif (cipher := ciphers[tenant.id]) is None:
                 result.errors = [FieldError("/tenant", "was shredded: it takes no more events")]
+                held.append((result, candidate, None))
             else:
                 result.errors = _timeliness(candidate.time, tenant, now)
-                if not result.errors:
+                if result.errors:
+                    held.append((result, candidate, cipher))
+                else:
                     event = seal_event(
                         candidate,
                         application=principal.application,
@@ -109,11 +117,37 @@ class IngestService:
                         cipher=cipher,
                     )
                     ready.append((result, event))
+        if held:
+            self._judge_stored(principal.application, held)
         if ready:
             outcomes = self._committer.append([event for _, event in ready])
             for (result, _), outcome in zip(ready, outcomes, strict=True):
                 _settle(result, outcome)
         return IngestReport(results=results)
+
+    def _judge_stored(
+        self, application: str, held: Sequence[tuple[EventResult, EventDraft, TenantCipher | None]]
+    ) -> None:
+        """Settle each held event whose identity is stored as a duplicate or a conflict of
+        it (one query for the batch); the others keep their rejection.
+
+        With the tenant's data key the content digests decide, as in `append`. Once the
+        tenant is shredded (`cipher` None) the key that digested the attributes is gone, so
+        only the fields stored in the clear are compared: a retry that differs from the
+        stored event in its attributes alone is then a duplicate, not a conflict.
+        """
+        stored = self._store.find_events([(application, draft.id) for _, draft, _ in held])
+        for result, draft, cipher in held:
+            found = stored.get((application, draft.id))
+            if found is None:
+                continue
+            event, digest = found
+            if cipher is None:
+                same = clear_content(event) == clear_content(draft)
+            else:
+                content = event_content(draft, canonical_json(draft.attributes))
+                same = hmac.compare_digest(cipher.digest(content), digest)
+            _settle(result, Outcome.DUPLICATE if same else Outcome.CONFLICT)
 
 
 def _timeliness(time: datetime, tenant: Tenant, now: datetime) -> list[FieldError]:
@@ -157,7 +191,9 @@ def _settle(result: EventResult, outcome: Outcome) -> None:
         result.status = "accepted"
     elif outcome is Outcome.DUPLICATE:
         result.status = "duplicate"
+        result.errors = []
     else:
+        result.status = "rejected"
         result.conflict = True
         result.errors = [
             FieldError("/id", "is already used by this application for an event with other content")

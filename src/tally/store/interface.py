@@ -198,6 +198,12 @@ class EventStore(Protocol):
 
     def get_event(self, application: str, event_id: str) -> StoredEvent | None: ...
 
+    def find_events(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[StoredEvent, bytes]]:
+        """The stored events among the identities `keys` (application, id), each with its
+        content digest, in one query (attributes still sealed)."""
+
     # --- tenant data keys (crypto/tenant_keys.py) ------------------------------------------
 
     def tenants_with_keys(self, ids: Sequence[str]) -> dict[str, tuple[Tenant, DataKey | None]]:

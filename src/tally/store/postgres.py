@@ -319,6 +319,18 @@ class PostgresStore:
         )
         return _event(row) if row is not None else None
 
+    def find_events(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[StoredEvent, bytes]]:
+        rows = self._all(
+            f"SELECT {_EVENT_COLUMNS}, digest FROM events WHERE (application, id) IN "
+            "(SELECT * FROM unnest(%s::text[], %s::text[]))",
+            ([application for application, _ in keys], [event_id for _, event_id in keys]),
+        )
+        return {
+            (row["application"], row["id"]): (_event(row), bytes(row["digest"])) for row in rows
+        }
+
     # --- tenant data keys -----------------------------------------------------------------
 
     def tenants_with_keys(self, ids: Sequence[str]) -> dict[str, tuple[Tenant, DataKey | None]]:

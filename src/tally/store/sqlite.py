@@ -353,6 +353,19 @@ class SQLiteStore:
         )
         return _event(row) if row is not None else None
 
+    def find_events(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[StoredEvent, bytes]]:
+        rows = self._all(
+            f"SELECT {_EVENT_COLUMNS}, digest FROM events WHERE (application, id) IN "
+            "(SELECT value ->> 0, value ->> 1 FROM json_each(?))",
+            (json.dumps([list(key) for key in keys]),),
+        )
+        return {
+            (row["application"], row["id"]): (_event(row), bytes.fromhex(row["digest"]))
+            for row in rows
+        }
+
     # --- tenant data keys -----------------------------------------------------------------
 
     def tenants_with_keys(self, ids: Sequence[str]) -> dict[str, tuple[Tenant, DataKey | None]]:
