@@ -193,6 +193,24 @@ def test_filtered_paging_follows_the_filter_to_the_end(
     assert more["events"] == []
 
 
+def test_time_filters_before_year_1000_compare_as_times(
+    client: TestClient, world: World, catalogue: dict[str, str]
+) -> None:
+    every = ids_of(client, world)
+    assert every == ["d-0", "d-1", "v-0", "v-1", "v-2", "v-3"]
+    assert ids_of(client, world, time_from="0999-01-01T00:00:00Z") == every
+    assert ids_of(client, world, time_from="1000-01-01T00:00:00Z") == every
+    assert ids_of(client, world, time_to="0999-12-31T23:59:59Z") == []
+    assert (
+        ids_of(client, world, time_from="0001-01-01T00:00:00Z", time_to="1000-01-01T00:00:00Z")
+        == []
+    )
+    assert (
+        ids_of(client, world, time_from="0999-06-01T00:00:00Z", time_to="2999-01-01T00:00:00Z")
+        == every
+    )
+
+
 def test_time_filter_with_offset_means_the_same_instant(
     client: TestClient, world: World, catalogue: dict[str, str]
 ) -> None:

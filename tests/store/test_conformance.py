@@ -232,6 +232,30 @@ def test_filters_select_matching_events(store: EventStore) -> None:
     assert ids(tenant="acme", tenants=("globex",)) == []
 
 
+def test_time_filters_order_every_year_from_1_to_9999(store: EventStore) -> None:
+    times = {
+        "y1": datetime(1, 1, 1, tzinfo=UTC),
+        "y999": datetime(999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        "y1000": datetime(1000, 1, 1, tzinfo=UTC),
+        "y2026": NOW,
+        "y9999": datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    }
+    store.append([new_event(name, time=time) for name, time in times.items()], received_at=NOW)
+
+    def ids(**fields: object) -> list[str]:
+        return sorted(read_all(store, ExportFilter(**fields))[0])  # type: ignore[arg-type]
+
+    y999, y1000 = datetime(999, 1, 1, tzinfo=UTC), datetime(1000, 1, 1, tzinfo=UTC)
+    assert ids(time_from=y999) == ["y1000", "y2026", "y999", "y9999"]
+    assert ids(time_to=y1000) == ["y1", "y999"]
+    assert ids(time_from=y999, time_to=y1000) == ["y999"]
+    assert ids(time_from=y1000, time_to=NOW + timedelta(microseconds=1)) == ["y1000", "y2026"]
+    for name, time in times.items():
+        found = store.get_event("vm", name)
+        assert found is not None and found.time == time, name
+        assert opened(found).to_json().count(f'"time":"{time.year:04d}-') == 1
+
+
 def test_find_events_returns_stored_identities_with_their_digests(store: EventStore) -> None:
     sent = [new_event("a", quantity="2"), new_event("b", application="db")]
     store.append(sent, received_at=NOW)

@@ -30,8 +30,12 @@ def format_decimal(value: Decimal) -> str:
 
 
 def format_time(value: datetime) -> str:
-    """RFC 3339 in UTC, fixed width, so that text order is time order (used by SQLite too)."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """RFC 3339 in UTC, fixed width, so that text order is time order (used by SQLite too).
+
+    Not `strftime("%Y…")`: glibc writes year 999 as `999`, which sorts after `2026` as text
+    and is not RFC 3339. `isoformat` pads every year to four digits.
+    """
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_time(text: str) -> datetime:
