@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 from datetime import timedelta
 from typing import Any
 
@@ -9,8 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tally.api.app import create_app
-from tally.bootstrap import build
+from tally.bootstrap import Services, build
+from tally.errors import InvalidInput
 from tally.settings import Settings
+from tally.store.interface import ExportFilter, partition_of
 from tests.api.helpers import (
     assert_problem,
     at,
@@ -257,6 +262,21 @@ def test_limit_of_10000_is_allowed(client: TestClient, world: World) -> None:
     assert page(client, world.reader, limit=10_000)["has_more"] is False
 
 
+def test_another_tenants_event_is_a_404_like_an_unknown_one(
+    client: TestClient, world: World
+) -> None:
+    assert post_events(client, world.writer, event("g-1", tenant="globex")).status_code == 200
+    theirs = client.get("/v1/events/vm/g-1", headers=auth(world.acme_reader))
+    unknown = client.get("/v1/events/vm/never-sent", headers=auth(world.acme_reader))
+
+    answers = [assert_problem(r, 404, "ERR-RES-404") for r in (theirs, unknown)]
+    for answer in answers:
+        del answer["request_id"]
+    assert answers[0] == answers[1]
+    assert theirs.headers.keys() == unknown.headers.keys()
+    assert client.get("/v1/events/vm/g-1", headers=auth(world.reader)).status_code == 200
+
+
 # --- cursor integrity -----------------------------------------------------------------------
 
 
@@ -293,6 +313,86 @@ def test_cursor_that_tally_never_issued_is_a_400(
     response = client.get("/v1/events", params={"cursor": garbage}, headers=auth(world.reader))
     problem = assert_problem(response, 400, "ERR-VAL-400")
     assert parameters(problem) == ["cursor"]
+
+
+def test_an_empty_cursor_is_a_400_naming_cursor_not_a_restart(
+    client: TestClient, world: World, services: Services, cursor: str
+) -> None:
+    response = client.get("/v1/events?cursor=&limit=2", headers=auth(world.reader))
+    problem = assert_problem(response, 400, "ERR-VAL-400")
+    assert parameters(problem) == ["cursor"]
+    # The service refuses it too, for every caller that is not the HTTP route.
+    reader = services.authenticator.authenticate(f"Bearer {world.reader}")
+    with pytest.raises(InvalidInput, match="empty"):
+        services.export.page(reader, ExportFilter(), cursor="", limit=2)
+
+
+def test_every_character_of_a_cursor_is_sealed(
+    client: TestClient, world: World, cursor: str
+) -> None:
+    for index in range(len(cursor)):
+        # A changed character, or a stray one that a lenient base64 decoder would drop.
+        variants = {flip(cursor, index)}
+        if index % 16 == 0:
+            variants |= {cursor[:index] + stray + cursor[index:] for stray in (".", "....")}
+        for altered in variants - {cursor}:
+            response = client.get(
+                "/v1/events", params={"limit": 2, "cursor": altered}, headers=auth(world.reader)
+            )
+            problem = assert_problem(response, 400, "ERR-VAL-400")
+            assert parameters(problem) == ["cursor"], (index, altered)
+
+
+def test_a_cursor_reveals_nothing_of_its_positions(client: TestClient, world: World) -> None:
+    # 200 events of one tenant: its partition's offset grows past one varint byte (127).
+    batch = {"events": [event(f"p-{i}") for i in range(200)]}
+    assert post_events(client, world.writer, batch).json()["accepted"] == 200
+    first = page(client, world.reader, limit=1)["next_cursor"]
+    again = page(client, world.reader, limit=1)["next_cursor"]
+    far = page(client, world.reader, limit=150)["next_cursor"]
+
+    assert first != again  # the same positions, sealed twice, share no bytes by design
+    assert len({len(first), len(again), len(far)}) == 1  # nor does the length tell an offset
+    rest = [page(client, world.reader, limit=1000, cursor=c)["events"] for c in (first, again)]
+    assert rest[0] == rest[1] and len(rest[0]) == 199
+
+
+def v1_cursor(secret: bytes, positions: list[int], start: int, digest: bytes) -> str:
+    """A cursor as Tally issued them before they were sealed (version 1): the filter digest
+    and varint positions in the clear, signed with HMAC-SHA256 under the store's secret."""
+    varints = bytearray()
+    for value in [*positions, start]:
+        rest = value
+        while True:
+            low, rest = rest & 0x7F, rest >> 7
+            varints.append(low | (0x80 if rest else 0))
+            if not rest:
+                break
+    payload = bytes([1]) + digest + bytes(varints)
+    mac = hmac.new(secret, payload, hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(payload + mac).rstrip(b"=").decode()
+
+
+def test_a_signed_version_1_cursor_is_still_accepted_and_answered_with_a_sealed_one(
+    client: TestClient, world: World, services: Services
+) -> None:
+    batch = {"events": [event(f"c-{i}") for i in range(5)]}
+    assert post_events(client, world.writer, batch).json()["accepted"] == 5
+    seen = page(client, world.reader, limit=2)["events"]
+    partitions = services.store.partitions
+    positions = [0] * partitions
+    positions[partition_of("acme", partitions)] = 2  # just after the two events seen
+    saved = v1_cursor(services.store.secret("cursor"), positions, 0, ExportFilter().digest())
+
+    rest = page(client, world.reader, limit=100, cursor=saved)
+
+    assert sorted(e["id"] for e in seen + rest["events"]) == [f"c-{i}" for i in range(5)]
+    issued = base64.urlsafe_b64decode(rest["next_cursor"] + "==")
+    assert issued[0] == 2  # sealed
+    assert page(client, world.reader, cursor=rest["next_cursor"])["events"] == []
+    tampered = flip(saved, len(saved) // 2)
+    refused = client.get("/v1/events", params={"cursor": tampered}, headers=auth(world.reader))
+    assert parameters(assert_problem(refused, 400, "ERR-VAL-400")) == ["cursor"]
 
 
 def test_cursor_reused_with_other_filters_is_a_400(

@@ -187,7 +187,10 @@ def get_events(
     *,
     principal: PrincipalDep,
     services: ServicesDep,
-    cursor: Annotated[str | None, Query(max_length=2048, description="From next_cursor")] = None,
+    cursor: Annotated[
+        str | None,
+        Query(min_length=1, max_length=2048, description="From next_cursor; omit to start"),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     tenant: Annotated[Name | None, Query()] = None,
     application: Annotated[Name | None, Query()] = None,

@@ -1,35 +1,43 @@
-"""The export cursor: opaque, tamper-evident, bound to its filter, stable across restarts.
+"""The export cursor: opaque, sealed, bound to its filter, stable across restarts.
 
 It carries one offset per export-log partition (store/interface.py), the partition the next
-page starts with (store/plan.py), and a digest of the filter
-it was issued for, signed with HMAC-SHA256 under a secret kept in the store itself, so every
-replica, restart and restored backup accepts it.
+page starts with (store/plan.py), and a digest of the filter it was issued for. It is sealed
+with AES-256-GCM under a key derived (HKDF-SHA256) from a secret kept in the store itself, so
+every replica, restart and restored backup accepts it, and a fresh random nonce per cursor.
+
+Sealed, not only signed: a partition holds many tenants, and a reader's position in it moves
+to the partition's head whenever it reads to the end, so readable positions would let one
+tenant's reader watch the activity of the others that share its partitions. The offsets are
+fixed-width, so not even the cursor's length changes with them.
+
+Version 1 cursors (signed with HMAC-SHA256 under the raw secret, positions in readable
+varints) were issued before; billing systems keep them between polls, so they are still
+accepted. Only version 2 is issued.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
+import secrets
+import struct
 from collections.abc import Sequence
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tally.errors import FieldError, InvalidInput
 
-_VERSION = 1
+_SIGNED = 1  # legacy: accepted, never issued
+_SEALED = 2
 _MAC_BYTES = 16
 _DIGEST_BYTES = 12
-
-
-def _varints(values: Sequence[int]) -> bytes:
-    out = bytearray()
-    for value in values:
-        rest = value
-        while True:
-            low, rest = rest & 0x7F, rest >> 7
-            out.append(low | (0x80 if rest else 0))
-            if not rest:
-                break
-    return bytes(out)
+_NONCE_BYTES = 12
+_HKDF_INFO = b"tally export cursor v2"
 
 
 def _read_varints(data: bytes) -> list[int]:
@@ -50,38 +58,81 @@ def _refused(detail: str) -> InvalidInput:
     return InvalidInput(detail, [FieldError(pointer="", detail=detail, parameter="cursor")])
 
 
+_NOT_ISSUED = "The cursor is not one Tally issued."
+
+
+def _layout(partitions: int) -> struct.Struct:
+    """The sealed plaintext: filter digest, one unsigned 64-bit offset per partition, start."""
+    return struct.Struct(f">{_DIGEST_BYTES}s{partitions}QH")
+
+
 class CursorCodec:
     def __init__(self, secret: bytes) -> None:
-        self._key = secret
-
-    def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
+        self._mac_key = secret
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO).derive(secret)
+        self._aead = AESGCM(key)
 
     def encode(self, positions: Sequence[int], start: int, filter_digest: bytes) -> str:
-        payload = bytes([_VERSION]) + filter_digest + _varints([*positions, start])
-        token = base64.urlsafe_b64encode(payload + self._mac(payload)).rstrip(b"=")
-        return token.decode()
+        header = bytes([_SEALED])
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        plain = _layout(len(positions)).pack(filter_digest, *positions, start)
+        sealed = self._aead.encrypt(nonce, plain, header)
+        return base64.urlsafe_b64encode(header + nonce + sealed).rstrip(b"=").decode()
 
     def decode(
         self, cursor: str, *, filter_digest: bytes, partitions: int
     ) -> tuple[list[int], int]:
-        """The positions and start partition in `cursor`. Raises InvalidInput if it was
-        altered, was issued by another store, or was issued for another filter."""
-        try:
-            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        except ValueError:
-            raise _refused("The cursor is not one Tally issued.") from None
-        payload, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
-        if len(raw) <= _MAC_BYTES + 1 or not hmac.compare_digest(mac, self._mac(payload)):
-            raise _refused("The cursor is not one Tally issued.")
-        if payload[0] != _VERSION:
+        """The positions and start partition in `cursor`. Raises InvalidInput if it is
+        empty, was altered, was issued by another store, or was issued for another filter."""
+        if not cursor:
+            raise _refused("The cursor is empty: leave it out to start from the beginning.")
+        raw = _strict_b64(cursor)
+        if raw is None or len(raw) < 2:
+            raise _refused(_NOT_ISSUED)
+        if raw[0] == _SEALED:
+            digest, values = self._open(raw, partitions)
+        elif raw[0] == _SIGNED:
+            digest, values = self._verify(raw)
+        else:
             raise _refused("The cursor is from an incompatible version; start without one.")
-        if payload[1 : 1 + _DIGEST_BYTES] != filter_digest:
+        if digest != filter_digest:
             raise _refused("The cursor was issued for other filters; repeat them unchanged.")
+        if len(values) != partitions + 1 or values[-1] >= partitions:
+            raise _refused(_NOT_ISSUED)
+        return values[:-1], values[-1]
+
+    def _open(self, raw: bytes, partitions: int) -> tuple[bytes, list[int]]:
+        header, nonce, sealed = raw[:1], raw[1 : 1 + _NONCE_BYTES], raw[1 + _NONCE_BYTES :]
         try:
-            positions = _read_varints(payload[1 + _DIGEST_BYTES :])
+            plain = self._aead.decrypt(nonce, sealed, header)
+        except (InvalidTag, ValueError):
+            raise _refused(_NOT_ISSUED) from None
+        layout = _layout(partitions)
+        if len(plain) != layout.size:
+            raise _refused(_NOT_ISSUED)
+        digest, *values = layout.unpack(plain)
+        return digest, values
+
+    def _verify(self, raw: bytes) -> tuple[bytes, list[int]]:
+        payload, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
+        expected = hmac.new(self._mac_key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
+        if len(raw) <= _MAC_BYTES + 1 + _DIGEST_BYTES or not hmac.compare_digest(mac, expected):
+            raise _refused(_NOT_ISSUED)
+        try:
+            values = _read_varints(payload[1 + _DIGEST_BYTES :])
         except ValueError:
-            raise _refused("The cursor is not one Tally issued.") from None
-        if len(positions) != partitions + 1 or positions[-1] >= partitions:
-            raise _refused("The cursor is not one Tally issued.")
-        return positions[:-1], positions[-1]
+            raise _refused(_NOT_ISSUED) from None
+        return payload[1 : 1 + _DIGEST_BYTES], values
+
+
+def _strict_b64(text: str) -> bytes | None:
+    """The bytes of unpadded URL-safe base64 `text`, or None unless it is exactly the text
+    `encode` would write for them: a lenient decoder drops stray characters and ignores the
+    last character's spare bits, so an altered cursor could decode to the same bytes."""
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != text:
+        return None
+    return raw

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from tally.auth.service import Principal, Scope
 from tally.crypto.sealing import TenantCipher
 from tally.crypto.tenant_keys import TenantKeys
-from tally.errors import FieldError, Forbidden, NotFound
+from tally.errors import FieldError, NotFound
 from tally.events.cursor import CursorCodec
 from tally.events.model import (
     NewEvent,
@@ -220,7 +220,7 @@ class ExportService:
         `filters` that the principal may read.
 
         Raises Forbidden without events:read or for a tenant outside the key's, InvalidInput
-        for a cursor that was altered or issued for other filters.
+        for a cursor that is empty, was altered or was issued for other filters.
         """
         principal.require(Scope.EVENTS_READ)
         if filters.tenant is not None:
@@ -230,7 +230,7 @@ class ExportService:
         partitions = self._store.partitions
         positions, start = (
             self._cursors.decode(cursor, filter_digest=digest, partitions=partitions)
-            if cursor
+            if cursor is not None
             else ([0] * partitions, 0)
         )
         page = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
@@ -241,13 +241,15 @@ class ExportService:
         )
 
     def get(self, principal: Principal, application: str, event_id: str) -> StoredEvent:
-        """Raises NotFound when there is no such event, Forbidden for another tenant's."""
+        """Raises NotFound when there is no such event among those the key may read.
+
+        Another tenant's event is NotFound too, with the same message: a different answer
+        would tell a tenant-restricted key which ids other tenants' applications have used.
+        """
         principal.require(Scope.EVENTS_READ)
         event = self._store.get_event(application, event_id)
-        if event is None:
+        if event is None or not principal.may_serve(event.tenant):
             raise NotFound("There is no event with this application and id.")
-        if not principal.may_serve(event.tenant):
-            raise Forbidden("This key is not allowed for this event's tenant.")
         return self._opened([event])[0]
 
     def _opened(self, events: list[StoredEvent]) -> list[StoredEvent]:
