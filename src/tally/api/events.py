@@ -224,7 +224,9 @@ def get_events(
     "/v1/events/{application}/{event_id:path}",
     summary="One event by its identity",
     response_model=ExportedEvent,
-    responses=responses((404, "No such event (ERR-RES-404)")),
+    responses=responses(
+        (404, "No such event among those the key may read; another tenant's is the same 404")
+    ),
 )
 def get_event(
     principal: PrincipalDep, services: ServicesDep, application: Name, event_id: EventId
