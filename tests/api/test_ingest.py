@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,9 +13,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tally.api.app import create_app
+from tally.auth.service import Scope
 from tally.bootstrap import Services, build
+from tally.events.model import StoredEvent
+from tally.registry.models import ApplicationIn, KeyIn, TenantIn
 from tally.settings import Settings
 from tally.store.interface import EventStore
+from tally.store.sqlite import SQLiteStore
 from tests.api.helpers import (
     CLOUDEVENT,
     CLOUDEVENT_BATCH,
@@ -425,3 +430,45 @@ def test_retries_of_a_shredded_tenant_in_one_batch_are_judged_each(
     assert [e["status"] for e in batch["events"]] == ["duplicate", "rejected", "rejected"]
     assert pointers(batch["events"][1]) == ["/events/1/id"]
     assert pointers(batch["events"][2]) == ["/events/2/tenant"]
+
+
+class CountingStore(SQLiteStore):
+    """A real SQLite store that records each identity lookup of the ingest path."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.lookups: list[int] = []
+
+    def find_events(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[StoredEvent, bytes]]:
+        self.lookups.append(len(keys))
+        return super().find_events(keys)
+
+
+def test_identities_are_looked_up_once_per_batch_and_only_for_refused_events(
+    tmp_path: Path, keyring_file: Path
+) -> None:
+    store = CountingStore(tmp_path / "tally.db")
+    store.migrate()
+    clock = Clock(datetime.now(UTC).replace(microsecond=0))
+    settings = Settings(database_url=f"sqlite:///{store.path}", keyring=str(keyring_file))
+    built = build(settings, store=store, clock=clock)
+    try:
+        built.registry.create_tenant(TenantIn(id="globex", lateness_hours=24))
+        built.registry.create_application(ApplicationIn(id="vm"))
+        key = built.registry.create_key(KeyIn(scopes=[Scope.EVENTS_WRITE], application="vm")).key
+        with TestClient(create_app(services=built)) as client:
+            edge = clock.now - timedelta(hours=24) + timedelta(seconds=1)
+            batch = {"events": [globex(f"b-{i}", edge) for i in range(50)]}
+            assert post_events(client, key, batch).json()["accepted"] == 50
+            assert post_events(client, key, batch).json()["duplicates"] == 50
+            assert store.lookups == []  # in the window: the append alone judges identity
+
+            clock.now += timedelta(seconds=5)
+            late = {"events": [*batch["events"], globex("new", edge), globex("ok", clock.now)]}
+            body = post_events(client, key, late).json()
+            assert (body["duplicates"], body["rejected"], body["accepted"]) == (50, 1, 1)
+            assert store.lookups == [51]  # one query for the batch's refused events
+    finally:
+        built.close()
