@@ -225,6 +225,9 @@ def test_redact_removes_passwords_that_a_driver_echoes(monkeypatch: pytest.Monke
     assert "postgresql://tally:***@[::1/tally" in redact(echoed)
     assert redact("host=db password='a b' user=x") == "host=db password=*** user=x"
     assert redact(f"the password {PASSWORD} was refused") == "the password *** was refused"
+    # A short password is removed as a word, not from inside other words.
+    monkeypatch.setenv("TALLY_DATABASE_URL", "postgresql://tally:on@db:5432/tally")
+    assert redact("connection refused: on db") == "connection refused: *** db"
 
 
 # --- tables at 80 columns --------------------------------------------------------------------

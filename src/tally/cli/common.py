@@ -112,7 +112,9 @@ def redact(text: str) -> str:
         except ValueError:  # a malformed URL: the patterns below still apply
             password = None
         for form in {password, unquote(password or "")} - {None, ""}:
-            text = text.replace(str(form), "***")
+            # As a whole word only, so that a short password does not mangle the message.
+            word = rf"(?<![A-Za-z0-9]){re.escape(str(form))}(?![A-Za-z0-9])"
+            text = re.sub(word, "***", text)
     text = _URL_PASSWORD.sub(r"\g<head>***", text)
     return _CONNINFO_PASSWORD.sub(r"\g<head>***", text)
 
