@@ -308,3 +308,23 @@ def test_list_tables_never_split_a_word_at_80_columns(sqlite_tally: Tally, tmp_p
     )
     status = ok_json(sqlite_tally("keyring", "status", "--json"))
     _whole(_tally_process(tmp_path, "keyring", "status"), {row["id"] for row in status})
+
+
+def test_lists_that_fit_stay_tables_and_wrap_only_between_words(
+    sqlite_tally: Tally, tmp_path: Path
+) -> None:
+    name = "Initech Incorporated, the software company from Office Space, in Austin Texas"
+    ok_json(sqlite_tally("tenants", "create", "initech", "--name", name, "--json"))
+    ok_json(sqlite_tally("tenants", "create", "acme", "--json"))
+    ok_json(sqlite_tally("applications", "create", "vm", "--json"))
+    ok_json(sqlite_tally("keys", "create", "--scope", "admin", "--json"))
+    writer = ["--scope", "events:write", "--application", "vm", "--tenant", "acme"]
+    ok_json(sqlite_tally("keys", "create", *writer, "--json"))
+
+    tenants = _tally_process(tmp_path, "tenants", "list")
+    assert "┃ id " in tenants  # a table: the long name wraps inside its column
+    _whole(tenants, {"initech", "acme", "lateness_hours", *name.split()})
+    keys = ok_json(sqlite_tally("keys", "list", "--json"))
+    listed = _tally_process(tmp_path, "keys", "list")
+    assert "┃ id " in listed
+    _whole(listed, {"events:write", "admin", "application", *(k["id"] for k in keys)})
