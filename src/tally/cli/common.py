@@ -6,6 +6,7 @@ it without importing main.py, which imports them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -147,22 +148,31 @@ def _render(failure: CommandError, *, as_json: bool) -> None:
 class TallyGroup(TyperGroup):
     """The `tally` command group: every command's errors are rendered here, once."""
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,
         complete_var: str | None = None,
         standalone_mode: bool = True,
+        windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         as_json = _wants_json(argv)
+        run = functools.partial(
+            super().main,
+            argv,
+            prog_name,
+            complete_var,
+            windows_expand_args=windows_expand_args,
+            **extra,
+        )
         try:
             if not as_json:
                 # Typer renders usage errors itself; domain errors come out of it to here.
-                return super().main(argv, prog_name, complete_var, standalone_mode, **extra)
+                return run(standalone_mode=standalone_mode)
             # Under --json, usage errors must come out too, to be rendered as JSON.
-            result = super().main(argv, prog_name, complete_var, False, **extra)
+            result = run(standalone_mode=False)
         except Exception as error:  # each kind is sorted by _failure_of; the rest re-raised
             failure = _failure_of(error, as_json=as_json)
             if failure is None:
