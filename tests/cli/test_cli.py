@@ -272,9 +272,18 @@ def test_revoking_an_unknown_key_fails(registered: Tally) -> None:
         (["--scope", "events:read", "--application", "vm"], ["application"]),
         (["--scope", "events:read", "--tenant", "initech"], ["tenants/0", "not a registered"]),
         (["--scope", "events:read", "--tenant", "bad tenant"], ["tenants/0"]),
-        (["--scope", "events:read", "--expires-in", "ten days"], ["number and a unit"]),
-        (["--scope", "events:read", "--expires-in", "90"], ["number and a unit"]),
-        (["--scope", "events:read", "--expires-in", "5y"], ["number and a unit"]),
+        (
+            ["--scope", "events:read", "--expires-in", "ten days"],
+            ["--expires-in", "a duration such as 24h, 7d or 30m"],
+        ),
+        (
+            ["--scope", "events:read", "--expires-in", "90"],
+            ["--expires-in", "a duration such as 24h, 7d or 30m"],
+        ),
+        (
+            ["--scope", "events:read", "--expires-in", "5y"],
+            ["--expires-in", "a duration such as 24h, 7d or 30m"],
+        ),
         (["--scope", "events:read", "--expires-in", "0s"], ["expires_at", "future"]),
         (["--scope", "bogus"], ["scopes/0"]),
         (["--scope", "admin", "--scope", "events:read"], ["admin"]),

@@ -65,7 +65,11 @@ def test_rotate_prints_a_like_key_once_and_links_both(registered: Tally) -> None
 
 @pytest.mark.parametrize(
     ("grace", "fragment"),
-    [("31d", "grace_seconds"), ("soon", "number and a unit"), ("-1h", "number and a unit")],
+    [
+        ("31d", "grace_seconds"),
+        ("soon", "a duration such as 24h"),
+        ("-1h", "a duration such as 24h"),
+    ],
 )
 def test_rotate_refuses_a_bad_grace(registered: Tally, grace: str, fragment: str) -> None:
     old = ok_json(registered("keys", "create", "--scope", "events:read", "--json"))

@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC
+import shlex
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
-from tally.bootstrap import utc_now
-from tally.cli.common import JsonOption, command_store, emit, out, parse_input, registry, table_of
-from tally.cli.common import parse_duration as _parse_duration
+from tally.cli.common import (
+    JsonOption,
+    command_store,
+    emit,
+    out,
+    parse_input,
+    parse_since,
+    registry,
+    table_of,
+)
+from tally.events.model import format_time
 from tally.registry.audit import CLI_SOURCE
 from tally.registry.models import AuditQuery
 
 app = typer.Typer(no_args_is_help=True, help="List the audit log of administrative actions.")
 
-
-def _since(text: str | None) -> str | None:
-    """`--since` as RFC 3339 text: a time as given, or a duration ago ('24h', '7d')."""
-    if text is None or not text[:1].isdigit() or "-" in text:
-        return text
-    try:
-        return (utc_now() - _parse_duration(text)).isoformat()
-    except typer.BadParameter:
-        return text  # not a duration: the model judges it as a time, with its message
+DEFAULT_LIMIT = 100
 
 
 @app.command("list")
@@ -35,15 +37,21 @@ def audit_list(
         str | None, typer.Option(help="Only this actor: a key id or cli:<user>.")
     ] = None,
     since: Annotated[
-        str | None, typer.Option(help="From this RFC 3339 time, or this long ago (24h, 7d).")
+        datetime | None,
+        typer.Option(
+            parser=parse_since,
+            metavar="TIME|DURATION",
+            help="From this RFC 3339 time, or this long ago (24h, 7d).",
+        ),
     ] = None,
-    limit: Annotated[int, typer.Option(help="At most this many entries (1-1000).")] = 100,
+    limit: Annotated[int, typer.Option(help="At most this many entries (1-1000).")] = DEFAULT_LIMIT,
     cursor: Annotated[str | None, typer.Option(help="Older entries: a printed cursor.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """List administrative actions, newest first: who, what, when, from where."""
+    since_text = None if since is None else format_time(since)
     query = parse_input(
-        AuditQuery, action=action, actor=actor, since=_since(since), limit=limit, cursor=cursor
+        AuditQuery, action=action, actor=actor, since=since_text, limit=limit, cursor=cursor
     )
     with command_store() as store:
         page = registry(store).audit_page(query)
@@ -68,4 +76,11 @@ def audit_list(
     columns = ["at", "who", "action", "target", "details"]
     emit(rows, as_json=False, table=table_of(rows, columns))
     if page.has_more:
-        out.print(f"More: tally audit list --cursor {page.next_cursor}")
+        # The same filters again, `--since` as the time it meant (a duration would move on),
+        # so that the next page continues this listing rather than starting another.
+        again = {"--action": action, "--actor": actor, "--since": since_text}
+        again["--limit"] = str(limit) if limit != DEFAULT_LIMIT else None
+        command = ["tally", "audit", "list"]
+        command += [part for option, value in again.items() if value for part in (option, value)]
+        command += ["--cursor", str(page.next_cursor)]
+        out.print(Text(f"More: {shlex.join(command)}"), soft_wrap=True)

@@ -15,7 +15,16 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tally.bootstrap import keyring_spec, open_keyring, utc_now
-from tally.cli.common import JsonOption, command_store, emit, err, out, registry, settings
+from tally.cli.common import (
+    CommandError,
+    JsonOption,
+    command_store,
+    emit,
+    err,
+    out,
+    registry,
+    settings,
+)
 from tally.cli.common import table_of as _table
 from tally.crypto import keyring as keyrings
 from tally.crypto.keyring import Keyring, KeyringError, KeyringSource
@@ -28,12 +37,11 @@ app = typer.Typer(no_args_is_help=True, help="Make and rotate the master keys (T
 
 @contextmanager
 def keyring_errors() -> Iterator[None]:
-    """A keyring problem is a message and exit code 2, never a traceback."""
+    """A keyring problem is a CommandError with exit code 2, never a traceback."""
     try:
         yield
     except (KeyringError, SealBroken) as error:
-        err.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
+        raise CommandError("keyring", str(error), exit_code=2) from None
 
 
 def _configured_keyring() -> tuple[str, Keyring]:
@@ -155,6 +163,9 @@ def shred(
 ) -> None:
     """Destroy a tenant's data key: its attributes become unreadable everywhere, for good;
     its events keep their ids, times and quantities, and it takes no more events."""
+    if not yes and as_json:
+        # A script cannot answer, and the question would mix with the JSON on stdout.
+        raise CommandError("usage", "Shredding with --json needs --yes.", exit_code=2)
     if not yes:
         typer.confirm(
             f"Shred tenant {tenant_id}? Its attributes can never be read again", abort=True

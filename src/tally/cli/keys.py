@@ -42,11 +42,14 @@ def keys_create(
     tenant: Annotated[
         list[str] | None, typer.Option(help="Restrict to tenant; repeatable.")
     ] = None,
-    expires_in: Annotated[str | None, typer.Option(help="Lifetime, e.g. 90d or 12h.")] = None,
+    expires_in: Annotated[
+        timedelta | None,
+        typer.Option(parser=parse_duration, metavar="DURATION", help="Lifetime, e.g. 90d or 12h."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Issue an API key. Its secret is printed once and never again."""
-    expires_at = (utc_now() + parse_duration(expires_in)).isoformat() if expires_in else None
+    expires_at = (utc_now() + expires_in).isoformat() if expires_in is not None else None
     spec = parse_input(
         KeyIn, scopes=scope, application=application, tenants=tenant or None, expires_at=expires_at
     )
@@ -106,15 +109,19 @@ def keys_list(as_json: JsonOption = False) -> None:
 def keys_rotate(
     key_id: Annotated[str, typer.Argument(metavar="ID")],
     grace: Annotated[
-        str,
-        typer.Option(help="How long the old key keeps working: 0s to 30d, e.g. 24h."),
+        timedelta,
+        typer.Option(
+            parser=parse_duration,
+            metavar="DURATION",
+            help="How long the old key keeps working: 0s to 30d, e.g. 24h.",
+        ),
     ],
     as_json: JsonOption = False,
 ) -> None:
     """Issue a replacement key (same scopes, application, tenants and lifetime) and retire
     this one after the grace period. The new secret is printed once."""
     # Checked by the API's own model, so both refuse the same graces with the same message.
-    spec = parse_input(RotateIn, grace_seconds=int(parse_duration(grace).total_seconds()))
+    spec = parse_input(RotateIn, grace_seconds=int(grace.total_seconds()))
     with command_store() as store:
         issued = registry(store).rotate_key(
             key_id, grace=timedelta(seconds=spec.grace_seconds), actor=Actor.cli()

@@ -7,6 +7,7 @@ TALLY_DATABASE_URL directly, through the same services the API uses.
 from __future__ import annotations
 
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,7 @@ import typer
 from tally.cli import audit, crypto, keys
 from tally.cli.common import (
     JsonOption,
+    TallyGroup,
     command_store,
     emit,
     err,
@@ -27,7 +29,15 @@ from tally.cli.common import table_of as _table
 from tally.registry.audit import Actor
 from tally.registry.models import ApplicationIn, ApplicationOut, TenantIn, TenantOut
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+# TallyGroup renders every command's errors, as JSON under --json. Tracebacks (bugs only)
+# show no local variables: those can hold database URLs and keys.
+app = typer.Typer(
+    cls=TallyGroup,
+    no_args_is_help=True,
+    add_completion=False,
+    help=__doc__,
+    pretty_exceptions_show_locals=False,
+)
 tenants_app = typer.Typer(no_args_is_help=True, help="Register, list and shred tenants.")
 applications_app = typer.Typer(no_args_is_help=True, help="Register and list applications.")
 app.add_typer(tenants_app, name="tenants")
@@ -37,6 +47,25 @@ app.add_typer(audit.app, name="audit")
 app.add_typer(crypto.app, name="keyring")
 app.command("reencrypt")(crypto.reencrypt)
 tenants_app.command("shred")(crypto.shred)
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        sys.stdout.write(f"tally {metadata.version('tally')}\n")
+        raise typer.Exit
+
+
+@app.callback()
+def _options(
+    *,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    del version  # acted on by its callback, before any command
 
 
 @app.command()

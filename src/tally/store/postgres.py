@@ -167,8 +167,13 @@ class PostgresStore:
             yield connection
 
     def open(self) -> PostgresStore:
-        """Open the pool and read the partition count. Raises StoreUnavailable."""
+        """Open the pool and read the partition count. Raises StoreUnavailable, from libpq's
+        own error when the server cannot be reached or refuses the connection."""
         try:
+            # One connection first, outside the pool: the pool retries in the background and
+            # reports only a timeout, while libpq's reason ("connection refused", "database
+            # … does not exist", "password authentication failed") is what an operator needs.
+            psycopg.connect(self.url, connect_timeout=max(1, int(self._pool.timeout))).close()
             self._pool.open(wait=True, timeout=self._pool.timeout)
         except _UNAVAILABLE as error:
             raise StoreUnavailable("The PostgreSQL store cannot be reached.") from error
