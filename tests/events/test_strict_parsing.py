@@ -23,7 +23,7 @@ from tally.events.validation import (
     validate_cloudevent,
     validate_event,
 )
-from tally.registry.models import ApplicationIn, TenantIn
+from tally.registry.models import ApplicationIn, KeyIn, RotateIn, TenantIn
 
 HUGE = b"1e99999999999999999999999"  # beyond decimal's exponent range
 EVENT = b'{"id":"e-1","tenant":"acme","type":"t","quantity":1,"time":"2026-11-25T12:00:00Z"'
@@ -239,10 +239,24 @@ def test_refusals_of_the_body_never_echo_it() -> None:
 # --- admin bodies: parse_model --------------------------------------------------------------
 
 
-def test_parse_model_reads_integers_for_strict_integer_fields() -> None:
+def test_parse_model_reads_admin_bodies_as_fastapi_does() -> None:
     tenant = parse_model(TenantIn, b'{"id":"t1","name":"T","lateness_hours":24}')
+    key = parse_model(
+        KeyIn,
+        b'{"scopes":["events:write"],"application":"vm","tenants":["t1"],'
+        b'"expires_at":"2030-01-01T00:00:00Z"}',
+    )
+    rotate = parse_model(RotateIn, b'{"grace_seconds":3600}')
 
     assert (tenant.id, tenant.name, tenant.lateness_hours) == ("t1", "T", 24)
+    assert key == KeyIn.model_validate_json(
+        '{"scopes":["events:write"],"application":"vm","tenants":["t1"],'
+        '"expires_at":"2030-01-01T00:00:00Z"}'
+    )
+    assert rotate.grace_seconds == 3600
+    with pytest.raises(InvalidInput) as raised:
+        parse_model(RotateIn, b'{"grace_seconds":3600.0}')  # strict integers stay strict
+    assert [e.pointer for e in raised.value.errors] == ["/grace_seconds"]
 
 
 @pytest.mark.parametrize(
