@@ -41,11 +41,11 @@ MAX_ATTRIBUTES = 32
 MAX_ATTRIBUTE_KEY = 64
 MAX_ATTRIBUTE_STRING = 256
 MAX_ATTRIBUTE_DIGITS = 40
+MAX_TEXT = 256
 
 _ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
 _TYPE_RE = re.compile(r"[a-z][a-z0-9_.:-]{0,127}")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-MAX_TEXT = 256
 _DECIMAL_TEXT_RE = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 _RFC3339_RE = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
