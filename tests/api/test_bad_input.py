@@ -378,3 +378,167 @@ def test_huge_attribute_numbers_are_refused_quickly(client: TestClient, world: W
     body = json.dumps(event("e-1", attributes={"n": "@"})).replace('"@"', "1e999999999")
     response = post_events(client, world.writer, body)
     assert pointers(assert_problem(response, 400, "ERR-VAL-400")) == ["/attributes/n"]
+
+
+# --- one bad value costs only its own event, never the batch (once a 500) -------------------
+
+HUGE = "1e99999999999999999999999"  # beyond decimal's exponent range
+
+
+def batch_with(raw_event: str) -> str:
+    """A batch of a valid event, `raw_event` (JSON text as sent) and another valid event."""
+    first, last = json.dumps(event("ok-0")), json.dumps(event("ok-2"))
+    return f'{{"events": [{first}, {raw_event}, {last}]}}'
+
+
+def raw_event(event_id: str, placeholder_value: str, **fields: object) -> str:
+    """A native event as JSON text, with every "@" value replaced by `placeholder_value`."""
+    return json.dumps(event(event_id, **fields)).replace('"@"', placeholder_value)
+
+
+# (fields with "@" where the raw value goes, the raw value, the pointer of the rejection)
+UNREADABLE_VALUES: dict[str, tuple[dict[str, object], str, str]] = {
+    "huge_quantity": ({"quantity": "@"}, HUGE, "/quantity"),
+    "huge_negative_quantity": ({"quantity": "@"}, "-" + HUGE, "/quantity"),
+    "huge_in_unknown_field": ({"colour": "@"}, HUGE, "/colour"),
+    "huge_attribute": ({"attributes": {"n": "@"}}, HUGE, "/attributes/n"),
+    "huge_subject": ({"subject": "@"}, HUGE, "/subject"),
+    "surrogate_subject": ({"subject": "@"}, '"vm-\\ud800"', "/subject"),
+    "surrogate_unit": ({"unit": "@"}, '"\\udbff"', "/unit"),
+    "surrogate_attribute_value": ({"attributes": {"sku": "@"}}, '"\\udc00"', "/attributes/sku"),
+    "c1_subject": ({"subject": "a\x85b"}, '""', "/subject"),
+    "c1_unit": ({"unit": "\x9b"}, '""', "/unit"),
+    "nul_attribute_value": ({"attributes": {"sku": "a\x00"}}, '""', "/attributes/sku"),
+    "esc_attribute_value": ({"attributes": {"sku": "\x1b[31m"}}, '""', "/attributes/sku"),
+    "nul_attribute_name": ({"attributes": {"s\x00ku": "v"}}, '""', "/attributes/s\x00ku"),
+    "c1_attribute_name": ({"attributes": {"\x85": "v"}}, '""', "/attributes/\x85"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE_VALUES))
+def test_a_value_no_field_can_hold_rejects_only_its_event(
+    client: TestClient, world: World, case: str
+) -> None:
+    fields, value, pointer = UNREADABLE_VALUES[case]
+    response = post_events(client, world.writer, batch_with(raw_event("bad-1", value, **fields)))
+
+    assert response.status_code == 200, response.text
+    outcomes = response.json()["events"]
+    assert [o["status"] for o in outcomes] == ["accepted", "rejected", "accepted"]
+    assert pointers(outcomes[1]) == [f"/events/1{pointer}"]
+    assert sorted(e["id"] for e in export_all(client, world.reader)) == ["ok-0", "ok-2"]
+    alone = post_events(client, world.writer, raw_event("bad-1", value, **fields))
+    assert pointers(assert_problem(alone, 400, "ERR-VAL-400")) == [pointer]
+
+
+def test_a_lone_surrogate_in_an_attribute_name_or_id_is_answered_in_utf8(
+    client: TestClient, world: World
+) -> None:
+    # Neither can be written in UTF-8: the name is pointed at with U+FFFD in its place, the id
+    # is not echoed.
+    bad = raw_event("@", '"e-\\ud800"', attributes={"sku": "v"}).replace('"sku"', '"\\udfff"')
+    response = post_events(client, world.writer, batch_with(bad))
+
+    assert response.status_code == 200, response.text
+    outcome = response.json()["events"][1]
+    assert (outcome["status"], outcome["id"]) == ("rejected", None)
+    found = pointers(outcome)
+    assert "/events/1/id" in found
+    assert any(p.startswith("/events/1/attributes/\ufffd") for p in found), found
+    assert sorted(e["id"] for e in export_all(client, world.reader)) == ["ok-0", "ok-2"]
+
+
+def test_a_surrogate_pair_escape_is_stored_as_one_character_a_lone_one_is_refused(
+    client: TestClient, world: World
+) -> None:
+    paired = raw_event("e-1", '"vm-\\ud83d\\ude00"', subject="@", attributes={"\u00e9": "\u00a0"})
+    lone = raw_event("e-2", '"vm-\\ude00\\ud83d"', subject="@")
+    body = post_events(client, world.writer, f'{{"events": [{paired}, {lone}]}}').json()
+    assert [o["status"] for o in body["events"]] == ["accepted", "rejected"]
+    got = client.get("/v1/events/vm/e-1", headers=auth(world.reader)).json()
+    assert (got["subject"], got["attributes"]) == ("vm-\U0001f600", {"\u00e9": "\u00a0"})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # U+D800 encoded as bytes (CESU-8), which json.loads(bytes) would let through
+        json.dumps(event("e-1", subject="@")).encode().replace(b'"@"', b'"\xed\xa0\x80"'),
+        b"\xef\xbb\xbf" + json.dumps(event("e-1")).encode(),  # a UTF-8 byte order mark
+        json.dumps(event("e-1")).encode("utf-16-le"),
+        json.dumps(event("e-1")).encode("utf-16"),
+        json.dumps(event("e-1")).encode("utf-32-be"),
+    ],
+    ids=["cesu8_surrogate", "utf8_bom", "utf16le", "utf16_bom", "utf32be"],
+)
+def test_a_body_that_is_not_strictly_utf8_is_a_400_storing_nothing(
+    client: TestClient, world: World, body: bytes
+) -> None:
+    problem = assert_problem(post_events(client, world.writer, body), 400, "ERR-VAL-400")
+    assert "UTF-8" in problem["detail"]
+    # Inside a batch (where a BOM or UTF-16 is not even JSON) it still refuses the whole body.
+    batch = b'{"events": [' + json.dumps(event("ok")).encode() + b", " + body + b"]}"
+    assert_problem(post_events(client, world.writer, batch), 400, "ERR-VAL-400")
+    assert_nothing_stored(client, world)
+
+
+@pytest.mark.parametrize(
+    ("body", "pointer"),
+    [
+        ('{"id": "e-1", "id": "e-2", "tenant": "acme"}', ""),
+        ('{"events": [], "events": [' + json.dumps(event("e-1")) + "]}", ""),
+        (batch_with(json.dumps(event("e-2"))[:-1] + ', "quantity": "2"}'), "/events/1"),
+        (
+            json.dumps(event("e-1", attributes={"zone": "a"})).replace(
+                '"zone": "a"', '"zone": "a", "zone": "b"'
+            ),
+            "/attributes",
+        ),
+    ],
+    ids=["top", "events_twice", "in_a_batch_event", "in_attributes"],
+)
+def test_a_member_named_twice_refuses_the_body_at_the_object(
+    client: TestClient, world: World, body: str, pointer: str
+) -> None:
+    problem = assert_problem(post_events(client, world.writer, body), 400, "ERR-VAL-400")
+    assert pointers(problem) == [pointer]
+    assert_nothing_stored(client, world)
+
+
+@pytest.mark.parametrize("charset", ["utf-16", "UTF-32", "latin-1", '"utf-16le"'])
+def test_a_charset_other_than_utf8_is_a_415(client: TestClient, world: World, charset: str) -> None:
+    response = post_events(
+        client, world.writer, event("e-1"), f"application/json; charset={charset}"
+    )
+    problem = assert_problem(response, 415, "ERR-VAL-400")
+    assert problem["type"] == "/problems/unsupported-media-type"
+    assert_nothing_stored(client, world)
+
+
+# --- admin bodies: the same text rule for tenant and application names ----------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        b'"Acme\\u0085"',
+        b'"Acme\\u0000"',
+        b'"Acme\\u001b[2J"',
+        b'"Acme\\ud800"',
+        b'"Acme\xed\xa0\x80"',
+    ],
+    ids=["c1", "nul", "esc", "surrogate_escape", "cesu8_surrogate"],
+)
+@pytest.mark.parametrize("path", ["/v1/tenants", "/v1/applications"])
+def test_a_tenant_or_application_name_with_a_control_or_surrogate_is_a_400(
+    client: TestClient, world: World, path: str, name: bytes
+) -> None:
+    response = client.post(
+        path,
+        content=b'{"id": "initech", "name": ' + name + b"}",
+        headers={**auth(world.admin), "Content-Type": "application/json"},
+    )
+    problem = assert_problem(response, 400, "ERR-VAL-400")
+    assert pointers(problem) in (["/name"], [""])
+    listed = client.get(path, headers=auth(world.admin)).json()
+    assert "initech" not in [item["id"] for item in listed]

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tally import __doc__ as summary
 from tally.api import admin, events, health, problems
+from tally.api.encoding import ContentDecoding
 from tally.api.middleware import RequestContext
 from tally.api.schemas import BatchIn
 from tally.bootstrap import Services, build
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     for router in routers:
         app.include_router(router)
     app.add_middleware(RateLimitHeaders)  # inside RequestContext: 2xx get RateLimit-* too
+    app.add_middleware(ContentDecoding, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(
         RequestContext,
         max_body_bytes=settings.max_body_bytes,

@@ -30,6 +30,7 @@ from tally.events.validation import (
     Name,
     Rfc3339,
     Text,
+    is_encodable,
     parse_json,
     validate_cloudevent,
     validate_event,
@@ -46,8 +47,10 @@ CLOUDEVENT_BATCH = "application/cloudevents-batch+json"
 
 
 async def read_body(request: Request) -> bytes:
-    """The body. Its size and the time it may take are bounded for every route by the
-    request middleware (api/middleware.py), which answers 413 and 408 from inside this read."""
+    """The body, decoded from gzip if it was sent so (api/encoding.py: 415 for another coding,
+    400 for corrupt gzip). Its size, after decoding, and the time it may take are bounded for
+    every route by the middleware (api/middleware.py, api/encoding.py), which answers 413 and
+    408 from inside this read. Its text is judged by `parse_json`, strictly as UTF-8."""
     try:
         return await request.body()
     except ClientDisconnect:
@@ -58,20 +61,31 @@ async def read_body(request: Request) -> bytes:
 
 
 def media_type(request: Request) -> str:
-    declared = request.headers.get("content-type", "")
-    kind = declared.split(";", 1)[0].strip().lower()
+    """The body's media type, without parameters. Raises UnsupportedMediaType (415) for a type
+    Tally does not read, or a `charset` other than UTF-8 (the only one JSON bodies may use,
+    RFC 8259 section 8.1)."""
+    kind, *parameters = request.headers.get("content-type", "").split(";")
+    kind = kind.strip().lower()
     if kind not in (JSON, CLOUDEVENT, CLOUDEVENT_BATCH):
         raise UnsupportedMediaType(
             f"Send {JSON}, {CLOUDEVENT} or {CLOUDEVENT_BATCH}.",
             [FieldError("", "unsupported Content-Type")],
         )
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() != "utf-8":
+            raise UnsupportedMediaType(
+                "Send the body in UTF-8: charset=utf-8, or no charset.",
+                [FieldError("", "unsupported charset")],
+            )
     return kind
 
 
 def _sent_id(raw: object) -> str | None:
     if isinstance(raw, dict):
         value = raw.get("id")
-        if isinstance(value, str) and len(value) <= 128:
+        # Echoed in the answer, so it must be encodable: a lone surrogate is not.
+        if isinstance(value, str) and len(value) <= 128 and is_encodable(value):
             return value
     return None
 

@@ -70,6 +70,7 @@ _HTTP_KINDS = {
     405: ("ERR-VAL-400", "method-not-allowed", "Method not allowed"),
     408: ("ERR-VAL-400", "request-timeout", "Request timeout"),
     413: ("ERR-VAL-400", "payload-too-large", "Payload too large"),
+    415: ("ERR-VAL-400", "unsupported-media-type", "Unsupported media type"),  # api/encoding.py
 }
 
 

@@ -1,19 +1,26 @@
 """Validation of reported events, native and CloudEvents, into `EventDraft`s or field errors.
 
-The rules are DESIGN.md's event table. Bodies are parsed with `parse_json`, which turns every
-JSON number into a `Decimal` (never a float) and refuses NaN and infinities, so a quantity is
-exact from the first byte it is read. Each problem is reported with a JSON pointer relative to
-the event; callers prefix it with the event's place in the request (`/events/17`).
+The rules are DESIGN.md's event table. Bodies are parsed with `parse_json`, which reads them
+strictly (UTF-8 only, no name twice in an object) and turns every JSON number into a `Decimal`
+(never a float), so a quantity is exact from the first byte it is read. Each problem is
+reported with a JSON pointer relative to the event; callers prefix it with the event's place in
+the request (`/events/17`).
+
+What cannot be judged at the level of the body is left in place for the field that holds it to
+refuse: a number no Decimal can hold becomes an `OutOfRangeNumber`, and a lone surrogate written
+as an escape (`"\\ud800"`) stays in its string, where the one text rule (`check_text`) refuses
+it. So one such value rejects only the event it is in, never its neighbours in a batch.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -34,19 +41,56 @@ MAX_ATTRIBUTES = 32
 MAX_ATTRIBUTE_KEY = 64
 MAX_ATTRIBUTE_STRING = 256
 MAX_ATTRIBUTE_DIGITS = 40
+MAX_TEXT = 256
 
 _ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
 _TYPE_RE = re.compile(r"[a-z][a-z0-9_.:-]{0,127}")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_TEXT_RE = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 _DECIMAL_TEXT_RE = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 _RFC3339_RE = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
 )
 
 
+# The one rule for text that Tally stores (subject, unit, attribute names and string values,
+# tenant and application names): no C0 control, DEL or C1 control, which terminals, log viewers
+# and CSV readers act on (U+0085 is a line break to some), and no lone surrogate, which is not
+# Unicode at all: it cannot be encoded as UTF-8, so it could be neither sealed nor stored.
+_REFUSED_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+TEXT_CHARACTERS = "no control characters (U+0000-U+001F, U+007F-U+009F) or lone surrogates"
+# The same rule for JSON Schema. Lone surrogates are left out: a JSON document in UTF-8 cannot
+# hold one but as an escape, and in an ECMA-262 pattern without the u flag a class of
+# surrogates would also match the halves of every character beyond U+FFFF.
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+
+
 def _fail(kind: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(kind, message)
+
+
+def is_encodable(value: str) -> bool:
+    """Whether `value` can be written as UTF-8: it holds no lone surrogate."""
+    return _SURROGATE.search(value) is None
+
+
+def check_text(value: str, *, kind: str = "text", minimum: int = 1, maximum: int = MAX_TEXT) -> str:
+    """`value` if it has `minimum` to `maximum` characters and passes the text rule; else a
+    validation error of `kind` (the message names the rule, never the value)."""
+    if not minimum <= len(value) <= maximum:
+        raise _fail(kind, f"must be {minimum} to {maximum} characters")
+    if _REFUSED_CHARACTER.search(value):
+        raise _fail(kind, f"must hold {TEXT_CHARACTERS}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class OutOfRangeNumber:
+    """A JSON number that no Decimal can hold (`1e99999999999999999999999`).
+
+    `parse_json` puts it where the number was, so that the field holding it refuses it (every
+    typed field does) and only that event is rejected, rather than the body failing to parse.
+    """
 
 
 def _matches(pattern: re.Pattern[str], kind: str, message: str) -> AfterValidator:
@@ -60,6 +104,10 @@ def _matches(pattern: re.Pattern[str], kind: str, message: str) -> AfterValidato
 
 def parse_quantity(value: object) -> Decimal:
     """A finite, non-negative decimal within NUMERIC(38,18). Refused, never rounded."""
+    if isinstance(value, OutOfRangeNumber):
+        raise _fail(
+            "quantity_range", "is out of range: at most 20 digits before the point, 18 after"
+        )
     if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
         raise _fail("quantity_type", "must be a decimal number, as a JSON number or string")
     if isinstance(value, str) and not _DECIMAL_TEXT_RE.fullmatch(value):
@@ -122,34 +170,27 @@ def _check_attributes(value: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_attribute_key(value: str) -> str:
-    if not 1 <= len(value) <= MAX_ATTRIBUTE_KEY:
-        raise _fail("attribute_key", f"attribute names are 1 to {MAX_ATTRIBUTE_KEY} characters")
-    return value
+    return check_text(value, kind="attribute_key", maximum=MAX_ATTRIBUTE_KEY)
 
 
 def _check_attribute_value(value: object) -> str | bool | Decimal:
     if isinstance(value, bool):
         return value
     if isinstance(value, str):
-        if len(value) > MAX_ATTRIBUTE_STRING:
-            raise _fail(
-                "attribute_length",
-                f"string attributes are at most {MAX_ATTRIBUTE_STRING} characters",
-            )
-        return value
+        return check_text(value, kind="attribute_string", minimum=0, maximum=MAX_ATTRIBUTE_STRING)
     if isinstance(value, (int, Decimal)) and Decimal(value).is_finite():
         number = Decimal(value)
         if number.is_zero():
             return Decimal(0)
         # Bounded so that its exact text stays short (1E+999999999 would be a billion digits).
-        if len(number.as_tuple().digits) > MAX_ATTRIBUTE_DIGITS or abs(number.adjusted()) > 40:
-            raise _fail(
-                "attribute_number",
-                f"numeric attributes have at most {MAX_ATTRIBUTE_DIGITS} digits, "
-                "between 1e-40 and 1e40",
-            )
-        return number
-    raise _fail("attribute_type", "attribute values are strings, finite numbers or booleans")
+        if len(number.as_tuple().digits) <= MAX_ATTRIBUTE_DIGITS and abs(number.adjusted()) <= 40:
+            return number
+    elif not isinstance(value, OutOfRangeNumber):
+        raise _fail("attribute_type", "attribute values are strings, finite numbers or booleans")
+    raise _fail(
+        "attribute_number",
+        f"numeric attributes have at most {MAX_ATTRIBUTE_DIGITS} digits, between 1e-40 and 1e40",
+    )
 
 
 EventId = Annotated[
@@ -169,8 +210,10 @@ Name = Annotated[
 ]
 Text = Annotated[
     str,
-    _matches(_TEXT_RE, "text", "must be 1 to 256 characters without control characters"),
-    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 256}),
+    AfterValidator(check_text),
+    WithJsonSchema(
+        {"type": "string", "minLength": 1, "maxLength": MAX_TEXT, "pattern": TEXT_PATTERN}
+    ),
 ]
 Quantity = Annotated[
     Decimal,
@@ -190,18 +233,17 @@ Rfc3339 = Annotated[
     BeforeValidator(parse_rfc3339),
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
+_ATTRIBUTE_VALUE_SCHEMA = {
+    "oneOf": [
+        {"type": "string", "maxLength": MAX_ATTRIBUTE_STRING, "pattern": TEXT_PATTERN},
+        {"type": "number"},
+        {"type": "boolean"},
+    ]
+}
 AttributeValue = Annotated[
     str | bool | Decimal,
     BeforeValidator(_check_attribute_value),
-    WithJsonSchema(
-        {
-            "oneOf": [
-                {"type": "string", "maxLength": MAX_ATTRIBUTE_STRING},
-                {"type": "number"},
-                {"type": "boolean"},
-            ]
-        }
-    ),
+    WithJsonSchema(_ATTRIBUTE_VALUE_SCHEMA),
 ]
 Attributes = Annotated[
     dict[Annotated[str, AfterValidator(_check_attribute_key)], AttributeValue],
@@ -210,17 +252,17 @@ Attributes = Annotated[
         {
             "type": "object",
             "maxProperties": MAX_ATTRIBUTES,
-            "propertyNames": {"minLength": 1, "maxLength": MAX_ATTRIBUTE_KEY},
-            "additionalProperties": {
-                "oneOf": [
-                    {"type": "string", "maxLength": MAX_ATTRIBUTE_STRING},
-                    {"type": "number"},
-                    {"type": "boolean"},
-                ]
+            "propertyNames": {
+                "minLength": 1,
+                "maxLength": MAX_ATTRIBUTE_KEY,
+                "pattern": TEXT_PATTERN,
             },
+            "additionalProperties": _ATTRIBUTE_VALUE_SCHEMA,
         }
     ),
 ]
+
+M = TypeVar("M", bound=BaseModel)
 
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -306,7 +348,9 @@ class EventDraft:
 
 
 def _escape(token: object) -> str:
-    return str(token).replace("~", "~0").replace("/", "~1")
+    # A name holding a lone surrogate cannot be written in a UTF-8 answer: U+FFFD stands in.
+    text = _SURROGATE.sub("\ufffd", str(token))
+    return text.replace("~", "~0").replace("/", "~1")
 
 
 def pointer_of(loc: tuple[int | str, ...]) -> str:
@@ -347,23 +391,117 @@ def validate_cloudevent(raw: object) -> EventDraft | list[FieldError]:
     return _validate(CloudEventIn, raw, "a CloudEvent")
 
 
-def _refuse_constant(name: str) -> None:
-    raise InvalidInput(f"The body is not valid JSON: {name} is not a JSON number.")
-
-
-def parse_json(body: bytes) -> Any:
-    """Parse a request body; every number becomes a `Decimal`. Raises InvalidInput."""
+def _number(text: str) -> Decimal | OutOfRangeNumber:
     try:
-        return json.loads(
-            body, parse_float=Decimal, parse_int=Decimal, parse_constant=_refuse_constant
+        return Decimal(text)
+    except InvalidOperation:
+        # An exponent beyond what decimal holds (1e99999999999999999999999).
+        return OutOfRangeNumber()
+
+
+def _integer(text: str) -> int | OutOfRangeNumber:
+    try:
+        return int(text)
+    except ValueError:
+        # Over the interpreter's limit on digits converted to an int (4,300 by default).
+        return OutOfRangeNumber()
+
+
+def _text_of(body: bytes) -> str:
+    if body.startswith(codecs.BOM_UTF8):
+        raise InvalidInput(
+            "The body starts with a byte order mark: send UTF-8 without one.",
+            [FieldError("", "starts with a byte order mark")],
         )
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    if json.detect_encoding(body) != "utf-8":
+        raise InvalidInput(
+            "The body is not UTF-8 (it reads as UTF-16 or UTF-32): send UTF-8.",
+            [FieldError("", "is not UTF-8")],
+        )
+    try:
+        # Strict, unlike json.loads(bytes), which decodes with 'surrogatepass' and so lets
+        # encoded surrogates (CESU-8 bytes ED A0 80) through as text no UTF-8 store can hold.
+        return body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidInput(
+            f"The body is not valid UTF-8 (at byte {error.start}).",
+            [FieldError("", "is not valid UTF-8")],
+        ) from None
+
+
+def _pointer_to(root: object, target: object) -> str:
+    """The pointer of `target` (by identity) inside `root`; walked without recursion, since
+    what json.loads could nest a walk can follow."""
+    pending: list[tuple[str, object]] = [("", root)]
+    while pending:
+        pointer, value = pending.pop()
+        if value is target:
+            return pointer
+        if isinstance(value, dict):
+            pending.extend((f"{pointer}/{_escape(k)}", v) for k, v in value.items())
+        elif isinstance(value, list):
+            pending.extend((f"{pointer}/{i}", v) for i, v in enumerate(value))
+    return ""
+
+
+def parse_json(body: bytes, *, decimal_integers: bool = True) -> Any:
+    """Parse a request body strictly; every number becomes a `Decimal` (or an
+    `OutOfRangeNumber`, for the field that holds it to refuse); integers become `int`
+    instead with `decimal_integers=False`.
+
+    Raises InvalidInput, naming no value of the body, when the body is not UTF-8 (a byte
+    order mark, UTF-16 or UTF-32, invalid or encoded-surrogate bytes), not JSON (NaN and
+    Infinity are not JSON numbers), nested too deeply, or when an object names a member
+    twice: a gateway that keeps the first and Tally the last would read two different
+    bodies. Admin routes parse their bodies with it too (see `parse_model`).
+    """
+    text = _text_of(body)
+    repeated: list[dict[str, Any]] = []
+    constants: list[str] = []
+
+    # The hooks never raise: what they find is refused below, once the whole body is read.
+    def members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        found = dict(pairs)
+        if len(found) < len(pairs):
+            repeated.append(found)
+        return found
+
+    def constant(name: str) -> None:
+        constants.append(name)
+
+    try:
+        parsed = json.loads(
+            text,
+            parse_float=_number,
+            parse_int=_number if decimal_integers else _integer,
+            parse_constant=constant,
+            object_pairs_hook=members,
+        )
+    except json.JSONDecodeError as error:
         # The position helps the caller; the message never echoes the body.
-        where = (
-            f" at line {error.lineno}, column {error.colno}"
-            if isinstance(error, json.JSONDecodeError)
-            else ""
-        )
-        raise InvalidInput(f"The body is not valid UTF-8 JSON{where}.") from None
+        raise InvalidInput(
+            f"The body is not valid JSON at line {error.lineno}, column {error.colno}.",
+            [FieldError("", "is not valid JSON")],
+        ) from None
     except RecursionError:
         raise InvalidInput("The body is not valid JSON: it is nested too deeply.") from None
+    if constants:
+        raise InvalidInput(f"The body is not valid JSON: {constants[0]} is not a JSON number.")
+    if repeated:
+        raise InvalidInput(
+            "The body names a member twice in one object.",
+            [FieldError(_pointer_to(parsed, repeated[0]), "names a member more than once")],
+        )
+    return parsed
+
+
+def parse_model(model: type[M], body: bytes) -> M:
+    """`body` parsed strictly by `parse_json` and validated as `model` (an admin route's body).
+
+    Integers are read as `int`, as FastAPI reads them, for the models' strict integer fields.
+    Raises InvalidInput: as `parse_json` does, or with each field's problem at its pointer.
+    """
+    try:
+        return model.model_validate(parse_json(body, decimal_integers=False))
+    except ValidationError as error:
+        raise InvalidInput("The request is invalid; see errors.", _errors_of(error)) from None
