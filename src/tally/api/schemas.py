@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -92,3 +92,22 @@ def ingest_body_schema() -> dict[str, object]:
             },
         },
     }
+
+
+# The 200 of POST /v1/events: a single event is answered as itself, a batch with an outcome
+# per event (FastAPI's response_model can name only one of the two).
+INGEST_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "A single event's outcome, or a batch's outcome per event",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/SingleOut"},
+                        {"$ref": "#/components/schemas/BatchOut"},
+                    ]
+                }
+            }
+        },
+    }
+}
