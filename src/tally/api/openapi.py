@@ -32,7 +32,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from tally.api.problems import PROBLEM_JSON, Problem
-from tally.api.schemas import BatchIn, BatchOut, SingleOut
+from tally.api.schemas import CLOUDEVENT_BATCH_SCHEMA, BatchIn, BatchOut, SingleOut
 from tally.events.validation import CloudEventIn, EventIn
 
 # Described in components although no route names them as a FastAPI model: the ingest body
@@ -164,6 +164,7 @@ def document(app: FastAPI) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
+    schemas["CloudEventBatchIn"] = CLOUDEVENT_BATCH_SCHEMA
     for path in found["paths"].values():
         for operation in path.values():
             describe_operation(operation)
