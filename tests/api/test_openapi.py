@@ -118,6 +118,19 @@ def test_problem_statuses_document_their_headers(document: dict[str, Any]) -> No
         assert "Retry-After" in responses["503"]["headers"], (method, path)
 
 
+def test_fields_the_server_leaves_out_are_never_null(document: dict[str, Any]) -> None:
+    schemas = document["components"]["schemas"]
+    for name, field in [
+        ("Problem", "errors"),
+        ("ProblemError", "pointer"),
+        ("ProblemError", "parameter"),
+        ("EventOutcome", "errors"),
+    ]:
+        described = schemas[name]["properties"][field]
+        assert "anyOf" not in described, (name, field)
+        assert "default" not in described, (name, field)
+
+
 def test_optional_query_parameters_are_never_null(document: dict[str, Any]) -> None:
     for method, path, operation in operations(document):
         for parameter in operation.get("parameters", []):

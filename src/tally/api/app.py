@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     )
     if services is not None:
         app.state.services = services
-    routers = (events.router, admin.router, health.router)
+    routers = (events.router, admin.router, health.router, docs.router)
     problems.install(app, [route for router in routers for route in router.routes])
     for router in routers:
         app.include_router(router)
@@ -62,7 +62,6 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     )
 
     openapi.install(app)
-    docs.install(app)
     return app
 
 

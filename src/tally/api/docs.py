@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from starlette.exceptions import HTTPException
@@ -54,47 +54,47 @@ def _page(page: HTMLResponse) -> HTMLResponse:
     return page
 
 
-def install(app: FastAPI) -> None:
-    """Add /docs, /redoc and their assets to `app` (none of them in the OpenAPI document)."""
-    title = f"{app.title} API"
+router = APIRouter(include_in_schema=False)
 
-    def openapi_url(request: Request) -> str:
-        return f"{request.scope.get('root_path', '')}{app.openapi_url}"
 
-    @app.get("/docs", include_in_schema=False)
-    def swagger_ui(request: Request) -> HTMLResponse:
-        return _page(
-            get_swagger_ui_html(
-                openapi_url=openapi_url(request),
-                title=title,
-                swagger_js_url=_asset(request, "swagger-ui/swagger-ui-bundle.js"),
-                swagger_css_url=_asset(request, "swagger-ui/swagger-ui.css"),
-                swagger_favicon_url=_asset(request, "swagger-ui/favicon-32x32.png"),
-                # Swagger UI would otherwise send the document to validator.swagger.io.
-                swagger_ui_parameters={"validatorUrl": None, "displayOperationId": True},
-            )
+def _openapi_url(request: Request) -> str:
+    return f"{request.scope.get('root_path', '')}{request.app.openapi_url}"
+
+
+@router.get("/docs")
+def swagger_ui(request: Request) -> HTMLResponse:
+    return _page(
+        get_swagger_ui_html(
+            openapi_url=_openapi_url(request),
+            title=f"{request.app.title} API",
+            swagger_js_url=_asset(request, "swagger-ui/swagger-ui-bundle.js"),
+            swagger_css_url=_asset(request, "swagger-ui/swagger-ui.css"),
+            swagger_favicon_url=_asset(request, "swagger-ui/favicon-32x32.png"),
+            # Swagger UI would otherwise send the document to validator.swagger.io.
+            swagger_ui_parameters={"validatorUrl": None, "displayOperationId": True},
         )
+    )
 
-    @app.get("/redoc", include_in_schema=False)
-    def redoc(request: Request) -> HTMLResponse:
-        return _page(
-            get_redoc_html(
-                openapi_url=openapi_url(request),
-                title=title,
-                redoc_js_url=_asset(request, "redoc/redoc.standalone.js"),
-                redoc_favicon_url=_asset(request, "swagger-ui/favicon-32x32.png"),
-                with_google_fonts=False,
-            )
-        )
 
-    @app.get(ASSETS + "/{name:path}", include_in_schema=False)
-    def asset(name: str) -> FileResponse:
-        media_type = _FILES.get(name)
-        if media_type is None:
-            raise HTTPException(404, "No such documentation asset.")
-        # The files never change within an installed version.
-        return FileResponse(
-            STATIC / name,
-            media_type=media_type,
-            headers={"Cache-Control": "public, max-age=86400"},
+@router.get("/redoc")
+def redoc(request: Request) -> HTMLResponse:
+    return _page(
+        get_redoc_html(
+            openapi_url=_openapi_url(request),
+            title=f"{request.app.title} API",
+            redoc_js_url=_asset(request, "redoc/redoc.standalone.js"),
+            redoc_favicon_url=_asset(request, "swagger-ui/favicon-32x32.png"),
+            with_google_fonts=False,
         )
+    )
+
+
+@router.get(ASSETS + "/{name:path}")
+def asset(name: str) -> FileResponse:
+    media_type = _FILES.get(name)
+    if media_type is None:
+        raise HTTPException(404, "No such documentation asset.")
+    # The files never change within an installed version.
+    return FileResponse(
+        STATIC / name, media_type=media_type, headers={"Cache-Control": "public, max-age=86400"}
+    )

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
+from pydantic.json_schema import SkipJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match, Route
 
@@ -35,9 +36,25 @@ PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_SECONDS = "1"
 
 
+# A field that is left out when it has no value, never sent as null: SkipJsonSchema keeps
+# `null` out of the document (and `left_out` its default), so generated clients do not offer it.
+Omitted = SkipJsonSchema[None]
+
+
+def left_out(schema: dict[str, Any]) -> None:
+    """`json_schema_extra` of an `Omitted` field."""
+    schema.pop("default", None)
+
+
 class ProblemError(BaseModel):
-    pointer: str | None = Field(default=None, description="JSON pointer into the body")
-    parameter: str | None = Field(default=None, description="Query or path parameter")
+    """One problem of an invalid request: where (`pointer` or `parameter`) and what."""
+
+    pointer: str | Omitted = Field(
+        default=None, description="JSON pointer into the body", json_schema_extra=left_out
+    )
+    parameter: str | Omitted = Field(
+        default=None, description="Query or path parameter", json_schema_extra=left_out
+    )
     detail: str
 
 
@@ -50,7 +67,9 @@ class Problem(BaseModel):
     detail: str
     code: str = Field(description="The requirement's error code, e.g. ERR-VAL-400")
     request_id: str
-    errors: list[ProblemError] | None = None
+    errors: list[ProblemError] | Omitted = Field(
+        default=None, description="For invalid input: each problem", json_schema_extra=left_out
+    )
 
 
 # error class -> (HTTP status, code, type slug, title); the most specific class first.

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from tally.api.problems import Omitted, left_out
 from tally.events.validation import EventIn
 
 
@@ -22,7 +23,9 @@ class EventOutcome(BaseModel):
     index: int
     id: str | None
     status: Literal["accepted", "duplicate", "rejected"]
-    errors: list[EventErrorOut] | None = None
+    errors: list[EventErrorOut] | Omitted = Field(
+        default=None, description="When rejected", json_schema_extra=left_out
+    )
 
 
 class BatchOut(BaseModel):
