@@ -40,7 +40,12 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         title="Tally",
         version="1.0.0",
         summary=summary,
-        description="Records billable events exactly once and exports them to billing systems.",
+        description=(
+            "Records billable events exactly once and exports them to billing systems. Every "
+            "refusal is an RFC 9457 problem document (`application/problem+json`, the `Problem` "
+            "schema) with the requirement's `code`; a method a path does not list gets 405 "
+            "with `Allow`."
+        ),
         lifespan=lifespan,
         generate_unique_id_function=openapi.operation_id,
         # Served by api/docs.py with assets from this package, not a CDN.

@@ -105,10 +105,11 @@ def _problem_headers(status: str) -> dict[str, Any]:
             "Retry-After": _integer_header(
                 "Seconds to wait before retrying (at least 1)", required=True
             ),
-            **{
-                name: _integer_header(text, required=True)
-                for name, text in _RATE_LIMIT_HEADERS.items()
-            },
+            "RateLimit-Limit": _integer_header(
+                "The burst of the limit that refused", required=True
+            ),
+            "RateLimit-Remaining": _integer_header("Units left in it", required=True),
+            "RateLimit-Reset": _integer_header("Seconds until it is full again", required=True),
         }
     if status == "503":
         return {"Retry-After": _integer_header("Seconds to wait before retrying", required=False)}
