@@ -25,6 +25,14 @@ $(VENV)/.dev: $(BIN)/python requirements/dev.lock pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	@touch $@ $(VENV)/.main
 
+# The OpenAPI client generator the tests run (tests/e2e/test_generated_client.py), in an
+# environment of its own: it pins typer below the version the tally CLI runs on.
+CODEGEN := $(VENV)/codegen
+$(CODEGEN)/.installed: $(BIN)/python requirements/codegen.lock
+	$(BIN)/python -m venv $(CODEGEN)
+	$(CODEGEN)/bin/pip install --quiet --require-hashes -r requirements/codegen.lock
+	@touch $@
+
 serve: $(VENV)/.main
 	$(BIN)/tally serve --host $(HOST) --port $(PORT)
 
@@ -33,7 +41,7 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 
-test: lint
+test: lint $(CODEGEN)/.installed
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Re-pin after changing dependencies in pyproject.toml.
@@ -41,6 +49,7 @@ lock: $(BIN)/python
 	$(BIN)/pip install --quiet pip-tools
 	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe -o requirements/main.lock pyproject.toml
 	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --extra dev -o requirements/dev.lock pyproject.toml
+	$(BIN)/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe -o requirements/codegen.lock requirements/codegen.in
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -42,7 +42,7 @@ class UnsupportedMediaType(InvalidInput):
 
 
 class Conflict(InvalidInput):
-    """The identity is taken by different content (ERR-VAL-400, HTTP 409)."""
+    """The identity is taken by different content (ERR-VAL-409, HTTP 409)."""
 
 
 class AlreadyExists(Conflict):

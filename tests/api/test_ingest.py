@@ -80,8 +80,10 @@ def test_same_id_with_other_content_is_a_409_conflict_and_keeps_the_first(
     first = event("e-1", quantity="1")
     assert post_events(client, world.writer, first).status_code == 200
     response = post_events(client, world.writer, {**first, "quantity": "2"})
-    problem = assert_problem(response, 409, "ERR-VAL-400")
+    problem = assert_problem(response, 409, "ERR-VAL-409")
     assert problem["type"] == "/problems/conflict"
+    assert problem["title"] == "Conflict"
+    assert problem["detail"] == "This id already holds other content; see errors."
     assert pointers(problem) == ["/id"]
     assert stored(client, world, "e-1").json()["quantity"] == "1"
 

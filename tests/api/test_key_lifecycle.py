@@ -170,7 +170,7 @@ def test_revoked_expired_and_rotated_keys_cannot_be_rotated(
     before = len(listed(api, admin))
 
     for key, word in ((revoked, "revoked"), (expiring, "expired"), (rotated, "rotated")):
-        problem = assert_problem(rotate(api, admin, key["id"], 60), 409, "ERR-VAL-400")
+        problem = assert_problem(rotate(api, admin, key["id"], 60), 409, "ERR-VAL-409")
         assert problem["type"] == "/problems/conflict"
         assert word in problem["detail"]
     assert len(listed(api, admin)) == before

@@ -30,10 +30,10 @@ def test_creating_a_tenant_twice_is_a_409(client: TestClient, world: World) -> N
     admin = auth(world.admin)
     assert client.post("/v1/tenants", json={"id": "initech"}, headers=admin).status_code == 201
     again = client.post("/v1/tenants", json={"id": "initech", "name": "X"}, headers=admin)
-    problem = assert_problem(again, 409, "ERR-VAL-400")
+    problem = assert_problem(again, 409, "ERR-VAL-409")
     assert problem["type"] == "/problems/conflict"
     assert_problem(
-        client.post("/v1/tenants", json={"id": "acme"}, headers=admin), 409, "ERR-VAL-400"
+        client.post("/v1/tenants", json={"id": "acme"}, headers=admin), 409, "ERR-VAL-409"
     )
 
 
@@ -83,7 +83,7 @@ def test_application_is_created_listed_and_409_on_repeat(client: TestClient, wor
     assert created.status_code == 201
     assert (created.json()["id"], created.json()["name"]) == ("db", "DB")
     again = client.post("/v1/applications", json={"id": "db"}, headers=admin)
-    assert_problem(again, 409, "ERR-VAL-400")
+    assert_problem(again, 409, "ERR-VAL-409")
     listed = client.get("/v1/applications", headers=admin).json()
     assert sorted(a["id"] for a in listed) == ["db", "vm"]
 

@@ -285,7 +285,7 @@ class Writer:
         changed = dict(sent.body, quantity="7777")
         conflict = self.post(json.dumps(changed).encode(), JSON)
         assert conflict.status_code == 409, conflict.text
-        assert conflict.json()["code"] == "ERR-VAL-400"
+        assert conflict.json()["code"] == "ERR-VAL-409"
         invalid = self.post(json.dumps(invalid_event(rng, self.fresh_id())).encode(), JSON)
         assert invalid.status_code in (400, 403), invalid.text
 

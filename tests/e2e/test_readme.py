@@ -70,6 +70,11 @@ def test_the_worked_example_runs_as_written(tally_server: Server, tmp_path: Path
     )
     assert ran.returncode == 0, f"{ran.stdout}\n{ran.stderr}\n{tally_server.logs()}"
 
+    # Each curl's output ends with a newline: one document per line, none run into the next
+    # (or into the shell's prompt).
+    assert ran.stdout.endswith("\n")
+    lines = [line for line in ran.stdout.splitlines() if line.strip()]
+    assert [json.loads(line) for line in lines] == json_documents(ran.stdout)
     tenant, application, batch, first, second = json_documents(ran.stdout)
     assert tenant["id"] == "acme"
     assert tenant["name"] == "Acme Corp"

@@ -72,7 +72,7 @@ MATRIX: dict[str, tuple[Callable[[Matrix], dict[str, Any]] | None, str]] = {
     "GET /readyz":                            (None,                                    "200  200  200  200  200  200  200  200  200"),  # noqa: E501
     "GET /openapi.json":                      (None,                                    "200  200  200  200  200  200  200  200  200"),  # noqa: E501
     "GET /docs":                              (None,                                    "200  200  200  200  200  200  200  200  200"),  # noqa: E501
-    "GET /docs/oauth2-redirect":              (None,                                    "200  200  200  200  200  200  200  200  200"),  # noqa: E501
+    "GET /docs/assets/{name}":                (lambda m: {"path": "/docs/assets/swagger-ui/swagger-ui.css"}, "200  200  200  200  200  200  200  200  200"),  # noqa: E501
     "GET /redoc":                             (None,                                    "200  200  200  200  200  200  200  200  200"),  # noqa: E501
 }
 

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
 from tally import __doc__ as summary
-from tally.api import admin, events, health, problems
+from tally.api import admin, docs, events, health, openapi, problems
 from tally.api.encoding import ContentDecoding
 from tally.api.middleware import RequestContext
-from tally.api.schemas import BatchIn
 from tally.bootstrap import Services, build
-from tally.events.validation import CloudEventIn, EventIn
 from tally.logs import configure_logging
 from tally.ratelimit.http import RateLimitHeaders
 from tally.settings import Settings
@@ -45,12 +41,22 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         title="Tally",
         version="1.0.0",
         summary=summary,
-        description="Records billable events exactly once and exports them to billing systems.",
+        description=(
+            "Records billable events exactly once and exports them to billing systems. Every "
+            "refusal is an RFC 9457 problem document (`application/problem+json`, the `Problem` "
+            "schema) with the requirement's `code`; a method a path does not list gets 405 "
+            "with `Allow`."
+        ),
         lifespan=lifespan,
+        generate_unique_id_function=openapi.operation_id,
+        # Served by api/docs.py with assets from this package, not a CDN.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     if services is not None:
         app.state.services = services
-    routers = (events.router, admin.router, health.router)
+    routers = (events.router, admin.router, health.router, docs.router)
     problems.install(app, [route for router in routers for route in router.routes])
     for router in routers:
         app.include_router(router)
@@ -62,31 +68,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         body_timeout_seconds=settings.request_timeout_seconds,
     )
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        document = get_openapi(
-            title=app.title,
-            version=app.version,
-            summary=app.summary,
-            description=app.description,
-            routes=app.routes,
-        )
-        schemas = document.setdefault("components", {}).setdefault("schemas", {})
-        for model in (EventIn, BatchIn, CloudEventIn):
-            found = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            schemas.update(found.pop("$defs", {}))
-            schemas[model.__name__] = found
-        # Tally answers invalid requests with 400 problem documents, never FastAPI's 422.
-        for path in document["paths"].values():
-            for operation in path.values():
-                operation.get("responses", {}).pop("422", None)
-        schemas.pop("HTTPValidationError", None)
-        schemas.pop("ValidationError", None)
-        app.openapi_schema = document
-        return document
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    openapi.install(app)
     return app
 
 

@@ -12,7 +12,7 @@ from starlette.requests import ClientDisconnect
 
 from tally.api.deps import PrincipalDep, ServicesDep, known_query_only
 from tally.api.problems import field_errors, responses
-from tally.api.schemas import BatchOut, ExportedEvent, ExportPageOut, ingest_body_schema
+from tally.api.schemas import INGEST_ANSWER, ExportedEvent, ExportPageOut, ingest_body_schema
 from tally.auth.service import Principal, Scope
 from tally.bootstrap import Services
 from tally.errors import (
@@ -157,13 +157,16 @@ def _batch_body(report: IngestReport, prefix: str) -> bytes:
 @router.post(
     "/v1/events",
     summary="Report billable events (one, a batch, or CloudEvents)",
-    response_model=BatchOut,
-    responses=responses(
-        (409, "A single event whose id holds other content"),
-        (413, "The body is over 1 MiB"),
-        (415, "Unsupported Content-Type"),
-        (429, "Over a request or event rate limit of the key or a tenant; nothing was stored"),
-    ),
+    response_model=None,
+    responses={
+        **INGEST_ANSWER,
+        **responses(
+            (409, "A single event whose id holds other content (ERR-VAL-409)"),
+            (413, "The body is over the size limit (1 MiB by default; ERR-VAL-400)"),
+            (415, "Not one of the three content types, or an unsupported Content-Encoding"),
+            (429, "Over a request or event rate limit of the key or a tenant; nothing stored"),
+        ),
+    },
     openapi_extra={"requestBody": ingest_body_schema()},
 )
 async def post_events(request: Request, principal: PrincipalDep, services: ServicesDep) -> Response:
@@ -186,16 +189,17 @@ async def post_events(request: Request, principal: PrincipalDep, services: Servi
     if result.status == "rejected":
         if result.forbidden:
             raise Forbidden("This key may not report events for this tenant.")
-        error = Conflict if result.conflict else InvalidInput
-        raise error("The event is invalid; see errors.", result.errors)
+        if result.conflict:
+            raise Conflict("This id already holds other content; see errors.", result.errors)
+        raise InvalidInput("The event is invalid; see errors.", result.errors)
     return Response(json.dumps({"id": result.id, "status": result.status}), media_type=JSON)
 
 
 @router.get(
     "/v1/events",
+    name="list_events",
     summary="Export events, page by page, with a cursor",
     response_model=ExportPageOut,
-    responses=responses(),
 )
 def get_events(
     *,

@@ -6,7 +6,6 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from tally.api.deps import ServicesDep
-from tally.api.problems import responses
 
 router = APIRouter(tags=["operation"])
 
@@ -20,11 +19,7 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get(
-    "/readyz",
-    summary="The store answers",
-    responses={503: responses()[503]},
-)
+@router.get("/readyz", summary="The store answers")
 def readyz(services: ServicesDep) -> Health:
     services.store.ping()
     return Health(status="ready")

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
+from pydantic.json_schema import SkipJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match, Route
 
@@ -35,9 +36,25 @@ PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_SECONDS = "1"
 
 
+# A field that is left out when it has no value, never sent as null: SkipJsonSchema keeps
+# `null` out of the document (and `left_out` its default), so generated clients do not offer it.
+Omitted = SkipJsonSchema[None]
+
+
+def left_out(schema: dict[str, Any]) -> None:
+    """`json_schema_extra` of an `Omitted` field."""
+    schema.pop("default", None)
+
+
 class ProblemError(BaseModel):
-    pointer: str | None = Field(default=None, description="JSON pointer into the body")
-    parameter: str | None = Field(default=None, description="Query or path parameter")
+    """One problem of an invalid request: where (`pointer` or `parameter`) and what."""
+
+    pointer: str | Omitted = Field(
+        default=None, description="JSON pointer into the body", json_schema_extra=left_out
+    )
+    parameter: str | Omitted = Field(
+        default=None, description="Query or path parameter", json_schema_extra=left_out
+    )
     detail: str
 
 
@@ -50,13 +67,15 @@ class Problem(BaseModel):
     detail: str
     code: str = Field(description="The requirement's error code, e.g. ERR-VAL-400")
     request_id: str
-    errors: list[ProblemError] | None = None
+    errors: list[ProblemError] | Omitted = Field(
+        default=None, description="For invalid input: each problem", json_schema_extra=left_out
+    )
 
 
 # error class -> (HTTP status, code, type slug, title); the most specific class first.
 _KINDS: list[tuple[type[TallyError], int, str, str, str]] = [
     (UnsupportedMediaType, 415, "ERR-VAL-400", "unsupported-media-type", "Unsupported media type"),
-    (Conflict, 409, "ERR-VAL-400", "conflict", "Conflict"),
+    (Conflict, 409, "ERR-VAL-409", "conflict", "Conflict"),
     (InvalidInput, 400, "ERR-VAL-400", "invalid-input", "Invalid input"),
     (Unauthenticated, 401, "ERR-AUTH-401", "invalid-credentials", "Invalid credentials"),
     (Forbidden, 403, "ERR-AUTH-403", "access-denied", "Access denied"),
@@ -225,41 +244,8 @@ def install(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
-PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": description}
-    for status, description in [
-        (400, "Invalid input (ERR-VAL-400)"),
-        (401, "Missing, unknown, expired or revoked key (ERR-AUTH-401)"),
-        (403, "The key lacks the scope or tenant (ERR-AUTH-403)"),
-        (500, "Unexpected fault (ERR-SYS-500)"),
-        (503, "Store unreachable or shutting down (ERR-SYS-503); Retry-After is set"),
-    ]
-}
-# Every authenticated route checks the key's rate limit (api/deps.py).
-PROBLEM_RESPONSES[429] = {
-    "model": Problem,
-    "content": {PROBLEM_JSON: {}},
-    "description": "Over a rate limit of the key or tenant (ERR-RATE-429); nothing was done",
-    "headers": {
-        name: {"description": description, "required": True, "schema": {"type": "integer"}}
-        for name, description in [
-            ("Retry-After", "Seconds to wait before retrying (at least 1)"),
-            ("RateLimit-Limit", "The burst of the limit that refused"),
-            ("RateLimit-Remaining", "Units left in it"),
-            ("RateLimit-Reset", "Seconds until it is full again"),
-        ]
-    },
-}
-
-
 def responses(*extra: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
-    """The problem responses every authenticated route can give, plus `extra`."""
-    found = dict(PROBLEM_RESPONSES)
-    for status, description in extra:
-        found[status] = {
-            **found.get(status, {}),  # keeps the documented headers of a 429
-            "model": Problem,
-            "content": {PROBLEM_JSON: {}},
-            "description": description,
-        }
-    return found
+    """A route's own refusals, for its `responses=`: (status, description) each, e.g. a 409.
+    The refusals every route of its kind can give, and the problem media type and schema of
+    all of them, are added to the OpenAPI document by api/openapi.py."""
+    return {status: {"description": description} for status, description in extra}

@@ -196,17 +196,17 @@ def _check_attribute_value(value: object) -> str | bool | Decimal:
 EventId = Annotated[
     str,
     _matches(_ID_RE, "id", "must be 1 to 128 printable ASCII characters without spaces"),
-    WithJsonSchema({"type": "string", "pattern": r"^[\x21-\x7e]{1,128}$"}),
+    WithJsonSchema({"type": "string", "pattern": f"^{_ID_RE.pattern}$"}),
 ]
 EventType = Annotated[
     str,
     _matches(_TYPE_RE, "type", "must match ^[a-z][a-z0-9_.:-]{0,127}$"),
-    WithJsonSchema({"type": "string", "pattern": r"^[a-z][a-z0-9_.:-]{0,127}$"}),
+    WithJsonSchema({"type": "string", "pattern": f"^{_TYPE_RE.pattern}$"}),
 ]
 Name = Annotated[
     str,
     _matches(_NAME_RE, "name", "must be 1 to 64 of A-Z a-z 0-9 _ . - and start alphanumeric"),
-    WithJsonSchema({"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}),
+    WithJsonSchema({"type": "string", "pattern": f"^{_NAME_RE.pattern}$"}),
 ]
 Text = Annotated[
     str,
@@ -231,7 +231,9 @@ Quantity = Annotated[
 Rfc3339 = Annotated[
     datetime,
     BeforeValidator(parse_rfc3339),
-    WithJsonSchema({"type": "string", "format": "date-time"}),
+    WithJsonSchema(
+        {"type": "string", "format": "date-time", "pattern": f"^{_RFC3339_RE.pattern}$"}
+    ),
 ]
 _ATTRIBUTE_VALUE_SCHEMA = {
     "oneOf": [
