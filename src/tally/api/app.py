@@ -46,6 +46,10 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         summary=summary,
         description="Records billable events exactly once and exports them to billing systems.",
         lifespan=lifespan,
+        # No redirect from /v1/events/ to /v1/events: Starlette builds its Location from the
+        # request's Host (and a proxy's X-Forwarded-Proto), which a client chooses. Such a
+        # path is a 404 problem document like any unknown one.
+        redirect_slashes=False,
     )
     if services is not None:
         app.state.services = services

@@ -452,6 +452,10 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
         workers=workers,
         loop="tally.api.server:edge_loop",
         http=protocol,
+        # Proxy headers rewrite the client's address (the audit log's source) and scheme:
+        # trusted only from the proxies configured, else from nobody.
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies),
         access_log=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
