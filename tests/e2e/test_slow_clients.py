@@ -180,6 +180,24 @@ def test_a_raw_client_sending_a_body_over_the_limit_reads_the_413(capped: Server
         assert problem_of(answer)["type"] == "/problems/payload-too-large"
 
 
+def test_a_client_that_stops_reading_its_answers_is_cut_off(capped: Server) -> None:
+    # Pipelined requests for the OpenAPI document, whose answers are never read: before, the
+    # server waited for ever for room to write them.
+    requests = 200
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as connection:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        connection.settimeout(REQUEST_TIMEOUT + SLACK)
+        connection.connect(("127.0.0.1", capped.port))
+        connection.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n" * requests)
+        time.sleep(REQUEST_TIMEOUT + 2)  # the server's buffer fills, and stays full
+        answered = b""
+        with contextlib.suppress(OSError):  # a reset, or the idle timeout after the last answer
+            while chunk := connection.recv(1 << 20):
+                answered += chunk
+    assert answered.count(b"HTTP/1.1 200 ") < requests
+    assert httpx.get(f"{capped.base_url}/healthz", timeout=SLACK).status_code == 200
+
+
 # --- TLS --------------------------------------------------------------------------------------
 
 

@@ -5,10 +5,13 @@ versions, so the context is built here (`tls_context`) and handed to uvicorn as 
 `ssl_context_factory`, which every worker process calls when it loads its configuration.
 
 Limits (OWASP API4): uvicorn's httptools protocol buffers request headers without any bound,
-gives a client unlimited time to send them, and starts its idle timer only after a first
-response. `GuardedHttpToolsProtocol` adds those three bounds. The time to send a body is
-bounded, with its size, for every route by the request middleware (api/middleware.py), and
-open connections by uvicorn's `limit_concurrency` (503 past it).
+gives a client unlimited time to send them and to read its answers, starts its idle timer
+only after a first response and restarts it on any byte, keeps a connection open after
+answering a request whose body it did not read, and leaves TLS handshakes asyncio's 60 s.
+`GuardedHttpToolsProtocol` and `EdgeLoop` bound all of these, so every connection ends within
+the request and keep-alive timeouts. The time to send a body is bounded, with its size, for
+every route by the request middleware (api/middleware.py), and open connections by uvicorn's
+`limit_concurrency` (503 past it, a problem document like the protocol's own refusals).
 """
 
 from __future__ import annotations
@@ -131,6 +134,8 @@ class ConnectionLimits:
     # A lingering close reads and discards at most this many bytes, for at most this long.
     linger_bytes: int
     linger_seconds: float
+    # The longest the client may leave the server's send buffer full (it reads nothing).
+    write_stall_seconds: float
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     - a new connection that sends nothing is closed after the keep-alive timeout, as an idle
       one is after a response, and bytes that start no request (blank lines) do not restart
       that clock;
+    - a client that reads nothing of its response while the send buffer is full, for
+      `write_stall_seconds`: the connection is aborted (reading slowly is not stalling);
     - an early refusal, a response sent while the request's body is still arriving (a 401 or
       413 before the body is read), ends the connection: `Connection: close`, then a lingering
       close (below), so a client dribbling a body cannot hold the connection for ever.
@@ -217,6 +224,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._arrived_bytes = 0  # raw bytes received while the headers were incomplete
         self._headers_too_large = False
         self._header_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None  # running while writes wait
+        self._served: RequestResponseCycle | None = None  # the request its app answers
         # While lingering: the future resolved when it ends, whether the request's body is
         # still parsed (to end as soon as it is complete), the bytes discarded and the timer.
         self._lingering: asyncio.Future[None] | None = None
@@ -232,6 +241,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
+        self._stop_write_timer()
+        self._disconnect_served()
         self._end_linger()
         super().connection_lost(exc)
 
@@ -312,7 +323,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if app is service_unavailable:
             self._refuse(OVER_CAPACITY, "Too many open connections; retry shortly.")
             return
+        self._served = cycle
         super()._start_asgi_task(cycle, self._closing_after_early_refusal(cycle, app))
+
+    def _disconnect_served(self) -> None:
+        """Tell the response being written that the client is gone. uvicorn tells only the
+        last request parsed, which with pipelining is a later one: the writer, woken when the
+        send buffer is freed, would write to a closed transport."""
+        if self._served is not None and not self._served.response_complete:
+            self._served.disconnected = True
+            self._served.message_event.set()
 
     def _closing_after_early_refusal(
         self, cycle: RequestResponseCycle, app: ASGI3Application
@@ -343,6 +363,29 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             await app(scope, receive, send_closing)
 
         return guarded
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(
+                self._limits.write_stall_seconds, self._not_reading
+            )
+
+    def resume_writing(self) -> None:
+        self._stop_write_timer()
+        super().resume_writing()
+
+    def _not_reading(self) -> None:
+        # Nothing can be said to a client that reads nothing: the connection is dropped.
+        self._write_timer = None
+        self.logger.warning("Client stopped reading its response; connection aborted.")
+        self._disconnect_served()  # before connection_lost does: see there
+        self.transport.abort()
+
+    def _stop_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
@@ -441,6 +484,7 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
         header_timeout_seconds=settings.request_timeout_seconds,
         linger_bytes=max(LINGER_BODIES * settings.max_body_bytes, LINGER_MIN_BYTES),
         linger_seconds=settings.keepalive_timeout_seconds,
+        write_stall_seconds=settings.request_timeout_seconds,
     )
     # A partial, not a subclass made here: uvicorn pickles its configuration to each worker.
     protocol = cast("type[asyncio.Protocol]", partial(GuardedHttpToolsProtocol, limits=limits))
