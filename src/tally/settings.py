@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tally.events.validation import Name
 from tally.ratelimit.interface import MAX_BURST, MAX_RATE
@@ -61,6 +62,12 @@ class Settings(BaseSettings):
     request_timeout_seconds: int = Field(default=30, ge=1, le=600)
     keepalive_timeout_seconds: int = Field(default=5, ge=1, le=300)
     max_connections: int = Field(default=1000, ge=1, le=100_000)
+    # X-Forwarded-For/-Proto name the client's address (the audit log's source) and scheme;
+    # anyone can send them, so they count only from these peers. Empty: from nobody.
+    trusted_proxies: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="IP addresses or CIDR networks, comma-separated, whose proxy headers count",
+    )
     # Rate limits (ratelimit/): requests and events per second, per API key and per tenant,
     # each with a burst (the most units at once; unset: one second's worth, and for events at
     # least max_batch_events). A rate of 0 turns that limit off. Without redis_url each
@@ -127,6 +134,26 @@ class Settings(BaseSettings):
         if str(info.data.get("database_url", "")).startswith("sqlite:"):
             raise ValueError("is for PostgreSQL: set TALLY_DATABASE_URL to a postgresql:// URL")
         return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> tuple[str, ...]:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ValueError("TALLY_TRUSTED_PROXIES must be IP addresses or CIDR networks")
+        networks: list[str] = []
+        for item in (str(item).strip() for item in items):
+            if not item:
+                continue
+            try:
+                network = ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"TALLY_TRUSTED_PROXIES must be IP addresses or CIDR networks separated "
+                    f"by commas (e.g. 10.0.0.5,10.1.0.0/16): {item!r} is neither"
+                ) from None
+            networks.append(str(network))
+        return tuple(networks)
 
     @field_validator("redis_url")
     @classmethod

@@ -19,11 +19,19 @@ import httpx
 import pytest
 
 from tests.conftest import event
+from tests.support.raw_http import (
+    PATIENCE,
+    connect,
+    headers_of,
+    problem_of,
+    read_answer,
+    send,
+    status_of,
+)
 from tests.support.server import Server, running_server
 
 MAX_HEADER_BYTES = 8192
 REQUEST_TIMEOUT = 2
-PATIENCE = 30.0  # far beyond every limit here: reaching it means the server never gave up
 
 LIMITS = {
     "TALLY_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
@@ -57,85 +65,63 @@ def writer(limited: Server) -> str:
     return key
 
 
-def connect(server: Server) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", server.port), timeout=PATIENCE)
-
-
-def read_answer(connection: socket.socket) -> bytes:
-    """Everything the server sends until it closes (b"" if it closed without a word).
-
-    Raises TimeoutError when the server neither answers nor closes within PATIENCE.
-    """
-    answer = b""
-    with contextlib.suppress(ConnectionResetError):
-        while chunk := connection.recv(65536):
-            answer += chunk
-    return answer
-
-
-def send(server: Server, request: bytes) -> bytes:
-    """One raw request on a new connection; what came back (a reset mid-send ends it)."""
-    with connect(server) as connection:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            connection.sendall(request)
-        return read_answer(connection)
-
-
 def get_with_headers(header_bytes: int, *, lines: int = 1) -> bytes:
     each = "a" * (header_bytes // lines)
     padding = "".join(f"X-Pad-{i}: {each}\r\n" for i in range(lines))
     return f"GET /healthz HTTP/1.1\r\nHost: t\r\n{padding}Connection: close\r\n\r\n".encode()
 
 
-def status_of(answer: bytes) -> int:
-    assert answer.startswith(b"HTTP/1.1 "), answer[:200]
-    return int(answer.split(b" ", 2)[1])
-
-
-def problem_of(answer: bytes) -> dict[str, object]:
-    document: dict[str, object] = json.loads(answer.split(b"\r\n\r\n", 1)[1])
-    return document
+def assert_edge_problem(answer: bytes, *, code: str, slug: str) -> None:
+    """`answer` is a problem document the server's edge made: its code and type, a request id
+    that its X-Request-Id repeats, and the connection closed."""
+    headers = headers_of(answer)
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["connection"] == "close"
+    problem = problem_of(answer)
+    assert (problem["code"], problem["type"], problem["status"]) == (
+        code,
+        f"/problems/{slug}",
+        status_of(answer),
+    )
+    assert problem["request_id"] == headers["x-request-id"]
+    assert isinstance(problem["title"], str)
+    assert isinstance(problem["detail"], str)
 
 
 # --- headers -------------------------------------------------------------------------------------
 
 
 def test_headers_under_the_limit_are_served(limited: Server) -> None:
-    assert status_of(send(limited, get_with_headers(MAX_HEADER_BYTES // 2, lines=4))) == 200
+    assert status_of(send(limited.port, get_with_headers(MAX_HEADER_BYTES // 2, lines=4))) == 200
 
 
 @pytest.mark.parametrize("lines", [2, 1], ids=["many-headers", "one-long-header"])
 def test_headers_just_over_the_limit_get_431(limited: Server, lines: int) -> None:
-    answer = send(limited, get_with_headers(MAX_HEADER_BYTES + 1024, lines=lines))
+    answer = send(limited.port, get_with_headers(MAX_HEADER_BYTES + 1024, lines=lines))
     assert status_of(answer) == 431
-    problem = problem_of(answer)
-    assert (problem["code"], problem["type"]) == (
-        "ERR-VAL-400",
-        "/problems/request-header-fields-too-large",
-    )
-    assert b"content-type: application/problem+json" in answer.lower()
+    assert_edge_problem(answer, code="ERR-VAL-400", slug="request-header-fields-too-large")
 
 
 @pytest.mark.parametrize("lines", [1000, 1], ids=["many-headers", "one-long-header"])
 def test_a_megabyte_of_headers_is_cut_off(limited: Server, lines: int) -> None:
     # The server stops reading and closes: the client may see the 431 or a reset while it is
     # still sending. It must never see the request served.
-    answer = send(limited, get_with_headers(1024 * 1024, lines=lines))
+    answer = send(limited.port, get_with_headers(1024 * 1024, lines=lines))
     assert answer == b"" or status_of(answer) == 431
-    assert status_of(send(limited, get_with_headers(100))) == 200  # and the server is fine
+    assert status_of(send(limited.port, get_with_headers(100))) == 200  # and the server is fine
 
 
 def test_headers_that_never_finish_get_408(limited: Server) -> None:
-    with connect(limited) as connection:
+    with connect(limited.port) as connection:
         connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: ")
         answer = read_answer(connection)  # the headers' end never comes
     assert status_of(answer) == 408
-    assert problem_of(answer)["type"] == "/problems/request-timeout"
+    assert_edge_problem(answer, code="ERR-VAL-400", slug="request-timeout")
 
 
 def test_headers_dribbled_byte_by_byte_get_408(limited: Server) -> None:
     request = b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + b"X-Slow: " + b"a" * 10_000
-    with connect(limited) as connection:
+    with connect(limited.port) as connection:
         connection.settimeout(0.2)
         answer = b""
         deadline = time.monotonic() + PATIENCE
@@ -168,7 +154,7 @@ def post(key: str, body: bytes, *, declared: int | None = None) -> bytes:
 
 def test_a_body_dribbled_too_slowly_gets_a_408_problem(limited: Server, writer: str) -> None:
     body = json.dumps(event("slow-1")).encode()
-    with connect(limited) as connection:
+    with connect(limited.port) as connection:
         connection.sendall(post(writer, b"", declared=len(body)))
         connection.settimeout(0.5)
         answer = b""
@@ -190,21 +176,22 @@ def test_a_body_dribbled_too_slowly_gets_a_408_problem(limited: Server, writer: 
 def test_a_body_over_the_configured_size_gets_413(limited: Server, writer: str) -> None:
     body = json.dumps({"events": [event("big", attributes={"pad": "x" * 200})] * 3}).encode()
     body += b" " * (4097 - len(body))
-    answer = send(limited, post(writer, body))
+    answer = send(limited.port, post(writer, body))
     assert status_of(answer) == 413
     assert problem_of(answer)["type"] == "/problems/payload-too-large"
 
 
 def test_a_batch_over_the_configured_size_is_refused_whole(limited: Server, writer: str) -> None:
     batch = json.dumps({"events": [event(f"many-{i}") for i in range(4)]}).encode()
-    answer = send(limited, post(writer, batch))
+    answer = send(limited.port, post(writer, batch))
     assert status_of(answer) == 400
     assert problem_of(answer)["errors"] == [
         {"pointer": "/events", "detail": "must hold 1 to 3 events"}
     ]
     exactly = json.dumps({"events": [event(f"three-{i}") for i in range(3)]}).encode()
     assert (
-        json.loads(send(limited, post(writer, exactly)).split(b"\r\n\r\n", 1)[1])["accepted"] == 3
+        json.loads(send(limited.port, post(writer, exactly)).split(b"\r\n\r\n", 1)[1])["accepted"]
+        == 3
     )
 
 
@@ -212,15 +199,30 @@ def test_a_batch_over_the_configured_size_is_refused_whole(limited: Server, writ
 
 
 def test_a_connection_that_never_sends_is_closed(limited: Server) -> None:
-    with connect(limited) as connection:
+    with connect(limited.port) as connection:
         assert read_answer(connection) == b""
 
 
 def test_an_idle_keep_alive_connection_is_closed(limited: Server) -> None:
-    with connect(limited) as connection:
+    with connect(limited.port) as connection:
         connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
         answer = read_answer(connection)  # returns once the server closes the idle connection
     assert status_of(answer) == 200
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost t\r\n\r\n",  # a header without its colon
+        b"POST /v1/events HTTP/1.1\r\nHost: t\r\nContent-Length: x\r\n\r\n",
+    ],
+    ids=["garbage", "header-without-colon", "bad-content-length"],
+)
+def test_malformed_http_gets_a_400_problem(limited: Server, request_bytes: bytes) -> None:
+    answer = send(limited.port, request_bytes)
+    assert status_of(answer) == 400
+    assert_edge_problem(answer, code="ERR-VAL-400", slug="malformed-request")
 
 
 # --- connections --------------------------------------------------------------------------------
@@ -236,14 +238,18 @@ def test_connections_over_the_cap_get_503_until_some_close(tmp_path: Path) -> No
             # One client opens keep-alive connections one after another; each is served
             # while the open ones (itself included) stay under the cap, and stays open.
             for _ in range(cap - 1):
-                held.append(connect(server))
+                held.append(connect(server.port))
                 held[-1].sendall(request)
                 assert status_of(held[-1].recv(65536)) == 200
-            refused = send(server, request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+            refused = send(
+                server.port, request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+            )
         finally:
             for connection in held:
                 connection.close()
         assert status_of(refused) == 503
+        assert_edge_problem(refused, code="ERR-SYS-503", slug="service-unavailable")
+        assert headers_of(refused)["retry-after"] == "1"
 
         deadline = time.monotonic() + PATIENCE
         while True:  # the server sees the held connections close on its own time
@@ -262,7 +268,7 @@ def test_an_admin_body_dribbled_too_slowly_gets_a_408_problem(limited: Server) -
         f"POST /v1/tenants HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {limited.admin_key}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
-    with connect(limited) as connection:
+    with connect(limited.port) as connection:
         connection.sendall(head.encode() + body[:3])  # and the rest never comes
         connection.settimeout(PATIENCE)
         answer = read_answer(connection)

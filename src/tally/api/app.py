@@ -53,6 +53,10 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         docs_url=None,
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
+        # No redirect from /v1/events/ to /v1/events: Starlette builds its Location from the
+        # request's Host (and a proxy's X-Forwarded-Proto), which a client chooses. Such a
+        # path is a 404 problem document like any unknown one.
+        redirect_slashes=False,
     )
     if services is not None:
         app.state.services = services

@@ -5,10 +5,13 @@ versions, so the context is built here (`tls_context`) and handed to uvicorn as 
 `ssl_context_factory`, which every worker process calls when it loads its configuration.
 
 Limits (OWASP API4): uvicorn's httptools protocol buffers request headers without any bound,
-gives a client unlimited time to send them, and starts its idle timer only after a first
-response. `GuardedHttpToolsProtocol` adds those three bounds. The time to send a body is
-bounded, with its size, for every route by the request middleware (api/middleware.py), and
-open connections by uvicorn's `limit_concurrency` (503 past it).
+gives a client unlimited time to send them and to read its answers, starts its idle timer
+only after a first response and restarts it on any byte, keeps a connection open after
+answering a request whose body it did not read, and leaves TLS handshakes asyncio's 60 s.
+`GuardedHttpToolsProtocol` and `EdgeLoop` bound all of these, so every connection ends within
+the request and keep-alive timeouts. The time to send a body is bounded, with its size, for
+every route by the request middleware (api/middleware.py), and open connections by uvicorn's
+`limit_concurrency` (503 past it, a problem document like the protocol's own refusals).
 """
 
 from __future__ import annotations
@@ -23,9 +26,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
+import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+import uvloop
+from uvicorn._types import ASGI3Application
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
+from tally.api.problems import RETRY_AFTER_SECONDS
 from tally.settings import Settings
 
 # Mozilla's "intermediate" configuration (TLS 1.2 suites; every TLS 1.3 suite is acceptable).
@@ -105,20 +117,80 @@ class HeadersTooLarge(Exception):
     """Raised inside the parser's callbacks to stop it: the request's headers are too large."""
 
 
+class _StopParsing(Exception):
+    """Raised inside the parser's callbacks while lingering: a next request begins."""
+
+
+# A lingering close drains what a refused client still sends: up to LINGER_BODIES bodies of
+# the largest size allowed, at least LINGER_MIN_BYTES, for the keep-alive timeout.
+LINGER_BODIES = 4
+LINGER_MIN_BYTES = 4 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     max_header_bytes: int
     header_timeout_seconds: float
+    # A lingering close reads and discards at most this many bytes, for at most this long.
+    linger_bytes: int
+    linger_seconds: float
+    # The longest the client may leave the server's send buffer full (it reads nothing).
+    write_stall_seconds: float
 
 
-_EDGE_PROBLEMS = {
-    408: ("request-timeout", "Request timeout"),
-    431: ("request-header-fields-too-large", "Request header fields too large"),
-}
+@dataclass(frozen=True)
+class EdgeProblem:
+    """A refusal the server's edge makes itself, before or beside the application."""
+
+    status: int
+    code: str
+    slug: str
+    title: str
+    retry_after: str | None = None
+
+
+HEADERS_TOO_LARGE = EdgeProblem(
+    431, "ERR-VAL-400", "request-header-fields-too-large", "Request header fields too large"
+)
+HEADERS_TOO_SLOW = EdgeProblem(408, "ERR-VAL-400", "request-timeout", "Request timeout")
+MALFORMED = EdgeProblem(400, "ERR-VAL-400", "malformed-request", "Malformed HTTP request")
+OVER_CAPACITY = EdgeProblem(
+    503, "ERR-SYS-503", "service-unavailable", "Service unavailable", RETRY_AFTER_SECONDS
+)
+
+
+def edge_response(
+    problem: EdgeProblem, detail: str, default_headers: list[tuple[bytes, bytes]]
+) -> tuple[bytes, str]:
+    """The whole HTTP/1.1 response for `problem` (a problem document, `Connection: close`) and
+    the request id it carries: no application (and so no request id) exists where it is sent."""
+    request_id = uuid.uuid4().hex
+    body = json.dumps(
+        {
+            "type": f"/problems/{problem.slug}",
+            "title": problem.title,
+            "status": problem.status,
+            "detail": detail,
+            "code": problem.code,
+            "request_id": request_id,
+        }
+    ).encode()
+    head = [STATUS_LINE[problem.status]]
+    for name, value in default_headers:
+        head += [name, b": ", value, b"\r\n"]
+    if problem.retry_after is not None:
+        head.append(b"retry-after: %s\r\n" % problem.retry_after.encode())
+    head += [
+        b"content-type: application/problem+json\r\n",
+        b"x-request-id: %s\r\n" % request_id.encode(),
+        b"content-length: %d\r\n" % len(body),
+        b"connection: close\r\n\r\n",
+    ]
+    return b"".join(head) + body, request_id
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with three bounds it lacks:
+    """uvicorn's httptools protocol with the bounds it lacks:
 
     - request line and headers over `max_header_bytes`: 431, connection closed (counted as
       the parser delivers them, and on the raw bytes while they are still arriving, because
@@ -126,17 +198,40 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     - request line and headers not complete within `header_timeout_seconds` of their first
       byte (slowloris): 408, connection closed;
     - a new connection that sends nothing is closed after the keep-alive timeout, as an idle
-      one is after a response.
+      one is after a response, and bytes that start no request (blank lines) do not restart
+      that clock;
+    - a client that reads nothing of its response while the send buffer is full, for
+      `write_stall_seconds`: the connection is aborted (reading slowly is not stalling);
+    - an early refusal, a response sent while the request's body is still arriving (a 401 or
+      413 before the body is read), ends the connection: `Connection: close`, then a lingering
+      close (below), so a client dribbling a body cannot hold the connection for ever.
+
+    Its own refusals (431, 408, uvicorn's 400 for malformed HTTP and 503 past the connection
+    cap) are problem documents built by `edge_response`, each followed by a lingering close.
+
+    Lingering close: the answer is written, then what the client still sends is read and
+    discarded, at most `linger_bytes` for at most `linger_seconds`, before the connection
+    closes. Closing with unread bytes makes the kernel send a reset, which can reach a client
+    that is still sending its body before it reads the answer; draining first lets it read.
     """
 
     def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._limits = limits
         self._reading_headers = False
+        self._message_began = False
         self._header_bytes = 0  # request line and headers as parsed
         self._arrived_bytes = 0  # raw bytes received while the headers were incomplete
         self._headers_too_large = False
         self._header_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None  # running while writes wait
+        self._served: RequestResponseCycle | None = None  # the request its app answers
+        # While lingering: the future resolved when it ends, whether the request's body is
+        # still parsed (to end as soon as it is complete), the bytes discarded and the timer.
+        self._lingering: asyncio.Future[None] | None = None
+        self._linger_parses = False
+        self._lingered_bytes = 0
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -146,27 +241,48 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
+        self._stop_write_timer()
+        self._disconnect_served()
+        self._end_linger()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:
+            self._discard(data, self._lingering)
+            return
+        # uvicorn stops the keep-alive clock on any byte; only a request beginning should.
+        idle = self.timeout_keep_alive_task
+        self.timeout_keep_alive_task = None
+        self._message_began = False
         super().data_received(data)
+        if idle is not None:
+            if (
+                self._message_began
+                or self.timeout_keep_alive_task is not None
+                or self._lingering is not None
+            ):
+                idle.cancel()
+            else:
+                self.timeout_keep_alive_task = idle
         # Only data that left the parser still inside the headers counts: a chunk that ends
         # them may carry the body too. So the check lags by at most one read.
         if self._reading_headers and not self.transport.is_closing():
             self._arrived_bytes += len(data)
             if self._arrived_bytes > self._limits.max_header_bytes:
-                self._refuse(431, "Request header fields too large.")
+                self._refuse(HEADERS_TOO_LARGE, "Request header fields too large.")
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers any parser error with 400; one raised by `_count` is a 431.
         if self._headers_too_large:
-            self._refuse(431, "Request header fields too large.")
+            self._refuse(HEADERS_TOO_LARGE, "Request header fields too large.")
         else:
-            super().send_400_response(msg)
+            self._refuse(MALFORMED, "The request is not valid HTTP/1.1.")
 
     def on_message_begin(self) -> None:
+        if self._lingering is not None:
+            raise _StopParsing  # a pipelined request after a refused one is not served
         super().on_message_begin()
-        self._reading_headers = True
+        self._message_began = self._reading_headers = True
         self._header_bytes = self._arrived_bytes = 0
         self._stop_header_timer()
         self._header_timer = self.loop.call_later(
@@ -193,47 +309,160 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._stop_header_timer()
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if self._lingering is None:  # else the answer is out: the body is read to be dropped
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._end_linger()  # the client has sent all it meant to: nothing is left unread
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        # The one place every request's application starts, uvicorn's 503 past the
+        # connection cap included.
+        if app is service_unavailable:
+            self._refuse(OVER_CAPACITY, "Too many open connections; retry shortly.")
+            return
+        self._served = cycle
+        super()._start_asgi_task(cycle, self._closing_after_early_refusal(cycle, app))
+
+    def _disconnect_served(self) -> None:
+        """Tell the response being written that the client is gone. uvicorn tells only the
+        last request parsed, which with pipelining is a later one: the writer, woken when the
+        send buffer is freed, would write to a closed transport."""
+        if self._served is not None and not self._served.response_complete:
+            self._served.disconnected = True
+            self._served.message_event.set()
+
+    def _closing_after_early_refusal(
+        self, cycle: RequestResponseCycle, app: ASGI3Application
+    ) -> ASGI3Application:
+        """`app`, its response ending the connection when it starts before the request's
+        body has all arrived: `Connection: close`, and the response's end held back (its
+        bytes are all sent) until the lingering close is over; uvicorn then closes."""
+
+        async def guarded(scope: Any, receive: Any, send: Any) -> None:
+            async def send_closing(message: Any) -> None:
+                if message["type"] == "http.response.start" and cycle.more_body:
+                    headers = [
+                        (name, value)
+                        for name, value in message.get("headers", [])
+                        if name.lower() != b"connection"
+                    ]
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+                elif (
+                    message["type"] == "http.response.body"
+                    and not message.get("more_body", False)
+                    and cycle.more_body
+                ):
+                    await send({**message, "more_body": True})
+                    await self._linger(parses=True)
+                    message = {"type": "http.response.body", "body": b"", "more_body": False}
+                await send(message)
+
+            await app(scope, receive, send_closing)
+
+        return guarded
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(
+                self._limits.write_stall_seconds, self._not_reading
+            )
+
+    def resume_writing(self) -> None:
+        self._stop_write_timer()
+        super().resume_writing()
+
+    def _not_reading(self) -> None:
+        # Nothing can be said to a client that reads nothing: the connection is dropped.
+        self._write_timer = None
+        self.logger.warning("Client stopped reading its response; connection aborted.")
+        self._disconnect_served()  # before connection_lost does: see there
+        self.transport.abort()
+
+    def _stop_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
     def _headers_too_slow(self) -> None:
         self._header_timer = None
         if self._reading_headers and not self.transport.is_closing():
-            self._refuse(408, "Request headers not received in time.")
+            self._refuse(HEADERS_TOO_SLOW, "Request headers not received in time.")
 
     def _stop_header_timer(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, problem: EdgeProblem, detail: str) -> None:
+        """Answer with `problem` and close (lingering), whatever the request was."""
         self._reading_headers = False
         self._stop_header_timer()
-        if self.transport.is_closing():  # refused already
+        if self.transport.is_closing() or self._lingering is not None:  # refused already
             return
-        # A problem document like every other refusal, though no request (and so no app)
-        # exists yet: its request id is made here, and the log line carries it.
-        request_id = uuid.uuid4().hex
-        slug, title = _EDGE_PROBLEMS[status]
-        body = json.dumps(
-            {
-                "type": f"/problems/{slug}",
-                "title": title,
-                "status": status,
-                "detail": message,
-                "code": "ERR-VAL-400",
-                "request_id": request_id,
-            }
-        ).encode()
-        head = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            head += [name, b": ", value, b"\r\n"]
-        head += [
-            b"content-type: application/problem+json\r\n",
-            b"x-request-id: %s\r\n" % request_id.encode(),
-            b"content-length: %d\r\n" % len(body),
-            b"connection: close\r\n\r\n",
-        ]
-        self.logger.warning("%s request_id=%s", message, request_id)
-        self.transport.write(b"".join(head) + body)
-        self.transport.close()
+        response, request_id = edge_response(problem, detail, self.server_state.default_headers)
+        self.logger.warning("%s request_id=%s", detail, request_id)
+        self.transport.write(response)
+        self._linger(parses=False).add_done_callback(lambda _: self.transport.close())
+
+    def _linger(self, *, parses: bool) -> asyncio.Future[None]:
+        """Start the lingering close (see the class); the future resolves when it is over.
+        With `parses`, the parser still reads the request (its body is dropped), so that
+        the linger ends as soon as the body is complete."""
+        if self._lingering is None:
+            self._lingering = self.loop.create_future()
+            self._linger_parses = parses
+            self._lingered_bytes = 0
+            self._unset_keepalive_if_required()
+            self._linger_timer = self.loop.call_later(self._limits.linger_seconds, self._end_linger)
+            self.flow.resume_reading()  # uvicorn pauses reading while an app leaves a body
+        return self._lingering
+
+    def _discard(self, data: bytes, lingering: asyncio.Future[None]) -> None:
+        self._lingered_bytes += len(data)
+        if lingering.done():  # over: the connection is about to close
+            return
+        if self._lingered_bytes > self._limits.linger_bytes:
+            self._end_linger()
+        elif self._linger_parses:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                self._end_linger()  # _StopParsing, or bytes that are not HTTP: stop here
+
+    def _end_linger(self) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        if self._lingering is not None and not self._lingering.done():
+            self._lingering.set_result(None)
+
+
+class EdgeLoop(uvloop.Loop):
+    """uvloop, its TLS handshakes bounded by `handshake_timeout` rather than asyncio's 60 s:
+    a connection that never sends its ClientHello is closed like one that never sends a
+    request. uvicorn starts the handshake before the protocol hears of the connection, so
+    the bound can only be the server's (`ssl_handshake_timeout`)."""
+
+    handshake_timeout: float = 60.0
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
+        if kwargs.get("ssl") is not None:  # uvicorn passes it by name
+            kwargs.setdefault("ssl_handshake_timeout", self.handshake_timeout)
+        # uvloop's stubs say AbstractServer; asyncio's loop contract (and uvloop) give a Server.
+        return cast("asyncio.Server", await super().create_server(*args, **kwargs))
+
+
+def edge_loop() -> asyncio.AbstractEventLoop:
+    """The event loop of a `tally serve` worker. uvicorn calls it by name in each worker
+    process, so, like the application (app.app_from_environment), it reads its setting from
+    the environment: a handshake must end within TALLY_KEEPALIVE_TIMEOUT_SECONDS."""
+    loop = EdgeLoop()
+    loop.handshake_timeout = Settings().keepalive_timeout_seconds
+    return loop
 
 
 def check(settings: Settings) -> None:
@@ -253,6 +482,9 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
     limits = ConnectionLimits(
         max_header_bytes=settings.max_header_bytes,
         header_timeout_seconds=settings.request_timeout_seconds,
+        linger_bytes=max(LINGER_BODIES * settings.max_body_bytes, LINGER_MIN_BYTES),
+        linger_seconds=settings.keepalive_timeout_seconds,
+        write_stall_seconds=settings.request_timeout_seconds,
     )
     # A partial, not a subclass made here: uvicorn pickles its configuration to each worker.
     protocol = cast("type[asyncio.Protocol]", partial(GuardedHttpToolsProtocol, limits=limits))
@@ -262,8 +494,12 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
         host=host,
         port=port,
         workers=workers,
-        loop="uvloop",
+        loop="tally.api.server:edge_loop",
         http=protocol,
+        # Proxy headers rewrite the client's address (the audit log's source) and scheme:
+        # trusted only from the proxies configured, else from nobody.
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies),
         access_log=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
