@@ -76,3 +76,21 @@ def test_postgres_without_a_keyring_says_what_to_set(postgres_url: str, tmp_path
     result = serve_once(tmp_path, TALLY_DATABASE_URL=postgres_url)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "TALLY_KEYRING is not set" in " ".join(result.stderr.split())
+
+
+def test_the_database_and_its_wal_and_keyring_are_owner_only(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'tally.db'}"
+    # A permissive umask, as on most hosts, which SQLite would otherwise apply (0644).
+    previous = os.umask(0o022)
+    try:
+        with running_server(url, tmp_path) as server, server.client() as client:
+            admin = {"Authorization": f"Bearer {server.admin_key}"}
+            assert client.post("/v1/tenants", json={"id": "acme"}, headers=admin).is_success
+            made = sorted(path.name for path in tmp_path.glob("tally.db*"))
+            assert made[:4] == ["tally.db", "tally.db-shm", "tally.db-wal", "tally.db.keyring"]
+            modes = {
+                path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.glob("tally.db*")
+            }
+    finally:
+        os.umask(previous)
+    assert modes == dict.fromkeys(modes, 0o600), modes

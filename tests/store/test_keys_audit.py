@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from tally.auth import keys
-from tally.errors import AlreadyExists
+from tally.errors import AlreadyExists, LastAdminKey
 from tally.store.interface import (
     Application,
     AuditEntry,
@@ -240,3 +240,55 @@ def test_the_audit_log_is_append_only(store: EventStore, database_url: str, sql:
         raw_execute(database_url, sql)
     [kept] = store.list_audit(AuditFilter(), limit=10)
     assert (kept.actor, kept.target) == ("cli:alice", "key_a")
+
+
+def test_the_last_admin_key_that_stays_valid_is_not_revoked(store: EventStore) -> None:
+    store.create_key(key_record("key_admin", scopes=("admin",)))
+    store.create_key(key_record("key_gone", scopes=("admin",), revoked_at=NOW))
+    store.create_key(key_record("key_old", scopes=("admin",), expires_at=NOW))
+    store.create_key(key_record("key_retiring", scopes=("admin",), replaced_by="key_admin"))
+    store.create_key(key_record("key_reader"))
+
+    with pytest.raises(LastAdminKey):
+        store.revoke_key("key_admin", at=NOW, audit=entry("key.revoke"), keep_an_admin=True)
+
+    found = store.get_key("key_admin")
+    assert found is not None and found.revoked_at is None
+    assert actions(store) == []
+    # Keys whose revocation takes no admin away are revoked as before.
+    for other in ("key_gone", "key_old", "key_retiring", "key_reader"):
+        assert store.revoke_key(other, at=NOW, keep_an_admin=True)
+    # Without the guard (the CLI's --force), the last one goes too.
+    assert store.revoke_key("key_admin", at=NOW, audit=entry("key.revoke"))
+
+
+def test_concurrent_revocations_of_the_last_two_admin_keys_leave_one(store: EventStore) -> None:
+    for round_ in range(5):  # a race that one round could miss by luck
+        ids = [f"key_{round_}_a", f"key_{round_}_b"]
+        for key_id in ids:
+            store.create_key(key_record(key_id, scopes=("admin",)))
+        outcomes: list[str] = []
+        barrier = threading.Barrier(2)
+
+        def revoke(key_id: str, barrier: threading.Barrier, outcomes: list[str]) -> None:
+            barrier.wait()
+            try:
+                store.revoke_key(key_id, at=NOW, keep_an_admin=True)
+                outcomes.append("revoked")
+            except LastAdminKey:
+                outcomes.append("refused")
+
+        threads = [
+            threading.Thread(target=revoke, args=(key_id, barrier, outcomes)) for key_id in ids
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        assert sorted(outcomes) == ["refused", "revoked"]
+        left = [key_id for key_id in ids if (k := store.get_key(key_id)) and not k.revoked_at]
+        assert len(left) == 1
+        # The survivor is now the round's only valid admin key: retire it (unguarded) so the
+        # next round starts from its own two.
+        assert store.revoke_key(left[0], at=NOW)

@@ -97,10 +97,15 @@ def rotate_key(key_id: str, spec: RotateIn, who: ActorDep, services: ServicesDep
 @router.delete(
     "/v1/keys/{key_id}",
     status_code=HTTP_204_NO_CONTENT,
-    responses=responses((404, "No such key (ERR-RES-404)")),
+    responses=responses(
+        (404, "No such key (ERR-RES-404)"),
+        (409, "The last admin key that stays valid: issue or rotate to another one first"),
+    ),
 )
 def revoke_key(key_id: str, who: ActorDep, services: ServicesDep) -> Response:
-    """Revoke at once: the next request with this key gets 401."""
+    """Revoke at once: the next request with this key gets 401. The last admin key that
+    stays valid (not revoked, expired or retiring after a rotation) cannot be revoked: a
+    409 says so, and the operator issues another one first (or rotates this one)."""
     services.registry.revoke_key(key_id, actor=who)
     return Response(status_code=HTTP_204_NO_CONTENT)
 

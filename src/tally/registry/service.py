@@ -224,11 +224,19 @@ class Registry:
         if not record.usable_at(now):
             raise Conflict("This key has expired and cannot be rotated; issue a new key instead.")
 
-    def revoke_key(self, key_id: str, *, actor: Actor = SYSTEM) -> None:
-        """Revoked at once, for every replica. Raises NotFound (and records nothing)."""
+    def revoke_key(self, key_id: str, *, actor: Actor = SYSTEM, force: bool = False) -> None:
+        """Revoked at once, for every replica.
+
+        Raises NotFound, or LastAdminKey (409) when no other admin key would stay valid, an
+        operator locked out of the API being one mistake away otherwise; in both cases it
+        records nothing. `force` (the host's CLI only: `tally keys create --scope admin`
+        there is the recovery) revokes anyway, and the audit entry says so.
+        """
         now = self.clock()
-        audit = actor.entry("key.revoke", at=now, target=key_id)
-        if not self.store.revoke_key(key_id, at=now, audit=audit):
+        audit = actor.entry(
+            "key.revoke", at=now, target=key_id, details={"forced": True} if force else None
+        )
+        if not self.store.revoke_key(key_id, at=now, audit=audit, keep_an_admin=not force):
             raise NotFound("There is no key with this id.")
 
     def bootstrap_admin_key(self, *, actor: Actor = SYSTEM) -> NewKeyOut | None:
