@@ -119,8 +119,10 @@ class Services:
     rate_limits: RateGuard
 
     def close(self) -> None:
-        """Commit what is in flight, then release the store (and the rate limiter)."""
+        """Commit what is in flight and the audit counts held, then release the store (and
+        the rate limiter)."""
         self.committer.close()
+        self.registry.close()
         self.store.close()
         self.rate_limits.close()
 

@@ -8,14 +8,14 @@ or the CLI's OS user).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
 from tally.auth import keys
 from tally.auth.service import Scope
 from tally.errors import Conflict, FieldError, InvalidInput, NotFound
 from tally.events.model import format_time
-from tally.registry.audit import SYSTEM, Actor
+from tally.registry.audit import SYSTEM, Actor, DenialLog
 from tally.registry.models import (
     MAX_GRACE_SECONDS,
     ApplicationIn,
@@ -67,6 +67,10 @@ class Registry:
     store: EventStore
     region: str
     clock: Callable[[], datetime]
+    denials: DenialLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.denials = DenialLog(self.store.record_audit, self.clock)
 
     def create_tenant(self, spec: TenantIn, *, actor: Actor = SYSTEM) -> Tenant:
         """Raises AlreadyExists if the id is taken (and records nothing)."""
@@ -265,6 +269,15 @@ class Registry:
         self.store.record_audit(
             actor.entry(action, at=self.clock(), target=target, details=details)
         )
+
+    def deny(self, actor: Actor, *, route: str, method: str) -> None:
+        """Record a refused admin attempt, coalesced (see `DenialLog`): a valid key refused
+        in a loop must not flood the log. Never raises; `close` writes the counts held."""
+        self.denials.deny(actor, route=route, method=method)
+
+    def close(self) -> None:
+        """Write what is still held in memory (the counts of refused attempts)."""
+        self.denials.flush()
 
     def audit_page(self, query: AuditQuery) -> AuditPageOut:
         """Entries matching `query`, newest first; its `cursor` is a previous `next_cursor`.
