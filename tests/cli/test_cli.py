@@ -10,6 +10,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner, Result
@@ -372,3 +373,15 @@ def test_keys_created_with_the_cli_work_against_the_api(
     refused = client.get("/v1/events", headers=auth(reader["key"]))
     assert refused.status_code == 401, refused.text
     assert refused.json()["code"] == "ERR-AUTH-401"
+
+
+def test_tenants_create_on_postgres_without_a_keyring_is_refused(postgres_url: str) -> None:
+    from tests.conftest import empty_postgres  # noqa: PLC0415 - only this test empties it here
+
+    empty_postgres(postgres_url)
+    runner = CliRunner()
+    env = {"TALLY_DATABASE_URL": postgres_url, "TALLY_REGION": REGION, "TALLY_KEYRING": None}
+    result = runner.invoke(app, ["tenants", "create", "acme"], env=env, catch_exceptions=False)
+    failed(result, "TALLY_KEYRING is not set")
+    with psycopg.connect(postgres_url) as connection:
+        assert connection.execute("SELECT count(*) FROM tenants").fetchone() == (0,)

@@ -9,6 +9,8 @@ import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from tests.support.server import TALLY, running_server
 
 
@@ -94,3 +96,24 @@ def test_the_database_and_its_wal_and_keyring_are_owner_only(tmp_path: Path) -> 
     finally:
         os.umask(previous)
     assert modes == dict.fromkeys(modes, 0o600), modes
+
+
+def test_the_checkout_ignores_the_database_its_keyring_and_the_admin_key_file() -> None:
+    checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / ".git").exists():
+        pytest.skip("not a git checkout")
+    names = [
+        "tally.db",
+        "tally.db-wal",
+        "tally.db-shm",
+        "tally.db.keyring",
+        "tally-admin-key-0123abcd",
+    ]
+    found = subprocess.run(
+        ["git", "check-ignore", "--no-index", *names],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert found.stdout.split() == names, found.stderr

@@ -6,12 +6,14 @@ TALLY_DATABASE_URL directly, through the same services the API uses.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from tally.bootstrap import admin_key_directory, check_keyring, create_secret_file
 from tally.cli import audit, crypto, keys
 from tally.cli.common import (
     JsonOption,
@@ -26,6 +28,11 @@ from tally.cli.common import (
 from tally.cli.common import table_of as _table
 from tally.registry.audit import Actor
 from tally.registry.models import ApplicationIn, ApplicationOut, TenantIn, TenantOut
+from tally.registry.service import Registry
+from tally.settings import Settings
+
+# The first admin key's file, when no terminal shows it: ADMIN_KEY_FILE-<random> (.gitignore).
+ADMIN_KEY_FILE = "tally-admin-key"
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 tenants_app = typer.Typer(no_args_is_help=True, help="Register, list and shred tenants.")
@@ -68,30 +75,74 @@ def serve(
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Run the API. On an empty store, create the schema and print a one-time admin key."""
+    """Run the API. On an empty store, create the schema and issue a one-time admin key:
+    printed when stdout is a terminal, else written to an owner-only file whose path is
+    printed."""
     from tally.api import server  # noqa: PLC0415 - only this command needs the server
 
     options = {"tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca}
     configured = settings(**{name: value for name, value in options.items() if value is not None})
+    # Everything that can stop the start is checked before anything is written: a start
+    # that fails after issuing the first admin key would leave a store whose key nobody has.
     try:
         server.check(configured)
     except ValueError as error:
         err.print(f"[red]{error}[/red]")
         raise typer.Exit(1) from None
-    with command_store(migrate=True) as store:
-        first = registry(store).bootstrap_admin_key(actor=Actor.cli())
+    with crypto.keyring_errors():
+        check_keyring(configured)
+    with command_store(migrate=True):
+        pass
     crypto.announce_new_keyring(as_json)
-    if first is not None:
-        if as_json:
-            emit(first.model_dump(mode="json"), as_json=True)
-        else:
-            out.print(
-                "[bold]This is a new Tally store. Its first admin key, shown only now:[/bold]"
-            )
-            out.print(f"\n    {first.key}\n")
-            out.print("Keep it secret; create more keys with it or with 'tally keys create'.")
+    with command_store() as store:
+        _first_admin_key(registry(store), configured, as_json=as_json)
     sys.stdout.flush()
     server.run(configured, host=host, port=port, workers=workers)
+
+
+def _first_admin_key(found: Registry, configured: Settings, *, as_json: bool) -> None:
+    """On a store without keys, issue the first admin key and hand it over: on the terminal
+    when there is one, else in a new owner-only file whose path is printed. Never to a log,
+    nor to a captured stdout, which usually ends in one."""
+    if found.store.count_keys() > 0:
+        return
+    if sys.stdout.isatty():
+        first = found.bootstrap_admin_key(actor=Actor.cli())
+        if first is None:
+            return
+        if as_json:
+            emit(first.model_dump(mode="json"), as_json=True)
+            return
+        out.print("[bold]This is a new Tally store. Its first admin key, shown only now:[/bold]")
+        out.print(f"\n    {first.key}\n")
+        out.print("Keep it secret; create more keys with it or with 'tally keys create'.")
+        return
+    # The file is made before the key, so a directory Tally cannot write to stops the start
+    # with no key issued (the next start tries again).
+    try:
+        path, descriptor = create_secret_file(admin_key_directory(configured), ADMIN_KEY_FILE)
+    except OSError as error:
+        err.print(f"[red]Cannot write the first admin key's file: {error.strerror}[/red]")
+        raise typer.Exit(1) from None
+    with os.fdopen(descriptor, "w") as file:
+        try:
+            first = found.bootstrap_admin_key(actor=Actor.cli())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        if first is None:  # another process issued it between the count and now
+            path.unlink(missing_ok=True)
+            return
+        file.write(f"{first.key}\n")
+        file.flush()
+        os.fsync(file.fileno())
+    if as_json:
+        described = first.model_dump(mode="json", exclude={"key"})
+        emit({**described, "key_file": str(path.resolve())}, as_json=True)
+        return
+    out.print("[bold]This is a new Tally store. Its first admin key is in this file:[/bold]")
+    out.print(f"\n    {path.resolve()}\n", soft_wrap=True)
+    out.print("Only you can read the file: copy the key somewhere safe, then delete it.")
 
 
 @tenants_app.command("create")
@@ -102,10 +153,13 @@ def tenants_create(
     lateness_hours: Annotated[int | None, typer.Option(help="Lateness window, hours.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Register a tenant."""
+    """Register a tenant. Refused, as `tally serve` refuses to start, while the store has no
+    keyring to seal the tenant's data with (TALLY_KEYRING unset on PostgreSQL)."""
     spec = parse_input(
         TenantIn, id=tenant_id, name=name, region=region, lateness_hours=lateness_hours
     )
+    with crypto.keyring_errors():
+        check_keyring(settings())
     with command_store() as store:
         tenant = registry(store).create_tenant(spec, actor=Actor.cli())
     data = TenantOut.model_validate(tenant, from_attributes=True).model_dump(mode="json")
