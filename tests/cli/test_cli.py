@@ -385,3 +385,28 @@ def test_tenants_create_on_postgres_without_a_keyring_is_refused(postgres_url: s
     failed(result, "TALLY_KEYRING is not set")
     with psycopg.connect(postgres_url) as connection:
         assert connection.execute("SELECT count(*) FROM tenants").fetchone() == (0,)
+
+
+def test_tenants_update_changes_name_and_window_and_list_shows_shredded(tally: Tally) -> None:
+    ok_json(tally("tenants", "create", "acme", "--json"))
+    ok_json(tally("tenants", "create", "globex", "--json"))
+    updated = ok_json(
+        tally("tenants", "update", "acme", "--name", "Acme", "--lateness-hours", "24", "--json")
+    )
+    assert (updated["name"], updated["lateness_hours"], updated["shredded"]) == ("Acme", 24, False)
+    renamed = ok_json(tally("tenants", "update", "acme", "--name", "Acme Inc", "--json"))
+    assert (renamed["name"], renamed["lateness_hours"]) == ("Acme Inc", 24)
+    failed(tally("tenants", "update", "acme", "--lateness-hours", "0"), "lateness_hours")
+    failed(tally("tenants", "update", "initech", "--name", "X"), "no tenant")
+    [entry, *_] = ok_json(tally("audit", "list", "--action", "tenant.update", "--json"))["entries"]
+    assert entry["details"] == {
+        "old_lateness_hours": 24,
+        "new_lateness_hours": 24,
+        "name_changed": True,
+    }
+
+    ok_json(tally("tenants", "shred", "globex", "--yes", "--json"))
+    listed = {row["id"]: row["shredded"] for row in ok_json(tally("tenants", "list", "--json"))}
+    assert listed == {"acme": False, "globex": True}
+    table = " ".join(tally("tenants", "list").stdout.split())
+    assert "shredded" in table and "True" in table

@@ -292,3 +292,19 @@ def test_concurrent_revocations_of_the_last_two_admin_keys_leave_one(store: Even
         # The survivor is now the round's only valid admin key: retire it (unguarded) so the
         # next round starts from its own two.
         assert store.revoke_key(left[0], at=NOW)
+
+
+def test_a_tenant_update_is_a_compare_and_set_recorded_with_it(store: EventStore) -> None:
+    acme = Tenant(id="acme", name=None, region="eu", lateness_hours=72, created_at=NOW)
+    store.create_tenant(acme)
+    renamed = Tenant(id="acme", name="Acme", region="eu", lateness_hours=24, created_at=NOW)
+
+    assert store.update_tenant(acme, renamed, audit=entry("tenant.update", target="acme"))
+    assert store.get_tenants(["acme"])["acme"] == renamed
+    # A writer that read the old row loses: nothing changes and nothing is recorded.
+    stale = Tenant(id="acme", name=None, region="eu", lateness_hours=1, created_at=NOW)
+    assert not store.update_tenant(acme, stale, audit=entry("tenant.update", target="acme"))
+    gone = Tenant(id="initech", name=None, region="eu", lateness_hours=1, created_at=NOW)
+    assert not store.update_tenant(gone, gone)
+    assert store.get_tenants(["acme"])["acme"] == renamed
+    assert actions(store) == ["tenant.update"]

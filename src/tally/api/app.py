@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from tally import __doc__ as summary
@@ -71,7 +72,9 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             routes=app.routes,
         )
         schemas = document.setdefault("components", {}).setdefault("schemas", {})
-        for model in (EventIn, BatchIn, CloudEventIn):
+        # Bodies that routes read themselves (after authenticating), described by name.
+        bodies: tuple[type[BaseModel], ...] = (EventIn, BatchIn, CloudEventIn, *admin.BODY_MODELS)
+        for model in bodies:
             found = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(found.pop("$defs", {}))
             schemas[model.__name__] = found

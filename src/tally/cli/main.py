@@ -27,7 +27,7 @@ from tally.cli.common import (
 )
 from tally.cli.common import table_of as _table
 from tally.registry.audit import Actor
-from tally.registry.models import ApplicationIn, ApplicationOut, TenantIn, TenantOut
+from tally.registry.models import ApplicationIn, ApplicationOut, TenantIn, TenantOut, TenantPatch
 from tally.registry.service import Registry
 from tally.settings import Settings
 
@@ -166,15 +166,30 @@ def tenants_create(
     emit(data, as_json=as_json, text=f"Tenant {tenant.id} registered.")
 
 
+@tenants_app.command("update")
+def tenants_update(
+    tenant_id: Annotated[str, typer.Argument(metavar="ID")],
+    name: Annotated[str | None, typer.Option(help="New display name.")] = None,
+    lateness_hours: Annotated[
+        int | None, typer.Option(help="New lateness window, hours (for events sent from now).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Rename a tenant or change its lateness window (audited as tenant.update). A shorter
+    window applies to events sent from now on: the events stored stay."""
+    patch = parse_input(TenantPatch, name=name, lateness_hours=lateness_hours)
+    with command_store() as store:
+        tenant = registry(store).update_tenant(tenant_id, patch, actor=Actor.cli())
+    emit(tenant.model_dump(mode="json"), as_json=as_json, text=f"Tenant {tenant.id} updated.")
+
+
 @tenants_app.command("list")
 def tenants_list(as_json: JsonOption = False) -> None:
-    """List tenants."""
+    """List tenants, with each one's lateness window and whether it is shredded."""
     with command_store() as store:
-        rows = [
-            TenantOut.model_validate(t, from_attributes=True).model_dump(mode="json")
-            for t in store.list_tenants()
-        ]
-    emit(rows, as_json=as_json, table=_table(rows, ["id", "name", "region", "lateness_hours"]))
+        rows = [tenant.model_dump(mode="json") for tenant in registry(store).list_tenants()]
+    columns = ["id", "name", "region", "lateness_hours", "shredded"]
+    emit(rows, as_json=as_json, table=_table(rows, columns))
 
 
 @applications_app.command("create")

@@ -8,7 +8,7 @@ or the CLI's OS user).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 
 from tally.auth import keys
@@ -26,10 +26,13 @@ from tally.registry.models import (
     KeyOut,
     NewKeyOut,
     TenantIn,
+    TenantOut,
+    TenantPatch,
 )
 from tally.store.interface import (
     Application,
     AuditFilter,
+    DataKey,
     EventStore,
     JsonValue,
     KeyRecord,
@@ -62,6 +65,10 @@ def _key_details(record: KeyRecord) -> dict[str, JsonValue]:
     }
 
 
+def _shredded(key: DataKey | None) -> bool:
+    return key is not None and key.shredded_at is not None
+
+
 @dataclass
 class Registry:
     store: EventStore
@@ -91,6 +98,52 @@ class Registry:
         )
         self.store.create_tenant(tenant, audit=audit)
         return tenant
+
+    def list_tenants(self) -> list[TenantOut]:
+        """Every tenant as the API and the CLI show them: with whether it is shredded."""
+        tenants = self.store.list_tenants()
+        found = self.store.tenants_with_keys([tenant.id for tenant in tenants])
+        return [
+            TenantOut(
+                **asdict(tenant), shredded=tenant.id in found and _shredded(found[tenant.id][1])
+            )
+            for tenant in tenants
+        ]
+
+    def get_tenant(self, tenant_id: str) -> TenantOut:
+        """Raises NotFound if there is no such tenant."""
+        found = self.store.tenants_with_keys([tenant_id]).get(tenant_id)
+        if found is None:
+            raise NotFound("There is no tenant with this id.")
+        tenant, key = found
+        return TenantOut(**asdict(tenant), shredded=_shredded(key))
+
+    def update_tenant(
+        self, tenant_id: str, patch: TenantPatch, *, actor: Actor = SYSTEM
+    ) -> TenantOut:
+        """Apply a merge patch: the fields `patch` holds change, the others stay. Recorded as
+        `tenant.update` with the old and new window (the name is free text an operator typed,
+        so the log says only that it changed). A window changed applies to events sent from
+        now on: stored events stay, whatever their time.
+
+        Raises NotFound if there is no such tenant; Conflict if it kept changing under us.
+        """
+        for _ in range(3):  # a concurrent update moved it between our read and our write
+            old = self.store.get_tenants([tenant_id]).get(tenant_id)
+            if old is None:
+                raise NotFound("There is no tenant with this id.")
+            new = replace(old, **patch.model_dump(exclude_unset=True))
+            if new == old:
+                return self.get_tenant(tenant_id)
+            details: dict[str, JsonValue] = {
+                "old_lateness_hours": old.lateness_hours,
+                "new_lateness_hours": new.lateness_hours,
+                "name_changed": new.name != old.name,
+            }
+            audit = actor.entry("tenant.update", at=self.clock(), target=old.id, details=details)
+            if self.store.update_tenant(old, new, audit=audit):
+                return self.get_tenant(tenant_id)
+        raise Conflict("This tenant is being changed by someone else; look at it again.")
 
     def shred_tenant(self, tenant_id: str, *, actor: Actor = SYSTEM) -> None:
         """Destroy the tenant's data key (crypto/tenant_keys.py): its sealed attributes are

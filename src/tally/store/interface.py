@@ -271,6 +271,11 @@ class EventStore(Protocol):
     def get_tenants(self, ids: Sequence[str]) -> dict[str, Tenant]:
         """The tenants among `ids` that exist."""
 
+    def update_tenant(self, old: Tenant, new: Tenant, *, audit: AuditEntry | None = None) -> bool:
+        """Set the tenant's name and lateness window to `new`'s if its row still holds
+        `old`'s (a compare-and-set: the audit entry's old values are then the true ones);
+        False, changing nothing, when it does not or the tenant is gone."""
+
     def list_tenants(self) -> list[Tenant]: ...
 
     def create_application(

@@ -416,6 +416,17 @@ class PostgresStore:
         rows = self._all("SELECT * FROM tenants WHERE id = ANY(%s)", (list(ids),))
         return {row["id"]: _tenant(row) for row in rows}
 
+    def update_tenant(self, old: Tenant, new: Tenant, *, audit: AuditEntry | None = None) -> bool:
+        with self._transaction() as connection:
+            cursor = connection.execute(
+                "UPDATE tenants SET name = %s, lateness_hours = %s "
+                "WHERE id = %s AND name IS NOT DISTINCT FROM %s AND lateness_hours = %s",
+                (new.name, new.lateness_hours, old.id, old.name, old.lateness_hours),
+            )
+            if cursor.rowcount == 1 and audit is not None:
+                _record(connection, audit)
+            return cursor.rowcount == 1
+
     def list_tenants(self) -> list[Tenant]:
         return [_tenant(row) for row in self._all("SELECT * FROM tenants ORDER BY id")]
 

@@ -478,6 +478,17 @@ class SQLiteStore:
         )
         return {row["id"]: _tenant(row) for row in rows}
 
+    def update_tenant(self, old: Tenant, new: Tenant, *, audit: AuditEntry | None = None) -> bool:
+        with self._write() as connection:
+            cursor = connection.execute(
+                "UPDATE tenants SET name = ?, lateness_hours = ? "
+                "WHERE id = ? AND name IS ? AND lateness_hours = ?",
+                (new.name, new.lateness_hours, old.id, old.name, old.lateness_hours),
+            )
+            if cursor.rowcount == 1 and audit is not None:
+                _record(connection, audit)
+            return cursor.rowcount == 1
+
     def list_tenants(self) -> list[Tenant]:
         return [_tenant(r) for r in self._all("SELECT * FROM tenants ORDER BY id")]
 
