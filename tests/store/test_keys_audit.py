@@ -308,3 +308,22 @@ def test_a_tenant_update_is_a_compare_and_set_recorded_with_it(store: EventStore
     assert not store.update_tenant(gone, gone)
     assert store.get_tenants(["acme"])["acme"] == renamed
     assert actions(store) == ["tenant.update"]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE tenants SET region = 'us-east'",
+        "UPDATE tenants SET id = 'initech'",
+        "UPDATE tenants SET created_at = '2000-01-01T00:00:00.000000Z'",
+    ],
+    ids=["region", "id", "created_at"],
+)
+def test_a_tenant_keeps_its_id_region_and_creation_time(
+    store: EventStore, database_url: str, sql: str
+) -> None:
+    acme = Tenant(id="acme", name=None, region="eu", lateness_hours=72, created_at=NOW)
+    store.create_tenant(acme)
+    with pytest.raises((sqlite3.DatabaseError, psycopg.Error), match="never change"):
+        raw_execute(database_url, sql)
+    assert store.get_tenants(["acme"]) == {"acme": acme}
