@@ -90,7 +90,8 @@ class DenialLog:
 
     Any valid key can be refused as often as its rate limit lets it; a row per refusal would
     let it flood the log, and the log is append-only, so a row cannot be updated with a count
-    later. Instead the first refusal of a quiet key and route is written at once (count 1),
+    later. A counter table beside the log would still cost a write (on SQLite, the one write
+    lock) per refusal. Instead the first refusal of a quiet key and route is written at once (count 1),
     the ones after it are counted here, and the next row (one refusal later once `window` has
     passed, or a sweep, or `flush` at shutdown) carries their count. The counts of all rows
     add up to the refusals. Memory is bounded: at most `capacity` key-route pairs are held;
