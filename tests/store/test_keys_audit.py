@@ -255,11 +255,15 @@ def test_the_last_admin_key_that_stays_valid_is_not_revoked(store: EventStore) -
     found = store.get_key("key_admin")
     assert found is not None and found.revoked_at is None
     assert actions(store) == []
-    # Keys whose revocation takes no admin away are revoked as before.
+    # Keys whose revocation takes no admin away are revoked as before, even now that none
+    # but key_admin stays valid.
     for other in ("key_gone", "key_old", "key_retiring", "key_reader"):
         assert store.revoke_key(other, at=NOW, keep_an_admin=True)
     # Without the guard (the CLI's --force), the last one goes too.
     assert store.revoke_key("key_admin", at=NOW, audit=entry("key.revoke"))
+    # With no admin key valid any more, revoking an expired one still takes nothing away.
+    store.create_key(key_record("key_lapsed", scopes=("admin",), expires_at=NOW))
+    assert store.revoke_key("key_lapsed", at=NOW, keep_an_admin=True)
 
 
 def test_concurrent_revocations_of_the_last_two_admin_keys_leave_one(store: EventStore) -> None:

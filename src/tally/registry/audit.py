@@ -91,12 +91,13 @@ class DenialLog:
     Any valid key can be refused as often as its rate limit lets it; a row per refusal would
     let it flood the log, and the log is append-only, so a row cannot be updated with a count
     later. A counter table beside the log would still cost a write (on SQLite, the one write
-    lock) per refusal. Instead the first refusal of a quiet key and route is written at once (count 1),
-    the ones after it are counted here, and the next row (one refusal later once `window` has
-    passed, or a sweep, or `flush` at shutdown) carries their count. The counts of all rows
-    add up to the refusals. Memory is bounded: at most `capacity` key-route pairs are held;
-    the oldest is written out to make room. Each server process keeps its own counts, so with
-    N workers there are up to N rows per window.
+    lock) per refusal. Instead the first refusal of a quiet key and route is written at once
+    (count 1), the ones after it are counted here, and the next row carries their count: the
+    key's next refusal once `window` has passed writes it, or a sweep when any refusal comes
+    later, or `flush` at shutdown. The counts of all rows add up to the refusals. Memory is
+    bounded: at most `capacity` key-route pairs are held; the oldest is written out to make
+    room. Each server process keeps its own counts, so with N workers there are up to N rows
+    per window.
 
     `write` appends one entry; when it fails, the count is lost, never the answer (a refusal
     stays a 403 whatever the log does).

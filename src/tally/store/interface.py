@@ -83,11 +83,11 @@ def refuse_last_admin(key_id: str, admins: Sequence[KeyRecord], now: datetime) -
     `admins` (every admin key, read under the revocation's lock) that stays valid.
 
     A key that stays valid is neither revoked nor expired, and not retiring after a rotation
-    (its replacement is the one that stays). Revoking a key that is not a valid admin key
-    itself, or is already revoked, takes nothing away and is never refused.
+    (its replacement is the one that stays). Revoking a key that does not stay valid itself
+    (revoked, expired, retiring, or not an admin key) takes nothing away and is never refused.
     """
     target = next((key for key in admins if key.id == key_id), None)
-    if target is None or target.revoked_at is not None:
+    if target is None or not _stays_valid(target, now):
         return
     if not any(key.id != key_id and _stays_valid(key, now) for key in admins):
         raise LastAdminKey
