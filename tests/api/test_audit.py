@@ -293,5 +293,7 @@ def test_held_refusals_are_written_by_a_later_sweep_without_a_new_one_of_their_o
     clock.now += timedelta(minutes=2)
     # Another key's refusal sweeps the first key's held count into the log.
     assert client.get("/v1/audit", headers=auth(second.key)).status_code == 403
+    # The sweep's row opened a new window for the first key: its next refusal is held.
+    assert client.get("/v1/audit", headers=auth(first.key)).status_code == 403
     found = {(r.actor, r.details["count"]) for r in denials(services)}
     assert found == {(first.id, 1), (first.id, 29), (second.id, 1)}

@@ -151,7 +151,7 @@ class DenialLog:
     def _sweep(self, now: datetime) -> list[tuple[tuple[str, str, str], Actor, int]]:
         """Under the lock: the held counts whose window has passed (at most once a second,
         so a flood does not walk every pair on every refusal) and those evicted to keep
-        within `capacity`. Quiet pairs are forgotten."""
+        within `capacity`. Pairs quiet for a whole window are forgotten."""
         due: list[tuple[tuple[str, str, str], Actor, int]] = []
         if self._swept_at is None or now - self._swept_at >= timedelta(seconds=1):
             self._swept_at = now
@@ -159,8 +159,13 @@ class DenialLog:
                 if now - denials.written_at < self._window:
                     continue
                 if denials.held and denials.last is not None:
+                    # Written now, so the pair's window starts again: a refusal right after
+                    # this is held, not a second row within a minute.
                     due.append((pair, denials.last, denials.held))
-                del self._held[pair]
+                    self._held[pair] = _Denials(written_at=now)
+                    self._held.move_to_end(pair)
+                else:
+                    del self._held[pair]
         while len(self._held) > self._capacity:
             pair, denials = self._held.popitem(last=False)
             if denials.held and denials.last is not None:
