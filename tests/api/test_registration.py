@@ -212,6 +212,7 @@ def test_an_admin_body_is_not_judged_before_the_caller_is(
         "application/x-www-form-urlencoded",
         "application/cloudevents+json",
         "application/json; charset=utf-16",
+        "application/json; version=1; charset=latin-1",
         "application/jsonx",
     ],
 )
@@ -233,7 +234,7 @@ def test_an_admin_body_of_another_type_is_a_415(
 
 
 def test_an_admin_body_in_json_with_its_charset_is_read(client: TestClient, world: World) -> None:
-    headers = {**auth(world.admin), "Content-Type": "Application/JSON; charset=UTF-8"}
+    headers = {**auth(world.admin), "Content-Type": 'Application/JSON; v=1; charset="UTF-8"'}
     response = client.post("/v1/tenants", content=b'{"id": "initech"}', headers=headers)
     assert response.status_code == 201, response.text
 

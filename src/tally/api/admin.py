@@ -58,10 +58,13 @@ def body(model: type[M]) -> Callable[..., Awaitable[M]]:
     """
 
     async def parsed(request: Request, _: AdminDep) -> M:
-        declared = request.headers.get("content-type", "")
-        kind, _sep, parameters = declared.partition(";")
-        charset = parameters.strip().lower().removeprefix("charset=").strip('"')
-        if kind.strip().lower() != JSON or charset not in ("", "utf-8"):
+        kind, *parameters = request.headers.get("content-type", "").lower().split(";")
+        charsets = {
+            value.strip().strip('"')
+            for name, _, value in (p.partition("=") for p in parameters)
+            if name.strip() == "charset"
+        }
+        if kind.strip() != JSON or not charsets <= {"utf-8"}:
             raise UnsupportedMediaType(
                 f"Send {JSON} (UTF-8).", [FieldError("", "unsupported Content-Type")]
             )
