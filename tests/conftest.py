@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,25 +43,38 @@ def _database_url(name: str) -> str:
     return urlunsplit(urlsplit(ADMIN_URL)._replace(path=f"/{name}"))
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A migrated database of this session's own on the real PostgreSQL server."""
-    name = f"tally_test_{os.getpid()}_{secrets.token_hex(3)}"
+def postgres_admin() -> psycopg.Connection[tuple[object, ...]]:
+    """An autocommit connection to the test server's admin database; skips the test when the
+    server is unreachable (fails it under CI=true)."""
     try:
-        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
+        return psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as error:
         if IN_CI:
             pytest.fail(f"PostgreSQL at {ADMIN_URL} is unreachable under CI=true: {error}")
         pytest.skip(f"PostgreSQL at {ADMIN_URL} is unreachable")
-    with admin:
+
+
+@contextmanager
+def new_database(prefix: str) -> Iterator[str]:
+    """The URL of a new, empty database on the test server, dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
+    with postgres_admin() as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    url = _database_url(name)
-    store = PostgresStore(url)
-    store.migrate()
-    store.close()
-    yield url
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield _database_url(name)
+    finally:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A migrated database of this session's own on the real PostgreSQL server."""
+    with new_database("tally_test") as url:
+        store = PostgresStore(url)
+        store.migrate()
+        store.close()
+        yield url
 
 
 def empty_postgres(url: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -91,6 +93,35 @@ def open_keyring(settings: Settings, store: EventStore) -> tuple[Keyring, Path |
     return keyrings.load(spec), None
 
 
+def check_keyring(settings: Settings) -> None:
+    """Raises KeyringError, before the store is touched, when the keyring is known to be
+    wrong already: TALLY_KEYRING unset on PostgreSQL, or a keyring that is named (or sits
+    beside the SQLite database) but cannot be read. Whether it opens the store's data keys
+    needs the store, and is checked by `open_keyring` and `TenantKeys.verify` once it is open.
+
+    `tally serve` and the commands that write for tenants call this first, so that a start
+    that cannot succeed migrates nothing and issues no key.
+    """
+    spec = keyring_spec(settings)
+    if settings.keyring is not None or Path(spec).exists():
+        keyrings.load(spec)
+
+
+def create_secret_file(directory: Path, stem: str) -> tuple[Path, int]:
+    """A new, empty file `stem-<random>` in `directory`, owner-only (0600), and its open
+    descriptor. O_EXCL: it is never an existing file, or a link planted to one. Raises OSError.
+    """
+    path = directory / f"{stem}-{secrets.token_hex(4)}"
+    return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+
+def admin_key_directory(settings: Settings) -> Path:
+    """Where `tally serve` leaves the first admin key when no terminal shows it: beside the
+    SQLite database, or in the working directory."""
+    database = settings.sqlite_path
+    return database.parent if database is not None else Path.cwd()
+
+
 def keyring_spec(settings: Settings) -> str:
     """TALLY_KEYRING, or on SQLite the keyring file beside the database. Raises KeyringError
     on PostgreSQL without TALLY_KEYRING."""
@@ -119,8 +150,10 @@ class Services:
     rate_limits: RateGuard
 
     def close(self) -> None:
-        """Commit what is in flight, then release the store (and the rate limiter)."""
+        """Commit what is in flight and the audit counts held, then release the store (and
+        the rate limiter)."""
         self.committer.close()
+        self.registry.close()
         self.store.close()
         self.rate_limits.close()
 

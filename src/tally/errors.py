@@ -49,6 +49,16 @@ class AlreadyExists(Conflict):
     """A tenant, application or key with this id exists already."""
 
 
+class LastAdminKey(Conflict):
+    """Revoking this key would leave no admin key that stays valid (HTTP 409)."""
+
+    def __init__(self, hint: str = "") -> None:
+        super().__init__(
+            "This is the last admin key that stays valid: revoking it would lock every "
+            f"operator out. Issue (or rotate to) another admin key first.{hint}"
+        )
+
+
 class NotFound(TallyError):
     """No such event, tenant, application or key (ERR-RES-404)."""
 

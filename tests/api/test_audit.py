@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,11 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from tally.bootstrap import Services
+from tally.api.app import create_app
+from tally.bootstrap import Services, build
+from tally.registry.models import KeyIn
+from tally.settings import Settings
+from tally.store.interface import AuditFilter, AuditRecord, EventStore
 from tests.api.helpers import assert_problem, auth, parameters
 from tests.conftest import World
 
@@ -109,23 +114,23 @@ def test_a_failed_action_is_not_recorded(client: TestClient, world: World) -> No
 
 
 @pytest.mark.parametrize(
-    ("method", "path"),
+    ("method", "path", "route"),
     [
-        ("POST", "/v1/tenants"),
-        ("GET", "/v1/keys"),
-        ("POST", "/v1/keys/key_0000000000000000/rotate"),
-        ("GET", "/v1/audit"),
+        ("POST", "/v1/tenants", "/v1/tenants"),
+        ("GET", "/v1/keys", "/v1/keys"),
+        ("POST", "/v1/keys/key_0000000000000000/rotate", "/v1/keys/{key_id}/rotate"),
+        ("GET", "/v1/audit", "/v1/audit"),
     ],
 )
 def test_refused_admin_attempts_are_recorded_as_access_denied(
-    client: TestClient, world: World, method: str, path: str
+    client: TestClient, world: World, method: str, path: str, route: str
 ) -> None:
     headers = {**auth(world.writer), "X-Request-ID": "denied-1"}
     response = client.request(method, path, json={"id": "x"}, headers=headers)
     assert_problem(response, 403, "ERR-AUTH-403")
     [entry] = entries(client, world, action="access.denied")
-    assert entry["target"] == path
-    assert entry["details"] == {"method": method}
+    assert entry["target"] == route
+    assert entry["details"] == {"method": method, "count": 1}
     assert entry["request_id"] == "denied-1"
     assert entry["source"] == TESTCLIENT_ADDRESS
     assert entry["actor"].startswith("key_")
@@ -224,3 +229,71 @@ def test_the_audit_log_never_holds_a_secret(
         for secret in secrets:
             assert secret not in text
             assert hashlib.sha256(secret.encode()).hexdigest() not in text
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def denials(services: Services) -> list[AuditRecord]:
+    return services.store.list_audit(AuditFilter(action="access.denied"), limit=1000)
+
+
+@pytest.fixture
+def clocked(settings: Settings, store: EventStore) -> Iterator[tuple[Services, Clock, TestClient]]:
+    """Services on a clock the test moves, and an API client over them."""
+    clock = Clock()
+    services = build(settings, store=store, clock=clock)
+    with TestClient(create_app(services=services), raise_server_exceptions=False) as client:
+        yield services, clock, client
+    services.committer.close()
+
+
+def test_a_burst_of_refusals_is_a_row_or_two_whose_counts_add_up(
+    clocked: tuple[Services, Clock, TestClient],
+) -> None:
+    services, clock, client = clocked
+    reader = services.registry.create_key(KeyIn(scopes=["events:read"]))
+    for n in range(500):
+        # Made-up ids in the path do not make rows of their own either.
+        response = client.delete(f"/v1/keys/key_{n:016x}", headers=auth(reader.key))
+        assert response.status_code == 403
+    assert [r.details for r in denials(services)] == [{"method": "DELETE", "count": 1}]
+
+    clock.now += timedelta(seconds=61)  # the next row is due: it carries the 499 held
+    assert client.delete("/v1/keys/key_x", headers=auth(reader.key)).status_code == 403
+    for _ in range(20):
+        assert client.get("/v1/keys", headers=auth(reader.key)).status_code == 403
+    services.registry.close()  # at shutdown (Services.close), what is still held is written
+
+    rows = denials(services)
+    assert len(rows) <= 4
+    counts: dict[tuple[str | None, object], int] = {}
+    for row in rows:
+        assert row.actor == reader.id
+        count = row.details["count"]
+        assert isinstance(count, int)
+        where = (row.target, row.details["method"])
+        counts[where] = counts.get(where, 0) + count
+    assert counts == {("/v1/keys/{key_id}", "DELETE"): 501, ("/v1/keys", "GET"): 20}
+
+
+def test_held_refusals_are_written_by_a_later_sweep_without_a_new_one_of_their_own(
+    clocked: tuple[Services, Clock, TestClient],
+) -> None:
+    services, clock, client = clocked
+    first = services.registry.create_key(KeyIn(scopes=["events:read"]))
+    second = services.registry.create_key(KeyIn(scopes=["events:read"]))
+    for _ in range(30):
+        assert client.get("/v1/audit", headers=auth(first.key)).status_code == 403
+    clock.now += timedelta(minutes=2)
+    # Another key's refusal sweeps the first key's held count into the log.
+    assert client.get("/v1/audit", headers=auth(second.key)).status_code == 403
+    # The sweep's row opened a new window for the first key: its next refusal is held.
+    assert client.get("/v1/audit", headers=auth(first.key)).status_code == 403
+    found = {(r.actor, r.details["count"]) for r in denials(services)}
+    assert found == {(first.id, 1), (first.id, 29), (second.id, 1)}

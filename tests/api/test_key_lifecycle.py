@@ -264,3 +264,43 @@ def test_a_failed_authentication_records_no_use(api: TestClient, admin: dict[str
     assert api.delete(f"/v1/keys/{key['id']}", headers=admin).status_code == 204
     assert_problem(post_events(api, key["key"], event("e-1")), 401, "ERR-AUTH-401")
     assert listed(api, admin)[key["id"]]["last_used_at"] is None
+
+
+def admin_ids(api: TestClient, admin: dict[str, str]) -> list[str]:
+    return [k["id"] for k in listed(api, admin).values() if k["scopes"] == ["admin"]]
+
+
+def test_the_last_valid_admin_key_cannot_be_revoked(api: TestClient, admin: dict[str, str]) -> None:
+    [only] = admin_ids(api, admin)
+    refused = api.delete(f"/v1/keys/{only}", headers=admin)
+    problem = assert_problem(refused, 409, refused.json()["code"])
+    assert "last admin key" in problem["detail"]
+    assert api.get("/v1/keys", headers=admin).status_code == 200  # it still works
+
+    second = api.post("/v1/keys", json={"scopes": ["admin"]}, headers=admin).json()
+    assert api.delete(f"/v1/keys/{only}", headers=admin).status_code == 204
+    other = auth(second["key"])
+    assert_problem(api.delete(f"/v1/keys/{second['id']}", headers=other), 409, problem["code"])
+    assert api.get("/v1/keys", headers=other).status_code == 200
+
+
+def test_an_admin_key_retiring_or_expiring_does_not_count_as_another(
+    api: TestClient, admin: dict[str, str], clock: Clock
+) -> None:
+    [old] = admin_ids(api, admin)
+    rotated = rotate(api, admin, old, 3600)
+    assert rotated.status_code == 201, rotated.text
+    new = rotated.json()
+    # The old key works for the grace, but it is retiring: the new one is the last that stays.
+    refused = api.delete(f"/v1/keys/{new['id']}", headers=admin)
+    assert refused.status_code == 409, refused.text
+    assert api.delete(f"/v1/keys/{old}", headers=admin).status_code == 204
+
+    soon = (clock() + timedelta(minutes=5)).isoformat()
+    brief = api.post(
+        "/v1/keys", json={"scopes": ["admin"], "expires_at": soon}, headers=auth(new["key"])
+    ).json()
+    clock.advance(timedelta(minutes=6))
+    assert api.delete(f"/v1/keys/{new['id']}", headers=auth(new["key"])).status_code == 409
+    # An expired admin key takes nothing away: revoking it is never refused.
+    assert api.delete(f"/v1/keys/{brief['id']}", headers=auth(new["key"])).status_code == 204

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner, Result
@@ -15,10 +16,13 @@ Tally = Callable[..., Result]
 
 
 @pytest.fixture
-def tally(database_url: str) -> Tally:
-    """Run `tally ARGS...` against the test's store; the result keeps stdout and stderr apart."""
+def tally(database_url: str, keyring_file: Path) -> Tally:
+    """Run `tally ARGS...` against the test's store (and the session's keyring, which a
+    PostgreSQL store needs); the result keeps stdout and stderr apart."""
     runner = CliRunner()
     env = {"TALLY_DATABASE_URL": database_url, "TALLY_REGION": REGION}
+    if not database_url.startswith("sqlite:"):
+        env["TALLY_KEYRING"] = str(keyring_file)
 
     def run(*args: str) -> Result:
         return runner.invoke(app, list(args), env=env, catch_exceptions=False)

@@ -10,6 +10,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner, Result
@@ -381,3 +382,40 @@ def test_keys_created_with_the_cli_work_against_the_api(
     refused = client.get("/v1/events", headers=auth(reader["key"]))
     assert refused.status_code == 401, refused.text
     assert refused.json()["code"] == "ERR-AUTH-401"
+
+
+def test_tenants_create_on_postgres_without_a_keyring_is_refused(postgres_url: str) -> None:
+    from tests.conftest import empty_postgres  # noqa: PLC0415 - only this test empties it here
+
+    empty_postgres(postgres_url)
+    runner = CliRunner()
+    env = {"TALLY_DATABASE_URL": postgres_url, "TALLY_REGION": REGION, "TALLY_KEYRING": None}
+    result = runner.invoke(app, ["tenants", "create", "acme"], env=env, catch_exceptions=False)
+    failed(result, "TALLY_KEYRING is not set")
+    with psycopg.connect(postgres_url) as connection:
+        assert connection.execute("SELECT count(*) FROM tenants").fetchone() == (0,)
+
+
+def test_tenants_update_changes_name_and_window_and_list_shows_shredded(tally: Tally) -> None:
+    ok_json(tally("tenants", "create", "acme", "--json"))
+    ok_json(tally("tenants", "create", "globex", "--json"))
+    updated = ok_json(
+        tally("tenants", "update", "acme", "--name", "Acme", "--lateness-hours", "24", "--json")
+    )
+    assert (updated["name"], updated["lateness_hours"], updated["shredded"]) == ("Acme", 24, False)
+    renamed = ok_json(tally("tenants", "update", "acme", "--name", "Acme Inc", "--json"))
+    assert (renamed["name"], renamed["lateness_hours"]) == ("Acme Inc", 24)
+    failed(tally("tenants", "update", "acme", "--lateness-hours", "0"), "lateness_hours")
+    failed(tally("tenants", "update", "initech", "--name", "X"), "no tenant")
+    [entry, *_] = ok_json(tally("audit", "list", "--action", "tenant.update", "--json"))["entries"]
+    assert entry["details"] == {
+        "old_lateness_hours": 24,
+        "new_lateness_hours": 24,
+        "name_changed": True,
+    }
+
+    ok_json(tally("tenants", "shred", "globex", "--yes", "--json"))
+    listed = {row["id"]: row["shredded"] for row in ok_json(tally("tenants", "list", "--json"))}
+    assert listed == {"acme": False, "globex": True}
+    table = " ".join(tally("tenants", "list").stdout.split())
+    assert "shredded" in table and "True" in table

@@ -199,3 +199,22 @@ def test_audit_list_filters_and_pages(registered: Tally) -> None:
 )
 def test_audit_list_refuses_bad_options(registered: Tally, args: list[str], fragment: str) -> None:
     failed(registered("audit", "list", *args, "--json"), fragment)
+
+
+def test_revoking_the_last_admin_key_needs_force(registered: Tally) -> None:
+    first = ok_json(registered("keys", "create", "--scope", "admin", "--json"))
+    refused = registered("keys", "revoke", first["id"])
+    failed(refused, "last admin key", "--force")
+    assert keys_by_id(registered)[first["id"]]["revoked_at"] is None
+
+    # The host's recovery path: another admin key, then the old one goes without --force.
+    second = ok_json(registered("keys", "create", "--scope", "admin", "--json"))
+    assert ok_json(registered("keys", "revoke", first["id"], "--json"))["revoked"] is True
+    forced = ok_json(registered("keys", "revoke", second["id"], "--force", "--json"))
+    assert forced["revoked"] is True
+    [entry] = [
+        e
+        for e in ok_json(registered("audit", "list", "--action", "key.revoke", "--json"))["entries"]
+        if e["target"] == second["id"]
+    ]
+    assert entry["details"] == {"forced": True}

@@ -9,6 +9,8 @@ import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from tests.support.server import TALLY, running_server
 
 
@@ -76,3 +78,42 @@ def test_postgres_without_a_keyring_says_what_to_set(postgres_url: str, tmp_path
     result = serve_once(tmp_path, TALLY_DATABASE_URL=postgres_url)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "TALLY_KEYRING is not set" in " ".join(result.stderr.split())
+
+
+def test_the_database_and_its_wal_and_keyring_are_owner_only(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'tally.db'}"
+    # A permissive umask, as on most hosts, which SQLite would otherwise apply (0644).
+    previous = os.umask(0o022)
+    try:
+        with running_server(url, tmp_path) as server, server.client() as client:
+            admin = {"Authorization": f"Bearer {server.admin_key}"}
+            assert client.post("/v1/tenants", json={"id": "acme"}, headers=admin).is_success
+            made = sorted(path.name for path in tmp_path.glob("tally.db*"))
+            assert made[:4] == ["tally.db", "tally.db-shm", "tally.db-wal", "tally.db.keyring"]
+            modes = {
+                path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.glob("tally.db*")
+            }
+    finally:
+        os.umask(previous)
+    assert modes == dict.fromkeys(modes, 0o600), modes
+
+
+def test_the_checkout_ignores_the_database_its_keyring_and_the_admin_key_file() -> None:
+    checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / ".git").exists():
+        pytest.skip("not a git checkout")
+    names = [
+        "tally.db",
+        "tally.db-wal",
+        "tally.db-shm",
+        "tally.db.keyring",
+        "tally-admin-key-0123abcd",
+    ]
+    found = subprocess.run(
+        ["git", "check-ignore", "--no-index", *names],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert found.stdout.split() == names, found.stderr

@@ -25,6 +25,7 @@ import psycopg
 import pytest
 import trustme
 
+from tally.crypto import keyring as keyrings
 from tally.store import migrate
 from tally.store.postgres import yoyo_url
 from tests.conftest import IN_CI
@@ -448,10 +449,12 @@ def test_postgres_with_a_certificate_from_another_ca_refuses_to_start(
     tls_cluster: Cluster, pki: Pki, tmp_path: Path
 ) -> None:
     url = verify_full(tls_cluster, pki.path("other-ca.pem"))
+    keyring = tmp_path / "tally.keyring"  # checked first: without it, that is the message
+    keyrings.generate(keyring)
 
     done = subprocess.run(
         [str(TALLY), "serve", "--port", "1"],
-        env={"TALLY_DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
+        env={"TALLY_DATABASE_URL": url, "TALLY_KEYRING": str(keyring), "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=120,

@@ -61,6 +61,8 @@ MATRIX: dict[str, tuple[Callable[[Matrix], dict[str, Any]] | None, str]] = {
     "GET /v1/events/{application}/{event_id}": (lambda m: {"path": "/v1/events/vm/evt-acme"}, "401  401  401  401  401  403  403  200  403"),  # noqa: E501
     "GET /v1/tenants":                        (None,                                    "401  401  401  401  401  200  403  403  403"),  # noqa: E501
     "POST /v1/tenants":                       (_new_id,                                 "401  401  401  401  401  201  403  403  403"),  # noqa: E501
+    "GET /v1/tenants/{tenant_id}":            (lambda m: {"path": "/v1/tenants/acme"},  "401  401  401  401  401  200  403  403  403"),  # noqa: E501
+    "PATCH /v1/tenants/{tenant_id}":          (lambda m: {"path": "/v1/tenants/globex", "json": {"lateness_hours": 48}}, "401  401  401  401  401  200  403  403  403"),  # noqa: E501
     "GET /v1/applications":                   (None,                                    "401  401  401  401  401  200  403  403  403"),  # noqa: E501
     "POST /v1/applications":                  (_new_id,                                 "401  401  401  401  401  201  403  403  403"),  # noqa: E501
     "GET /v1/keys":                           (None,                                    "401  401  401  401  401  200  403  403  403"),  # noqa: E501

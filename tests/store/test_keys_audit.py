@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from tally.auth import keys
-from tally.errors import AlreadyExists
+from tally.errors import AlreadyExists, LastAdminKey
 from tally.store.interface import (
     Application,
     AuditEntry,
@@ -240,3 +240,94 @@ def test_the_audit_log_is_append_only(store: EventStore, database_url: str, sql:
         raw_execute(database_url, sql)
     [kept] = store.list_audit(AuditFilter(), limit=10)
     assert (kept.actor, kept.target) == ("cli:alice", "key_a")
+
+
+def test_the_last_admin_key_that_stays_valid_is_not_revoked(store: EventStore) -> None:
+    store.create_key(key_record("key_admin", scopes=("admin",)))
+    store.create_key(key_record("key_gone", scopes=("admin",), revoked_at=NOW))
+    store.create_key(key_record("key_old", scopes=("admin",), expires_at=NOW))
+    store.create_key(key_record("key_retiring", scopes=("admin",), replaced_by="key_admin"))
+    store.create_key(key_record("key_reader"))
+
+    with pytest.raises(LastAdminKey):
+        store.revoke_key("key_admin", at=NOW, audit=entry("key.revoke"), keep_an_admin=True)
+
+    found = store.get_key("key_admin")
+    assert found is not None and found.revoked_at is None
+    assert actions(store) == []
+    # Keys whose revocation takes no admin away are revoked as before, even now that none
+    # but key_admin stays valid.
+    for other in ("key_gone", "key_old", "key_retiring", "key_reader"):
+        assert store.revoke_key(other, at=NOW, keep_an_admin=True)
+    # Without the guard (the CLI's --force), the last one goes too.
+    assert store.revoke_key("key_admin", at=NOW, audit=entry("key.revoke"))
+    # With no admin key valid any more, revoking an expired one still takes nothing away.
+    store.create_key(key_record("key_lapsed", scopes=("admin",), expires_at=NOW))
+    assert store.revoke_key("key_lapsed", at=NOW, keep_an_admin=True)
+
+
+def test_concurrent_revocations_of_the_last_two_admin_keys_leave_one(store: EventStore) -> None:
+    for round_ in range(5):  # a race that one round could miss by luck
+        ids = [f"key_{round_}_a", f"key_{round_}_b"]
+        for key_id in ids:
+            store.create_key(key_record(key_id, scopes=("admin",)))
+        outcomes: list[str] = []
+        barrier = threading.Barrier(2)
+
+        def revoke(key_id: str, barrier: threading.Barrier, outcomes: list[str]) -> None:
+            barrier.wait()
+            try:
+                store.revoke_key(key_id, at=NOW, keep_an_admin=True)
+                outcomes.append("revoked")
+            except LastAdminKey:
+                outcomes.append("refused")
+
+        threads = [
+            threading.Thread(target=revoke, args=(key_id, barrier, outcomes)) for key_id in ids
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        assert sorted(outcomes) == ["refused", "revoked"]
+        left = [key_id for key_id in ids if (k := store.get_key(key_id)) and not k.revoked_at]
+        assert len(left) == 1
+        # The survivor is now the round's only valid admin key: retire it (unguarded) so the
+        # next round starts from its own two.
+        assert store.revoke_key(left[0], at=NOW)
+
+
+def test_a_tenant_update_is_a_compare_and_set_recorded_with_it(store: EventStore) -> None:
+    acme = Tenant(id="acme", name=None, region="eu", lateness_hours=72, created_at=NOW)
+    store.create_tenant(acme)
+    renamed = Tenant(id="acme", name="Acme", region="eu", lateness_hours=24, created_at=NOW)
+
+    assert store.update_tenant(acme, renamed, audit=entry("tenant.update", target="acme"))
+    assert store.get_tenants(["acme"])["acme"] == renamed
+    # A writer that read the old row loses: nothing changes and nothing is recorded.
+    stale = Tenant(id="acme", name=None, region="eu", lateness_hours=1, created_at=NOW)
+    assert not store.update_tenant(acme, stale, audit=entry("tenant.update", target="acme"))
+    gone = Tenant(id="initech", name=None, region="eu", lateness_hours=1, created_at=NOW)
+    assert not store.update_tenant(gone, gone)
+    assert store.get_tenants(["acme"])["acme"] == renamed
+    assert actions(store) == ["tenant.update"]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE tenants SET region = 'us-east'",
+        "UPDATE tenants SET id = 'initech'",
+        "UPDATE tenants SET created_at = '2000-01-01T00:00:00.000000Z'",
+    ],
+    ids=["region", "id", "created_at"],
+)
+def test_a_tenant_keeps_its_id_region_and_creation_time(
+    store: EventStore, database_url: str, sql: str
+) -> None:
+    acme = Tenant(id="acme", name=None, region="eu", lateness_hours=72, created_at=NOW)
+    store.create_tenant(acme)
+    with pytest.raises((sqlite3.DatabaseError, psycopg.Error), match="never change"):
+        raw_execute(database_url, sql)
+    assert store.get_tenants(["acme"]) == {"acme": acme}

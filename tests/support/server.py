@@ -1,8 +1,9 @@
 """A real `tally serve` process on a free 127.0.0.1 port: for end-to-end tests and bench/.
 
-No pytest here, so the benchmark harness can use it too. The server prints everything (its
-first admin key, if the store was new) before uvicorn starts, so once /readyz answers, stdout
-holds the key.
+No pytest here, so the benchmark harness can use it too. The server prints everything before
+uvicorn starts, so once /readyz answers its stdout is complete. Its stdout is not a terminal,
+so a server on a new store does not print its first admin key there: it writes the key to an
+owner-only file and prints that file's path, which `first_admin_key` follows.
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ TALLY = Path(sys.executable).parent / "tally"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 _ADMIN_KEY = re.compile(r"^\s*(tly_[A-Za-z0-9_-]+)\s*$", re.MULTILINE)
+# The path line `tally serve` prints (cli/main.py names the file tally-admin-key-<random>).
+_ADMIN_KEY_FILE = re.compile(r"^\s*(/\S*/tally-admin-key-[0-9a-f]+)\s*$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
 class Server:
     base_url: str
     port: int
-    admin_key: str  # "" when the server printed none (the store had keys already)
+    admin_key: str  # "" when the server issued none (the store had keys already)
     process: subprocess.Popen[bytes]
     stdout: Path
     stderr: Path
@@ -76,8 +79,23 @@ def stop(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> boo
     return True
 
 
-def printed_admin_key(stdout: str) -> str | None:
-    """The admin key `tally serve` printed (plain or --json), None when it printed none."""
+def admin_key_file(stdout: str) -> Path | None:
+    """The file `tally serve` named (plain or --json) for its first admin key, if any."""
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            named = json.loads(line).get("key_file")
+            if isinstance(named, str):
+                return Path(named)
+    found = _ADMIN_KEY_FILE.search(stdout)
+    return Path(found.group(1)) if found else None
+
+
+def first_admin_key(stdout: str) -> str | None:
+    """The first admin key `tally serve` issued: read from the file it named, or as printed
+    (on a terminal); None when it issued none."""
+    named = admin_key_file(stdout)
+    if named is not None:
+        return named.read_text().strip()
     for line in stdout.splitlines():
         if line.startswith("{"):
             key = json.loads(line).get("key")
@@ -144,7 +162,7 @@ def running_server(
             stop(process)
             logs = Server(base_url, port, "", process, stdout, stderr, tls).logs()
             raise RuntimeError(f"{error}\n{logs}") from None
-        admin_key = printed_admin_key(stdout.read_text(errors="replace")) or ""
+        admin_key = first_admin_key(stdout.read_text(errors="replace")) or ""
         yield Server(base_url, port, admin_key, process, stdout, stderr, tls)
     finally:
         stop(process)

@@ -4,15 +4,19 @@ client address and request id."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel
 from starlette.status import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from tally.api.deps import AdminDep, ServicesDep, known_query_only
+from tally.api.events import JSON, media_type, read_body
 from tally.api.problems import request_id_of, responses
+from tally.events.validation import parse_model
 from tally.registry.audit import Actor
 from tally.registry.models import (
     ApplicationIn,
@@ -25,12 +29,43 @@ from tally.registry.models import (
     RotateIn,
     TenantIn,
     TenantOut,
+    TenantPatch,
 )
 from tally.registry.service import describe_key
 
 router = APIRouter(tags=["registration"], dependencies=[Depends(known_query_only)])
 
-_CREATED = responses((409, "The id is taken (ERR-VAL-409)"))
+_UNSUPPORTED = (415, "The body is not application/json")
+_CREATED = responses((409, "The id is taken (ERR-VAL-409)"), _UNSUPPORTED)
+
+# The request bodies of the admin routes, described in the OpenAPI components by api/openapi.py.
+BODY_MODELS: tuple[type[BaseModel], ...] = (TenantIn, TenantPatch, ApplicationIn, KeyIn, RotateIn)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def body(model: type[M]) -> Callable[..., Awaitable[M]]:
+    """A dependency that reads an admin route's body as `model`, once the caller is known to
+    be an admin (AdminDep runs first): an unauthenticated or unauthorised request is a 401 or
+    403 whatever its body, which is not even read. Then 415 unless it is application/json
+    (UTF-8), and 400 with pointers unless `parse_json` (strict: no duplicate keys) and the
+    model accept it.
+
+    Declared as a dependency, not as a body parameter, because FastAPI reads and judges a
+    body parameter before any dependency runs. `body_doc` describes it in the OpenAPI.
+    """
+
+    async def parsed(request: Request, _: AdminDep) -> M:
+        media_type(request, (JSON,))
+        return parse_model(model, await read_body(request))
+
+    return parsed
+
+
+def body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI requestBody of a route whose body `body(model)` reads."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {JSON: {"schema": schema}}}}
 
 
 def actor(request: Request, caller: AdminDep) -> Actor:
@@ -45,18 +80,64 @@ def actor(request: Request, caller: AdminDep) -> Actor:
 ActorDep = Annotated[Actor, Depends(actor)]
 
 
-@router.post("/v1/tenants", status_code=HTTP_201_CREATED, responses=_CREATED)
-def create_tenant(spec: TenantIn, who: ActorDep, services: ServicesDep) -> TenantOut:
+@router.post(
+    "/v1/tenants",
+    status_code=HTTP_201_CREATED,
+    responses=_CREATED,
+    openapi_extra=body_doc(TenantIn),
+)
+def create_tenant(
+    spec: Annotated[TenantIn, Depends(body(TenantIn))], who: ActorDep, services: ServicesDep
+) -> TenantOut:
     return TenantOut(**asdict(services.registry.create_tenant(spec, actor=who)))
 
 
 @router.get("/v1/tenants")
 def list_tenants(_: AdminDep, services: ServicesDep) -> list[TenantOut]:
-    return [TenantOut(**asdict(t)) for t in services.store.list_tenants()]
+    """Every tenant, shredded ones too (`shredded`: they take no more events)."""
+    return services.registry.list_tenants()
 
 
-@router.post("/v1/applications", status_code=HTTP_201_CREATED, responses=_CREATED)
-def create_application(spec: ApplicationIn, who: ActorDep, services: ServicesDep) -> ApplicationOut:
+_TENANT = responses((404, "No such tenant (ERR-RES-404)"))
+
+
+@router.get("/v1/tenants/{tenant_id}", responses=_TENANT)
+def get_tenant(tenant_id: str, _: AdminDep, services: ServicesDep) -> TenantOut:
+    return services.registry.get_tenant(tenant_id)
+
+
+@router.patch(
+    "/v1/tenants/{tenant_id}",
+    responses=responses(
+        (404, "No such tenant (ERR-RES-404)"),
+        (409, "The tenant kept changing while this update was made; look at it again"),
+        _UNSUPPORTED,
+    ),
+    openapi_extra=body_doc(TenantPatch),
+)
+def update_tenant(
+    tenant_id: str,
+    patch: Annotated[TenantPatch, Depends(body(TenantPatch))],
+    who: ActorDep,
+    services: ServicesDep,
+) -> TenantOut:
+    """A JSON merge patch of `name` and `lateness_hours`: fields left out stay, `"name":
+    null` removes the name. A new lateness window applies to events sent from now on; the
+    events stored stay. Recorded in the audit log as `tenant.update`."""
+    return services.registry.update_tenant(tenant_id, patch, actor=who)
+
+
+@router.post(
+    "/v1/applications",
+    status_code=HTTP_201_CREATED,
+    responses=_CREATED,
+    openapi_extra=body_doc(ApplicationIn),
+)
+def create_application(
+    spec: Annotated[ApplicationIn, Depends(body(ApplicationIn))],
+    who: ActorDep,
+    services: ServicesDep,
+) -> ApplicationOut:
     return ApplicationOut(**asdict(services.registry.create_application(spec, actor=who)))
 
 
@@ -65,8 +146,15 @@ def list_applications(_: AdminDep, services: ServicesDep) -> list[ApplicationOut
     return [ApplicationOut(**asdict(a)) for a in services.store.list_applications()]
 
 
-@router.post("/v1/keys", status_code=HTTP_201_CREATED)
-def create_key(spec: KeyIn, who: ActorDep, services: ServicesDep) -> NewKeyOut:
+@router.post(
+    "/v1/keys",
+    status_code=HTTP_201_CREATED,
+    responses=responses(_UNSUPPORTED),
+    openapi_extra=body_doc(KeyIn),
+)
+def create_key(
+    spec: Annotated[KeyIn, Depends(body(KeyIn))], who: ActorDep, services: ServicesDep
+) -> NewKeyOut:
     """Issue a key. Its secret is in this response only; Tally keeps just its hash."""
     return services.registry.create_key(spec, actor=who)
 
@@ -84,9 +172,16 @@ def list_keys(_: AdminDep, services: ServicesDep) -> list[KeyOut]:
     responses=responses(
         (404, "No such key (ERR-RES-404)"),
         (409, "The key is revoked, expired or already rotated (ERR-VAL-409)"),
+        _UNSUPPORTED,
     ),
+    openapi_extra=body_doc(RotateIn),
 )
-def rotate_key(key_id: str, spec: RotateIn, who: ActorDep, services: ServicesDep) -> NewKeyOut:
+def rotate_key(
+    key_id: str,
+    spec: Annotated[RotateIn, Depends(body(RotateIn))],
+    who: ActorDep,
+    services: ServicesDep,
+) -> NewKeyOut:
     """Issue a replacement with the same scopes, application, tenants and lifetime; its secret
     is in this response only. The old key keeps working for `grace_seconds` (never beyond its
     own expiry), then gets 401 like any invalid key."""
@@ -97,10 +192,15 @@ def rotate_key(key_id: str, spec: RotateIn, who: ActorDep, services: ServicesDep
 @router.delete(
     "/v1/keys/{key_id}",
     status_code=HTTP_204_NO_CONTENT,
-    responses=responses((404, "No such key (ERR-RES-404)")),
+    responses=responses(
+        (404, "No such key (ERR-RES-404)"),
+        (409, "The last admin key that stays valid: issue or rotate to another one first"),
+    ),
 )
 def revoke_key(key_id: str, who: ActorDep, services: ServicesDep) -> Response:
-    """Revoke at once: the next request with this key gets 401."""
+    """Revoke at once: the next request with this key gets 401. The last admin key that
+    stays valid (not revoked, expired or retiring after a rotation) cannot be revoked: a
+    409 says so, and the operator issues another one first (or rotates this one)."""
     services.registry.revoke_key(key_id, actor=who)
     return Response(status_code=HTTP_204_NO_CONTENT)
 

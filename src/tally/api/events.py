@@ -60,16 +60,18 @@ async def read_body(request: Request) -> bytes:
         ) from None
 
 
-def media_type(request: Request) -> str:
-    """The body's media type, without parameters. Raises UnsupportedMediaType (415) for a type
-    Tally does not read, or a `charset` other than UTF-8 (the only one JSON bodies may use,
-    RFC 8259 section 8.1)."""
+EVENT_TYPES = (JSON, CLOUDEVENT, CLOUDEVENT_BATCH)
+
+
+def media_type(request: Request, accepted: tuple[str, ...] = EVENT_TYPES) -> str:
+    """The body's media type, without parameters: one of `accepted`. Raises
+    UnsupportedMediaType (415) for a type the route does not read, or a `charset` other than
+    UTF-8 (the only one JSON bodies may use, RFC 8259 section 8.1)."""
     kind, *parameters = request.headers.get("content-type", "").split(";")
     kind = kind.strip().lower()
-    if kind not in (JSON, CLOUDEVENT, CLOUDEVENT_BATCH):
+    if kind not in accepted:
         raise UnsupportedMediaType(
-            f"Send {JSON}, {CLOUDEVENT} or {CLOUDEVENT_BATCH}.",
-            [FieldError("", "unsupported Content-Type")],
+            f"Send {' or '.join(accepted)}.", [FieldError("", "unsupported Content-Type")]
         )
     for parameter in parameters:
         name, _, value = parameter.partition("=")

@@ -31,6 +31,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
+from tally.api.admin import BODY_MODELS
 from tally.api.problems import PROBLEM_JSON, Problem
 from tally.api.schemas import CLOUDEVENT_BATCH_SCHEMA, BatchIn, BatchOut, SingleOut
 from tally.events.validation import CloudEventIn, EventIn
@@ -44,6 +45,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     SingleOut,
     BatchOut,
     Problem,
+    *BODY_MODELS,
 )
 
 _PROBLEM_SCHEMA = {"$ref": "#/components/schemas/Problem"}

@@ -18,6 +18,7 @@ from tally.cli.common import (
     registry,
     table_of,
 )
+from tally.errors import LastAdminKey
 from tally.registry.audit import Actor
 from tally.registry.models import KeyIn, KeyOut, NewKeyOut, RotateIn
 from tally.registry.service import describe_key
@@ -131,9 +132,24 @@ def keys_rotate(
 
 @app.command("revoke")
 def keys_revoke(
-    key_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonOption = False
+    key_id: Annotated[str, typer.Argument(metavar="ID")],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Revoke even the last valid admin key ('tally keys create --scope admin' "
+            "on this host makes a new one).",
+        ),
+    ] = False,
+    as_json: JsonOption = False,
 ) -> None:
-    """Revoke a key at once."""
+    """Revoke a key at once. The last admin key that stays valid only with --force."""
     with command_store() as store:
-        registry(store).revoke_key(key_id, actor=Actor.cli())
+        try:
+            registry(store).revoke_key(key_id, actor=Actor.cli(), force=force)
+        except LastAdminKey:
+            raise LastAdminKey(
+                " Or revoke it with --force: 'tally keys create --scope admin' on this host "
+                "makes a new one."
+            ) from None
     emit({"id": key_id, "revoked": True}, as_json=as_json, text=f"Key {key_id} revoked.")

@@ -9,10 +9,18 @@ single transaction, or an attempt that was refused, is recorded on its own with
 from __future__ import annotations
 
 import getpass
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
+import structlog
+
+from tally.errors import TallyError
 from tally.store.interface import AuditEntry, JsonValue
+
+log = structlog.get_logger(__name__)
 
 CLI_SOURCE = "cli"
 
@@ -64,3 +72,109 @@ class Actor:
 # Acting on nobody's behalf: test fixtures and code inside the process. Every API route and
 # CLI command passes its own actor.
 SYSTEM = Actor(id="system", source="local")
+
+
+DENIED = "access.denied"
+
+
+@dataclass(slots=True)
+class _Denials:
+    written_at: datetime  # when this key's last row for the route was written
+    held: int = 0  # denials since then, not yet in any row
+    last: Actor | None = None  # the latest of them (its address and request id)
+
+
+class DenialLog:
+    """Refused admin attempts (`access.denied`), at most one row per key, route and method in
+    any `window`, each row with the `count` of denials it stands for.
+
+    Any valid key can be refused as often as its rate limit lets it; a row per refusal would
+    let it flood the log, and the log is append-only, so a row cannot be updated with a count
+    later. A counter table beside the log would still cost a write (on SQLite, the one write
+    lock) per refusal. Instead the first refusal of a quiet key and route is written at once
+    (count 1), the ones after it are counted here, and the next row carries their count: the
+    key's next refusal once `window` has passed writes it, or a sweep when any refusal comes
+    later, or `flush` at shutdown. The counts of all rows add up to the refusals. Memory is
+    bounded: at most `capacity` key-route pairs are held; the oldest is written out to make
+    room. Each server process keeps its own counts, so with N workers there are up to N rows
+    per window.
+
+    `write` appends one entry; when it fails, the count is lost, never the answer (a refusal
+    stays a 403 whatever the log does).
+    """
+
+    def __init__(
+        self,
+        write: Callable[[AuditEntry], None],
+        clock: Callable[[], datetime],
+        *,
+        window: timedelta = timedelta(minutes=1),
+        capacity: int = 4096,
+    ) -> None:
+        self._write = write
+        self._clock = clock
+        self._window = window
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._held: OrderedDict[tuple[str, str, str], _Denials] = OrderedDict()
+        self._swept_at: datetime | None = None
+
+    def deny(self, actor: Actor, *, route: str, method: str) -> None:
+        """Count one refusal of `actor` on `route` (its template, e.g. /v1/keys/{key_id}, so
+        the paths a caller makes up do not multiply the rows) and write what is due."""
+        now = self._clock()
+        due: list[tuple[tuple[str, str, str], Actor, int]] = []
+        with self._lock:
+            pair = (actor.id, route, method)
+            found = self._held.get(pair)
+            if found is None or now - found.written_at >= self._window:
+                due.append((pair, actor, 1 + (found.held if found else 0)))
+                self._held[pair] = _Denials(written_at=now)
+                self._held.move_to_end(pair)
+            else:
+                found.held += 1
+                found.last = actor
+            due.extend(self._sweep(now))
+        for (_, route_of, method_of), who, count in due:
+            self._record(who, route_of, method_of, count, now)
+
+    def flush(self) -> None:
+        """Write every count still held (at shutdown)."""
+        now = self._clock()
+        with self._lock:
+            held = [(pair, d.last, d.held) for pair, d in self._held.items() if d.held]
+            self._held.clear()
+        for (_, route, method), who, count in held:
+            if who is not None:
+                self._record(who, route, method, count, now)
+
+    def _sweep(self, now: datetime) -> list[tuple[tuple[str, str, str], Actor, int]]:
+        """Under the lock: the held counts whose window has passed (at most once a second,
+        so a flood does not walk every pair on every refusal) and those evicted to keep
+        within `capacity`. Pairs quiet for a whole window are forgotten."""
+        due: list[tuple[tuple[str, str, str], Actor, int]] = []
+        if self._swept_at is None or now - self._swept_at >= timedelta(seconds=1):
+            self._swept_at = now
+            for pair, denials in list(self._held.items()):
+                if now - denials.written_at < self._window:
+                    continue
+                if denials.held and denials.last is not None:
+                    # Written now, so the pair's window starts again: a refusal right after
+                    # this is held, not a second row within a minute.
+                    due.append((pair, denials.last, denials.held))
+                    self._held[pair] = _Denials(written_at=now)
+                    self._held.move_to_end(pair)
+                else:
+                    del self._held[pair]
+        while len(self._held) > self._capacity:
+            pair, denials = self._held.popitem(last=False)
+            if denials.held and denials.last is not None:
+                due.append((pair, denials.last, denials.held))
+        return due
+
+    def _record(self, who: Actor, route: str, method: str, count: int, now: datetime) -> None:
+        details: dict[str, JsonValue] = {"method": method, "count": count}
+        try:
+            self._write(who.entry(DENIED, at=now, target=route, details=details))
+        except TallyError as error:
+            log.warning("denial_not_audited", error_type=type(error).__name__, count=count)

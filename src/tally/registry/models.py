@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tally.auth.service import Scope
 from tally.events.validation import Name, Rfc3339, Text
@@ -23,6 +23,38 @@ class TenantIn(BaseModel):
     name: Text | None = None
     region: Name | None = Field(default=None, description="Home region; the server's by default.")
     lateness_hours: int = Field(default=72, ge=1, le=MAX_LATENESS_HOURS, strict=True)
+
+
+def _integer_only(schema: dict[str, Any]) -> None:
+    """The schema of an optional field that may be left out but never sent as null."""
+    (integer,) = (option for option in schema.pop("anyOf") if option.get("type") != "null")
+    schema.pop("default", None)
+    schema.update(integer)
+
+
+class TenantPatch(BaseModel):
+    """A JSON merge patch (RFC 7396) of a tenant: the fields sent change, the others stay;
+    `"name": null` removes the name. The id and region never change."""
+
+    model_config = _INPUT
+
+    name: Text | None = Field(default=None, description="The new display name; null removes it.")
+    lateness_hours: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_LATENESS_HOURS,
+        strict=True,
+        description="The new lateness window; it applies to events sent from now on.",
+        json_schema_extra=_integer_only,
+    )
+
+    @field_validator("lateness_hours")
+    @classmethod
+    def _window_is_not_removed(cls, value: int | None) -> int:
+        # Runs only for a value sent (defaults are not validated): null is refused, absent is not.
+        if value is None:
+            raise ValueError("cannot be null: every tenant has a lateness window")
+        return value
 
 
 class ApplicationIn(BaseModel):
@@ -62,6 +94,9 @@ class TenantOut(BaseModel):
     region: str
     lateness_hours: int
     created_at: datetime
+    shredded: bool = Field(
+        default=False, description="Its data key is destroyed: it takes no more events."
+    )
 
 
 class ApplicationOut(BaseModel):

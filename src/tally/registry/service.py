@@ -8,14 +8,14 @@ or the CLI's OS user).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 
 from tally.auth import keys
 from tally.auth.service import Scope
 from tally.errors import Conflict, FieldError, InvalidInput, NotFound
 from tally.events.model import format_time
-from tally.registry.audit import SYSTEM, Actor
+from tally.registry.audit import SYSTEM, Actor, DenialLog
 from tally.registry.models import (
     MAX_GRACE_SECONDS,
     ApplicationIn,
@@ -26,10 +26,13 @@ from tally.registry.models import (
     KeyOut,
     NewKeyOut,
     TenantIn,
+    TenantOut,
+    TenantPatch,
 )
 from tally.store.interface import (
     Application,
     AuditFilter,
+    DataKey,
     EventStore,
     JsonValue,
     KeyRecord,
@@ -62,11 +65,19 @@ def _key_details(record: KeyRecord) -> dict[str, JsonValue]:
     }
 
 
+def _shredded(key: DataKey | None) -> bool:
+    return key is not None and key.shredded_at is not None
+
+
 @dataclass
 class Registry:
     store: EventStore
     region: str
     clock: Callable[[], datetime]
+    denials: DenialLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.denials = DenialLog(self.store.record_audit, self.clock)
 
     def create_tenant(self, spec: TenantIn, *, actor: Actor = SYSTEM) -> Tenant:
         """Raises AlreadyExists if the id is taken (and records nothing)."""
@@ -87,6 +98,52 @@ class Registry:
         )
         self.store.create_tenant(tenant, audit=audit)
         return tenant
+
+    def list_tenants(self) -> list[TenantOut]:
+        """Every tenant as the API and the CLI show them: with whether it is shredded."""
+        tenants = self.store.list_tenants()
+        found = self.store.tenants_with_keys([tenant.id for tenant in tenants])
+        return [
+            TenantOut(
+                **asdict(tenant), shredded=tenant.id in found and _shredded(found[tenant.id][1])
+            )
+            for tenant in tenants
+        ]
+
+    def get_tenant(self, tenant_id: str) -> TenantOut:
+        """Raises NotFound if there is no such tenant."""
+        found = self.store.tenants_with_keys([tenant_id]).get(tenant_id)
+        if found is None:
+            raise NotFound("There is no tenant with this id.")
+        tenant, key = found
+        return TenantOut(**asdict(tenant), shredded=_shredded(key))
+
+    def update_tenant(
+        self, tenant_id: str, patch: TenantPatch, *, actor: Actor = SYSTEM
+    ) -> TenantOut:
+        """Apply a merge patch: the fields `patch` holds change, the others stay. Recorded as
+        `tenant.update` with the old and new window (the name is free text an operator typed,
+        so the log says only that it changed). A window changed applies to events sent from
+        now on: stored events stay, whatever their time.
+
+        Raises NotFound if there is no such tenant; Conflict if it kept changing under us.
+        """
+        for _ in range(3):  # a concurrent update moved it between our read and our write
+            old = self.store.get_tenants([tenant_id]).get(tenant_id)
+            if old is None:
+                raise NotFound("There is no tenant with this id.")
+            new = replace(old, **patch.model_dump(exclude_unset=True))
+            if new == old:
+                return self.get_tenant(tenant_id)
+            details: dict[str, JsonValue] = {
+                "old_lateness_hours": old.lateness_hours,
+                "new_lateness_hours": new.lateness_hours,
+                "name_changed": new.name != old.name,
+            }
+            audit = actor.entry("tenant.update", at=self.clock(), target=old.id, details=details)
+            if self.store.update_tenant(old, new, audit=audit):
+                return self.get_tenant(tenant_id)
+        raise Conflict("This tenant is being changed by someone else; look at it again.")
 
     def shred_tenant(self, tenant_id: str, *, actor: Actor = SYSTEM) -> None:
         """Destroy the tenant's data key (crypto/tenant_keys.py): its sealed attributes are
@@ -224,11 +281,19 @@ class Registry:
         if not record.usable_at(now):
             raise Conflict("This key has expired and cannot be rotated; issue a new key instead.")
 
-    def revoke_key(self, key_id: str, *, actor: Actor = SYSTEM) -> None:
-        """Revoked at once, for every replica. Raises NotFound (and records nothing)."""
+    def revoke_key(self, key_id: str, *, actor: Actor = SYSTEM, force: bool = False) -> None:
+        """Revoked at once, for every replica.
+
+        Raises NotFound, or LastAdminKey (409) when no other admin key would stay valid, an
+        operator locked out of the API being one mistake away otherwise; in both cases it
+        records nothing. `force` (the host's CLI only: `tally keys create --scope admin`
+        there is the recovery) revokes anyway, and the audit entry says so.
+        """
         now = self.clock()
-        audit = actor.entry("key.revoke", at=now, target=key_id)
-        if not self.store.revoke_key(key_id, at=now, audit=audit):
+        audit = actor.entry(
+            "key.revoke", at=now, target=key_id, details={"forced": True} if force else None
+        )
+        if not self.store.revoke_key(key_id, at=now, audit=audit, keep_an_admin=not force):
             raise NotFound("There is no key with this id.")
 
     def bootstrap_admin_key(self, *, actor: Actor = SYSTEM) -> NewKeyOut | None:
@@ -257,6 +322,15 @@ class Registry:
         self.store.record_audit(
             actor.entry(action, at=self.clock(), target=target, details=details)
         )
+
+    def deny(self, actor: Actor, *, route: str, method: str) -> None:
+        """Record a refused admin attempt, coalesced (see `DenialLog`): a valid key refused
+        in a loop must not flood the log. Never raises; `close` writes the counts held."""
+        self.denials.deny(actor, route=route, method=method)
+
+    def close(self) -> None:
+        """Write what is still held in memory (the counts of refused attempts)."""
+        self.denials.flush()
 
     def audit_page(self, query: AuditQuery) -> AuditPageOut:
         """Entries matching `query`, newest first; its `cursor` is a previous `next_cursor`.

@@ -24,7 +24,8 @@ from tally.store.postgres import libpq_url, yoyo_url
 
 # table -> what the service role may do to it (and why, where it is not obvious).
 SERVICE_PRIVILEGES: Mapping[str, frozenset[str]] = {
-    "tenants": frozenset({"SELECT", "INSERT"}),
+    # UPDATE: a tenant's name and lateness window change (PATCH /v1/tenants/{id}).
+    "tenants": frozenset({"SELECT", "INSERT", "UPDATE"}),
     "applications": frozenset({"SELECT", "INSERT"}),
     # UPDATE: revocation, rotation and last_used_at.
     "api_keys": frozenset({"SELECT", "INSERT", "UPDATE"}),

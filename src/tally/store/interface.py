@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from tally.errors import LastAdminKey
 from tally.events.model import NewEvent, Outcome, StoredEvent
 
 
@@ -69,6 +70,31 @@ class KeyRecord:
         if self.revoked_at is not None:
             return False
         return self.expires_at is None or now < self.expires_at
+
+
+# The admin scope as stored (auth.service.Scope.ADMIN; auth imports the store, not back).
+ADMIN_SCOPE = "admin"
+# Matches the JSON text of a scopes column that holds the admin scope (the same on both stores).
+ADMIN_SCOPES_LIKE = f'%"{ADMIN_SCOPE}"%'
+
+
+def refuse_last_admin(key_id: str, admins: Sequence[KeyRecord], now: datetime) -> None:
+    """Raises LastAdminKey when revoking `key_id` at `now` would leave no admin key among
+    `admins` (every admin key, read under the revocation's lock) that stays valid.
+
+    A key that stays valid is neither revoked nor expired, and not retiring after a rotation
+    (its replacement is the one that stays). Revoking a key that does not stay valid itself
+    (revoked, expired, retiring, or not an admin key) takes nothing away and is never refused.
+    """
+    target = next((key for key in admins if key.id == key_id), None)
+    if target is None or not _stays_valid(target, now):
+        return
+    if not any(key.id != key_id and _stays_valid(key, now) for key in admins):
+        raise LastAdminKey
+
+
+def _stays_valid(key: KeyRecord, now: datetime) -> bool:
+    return ADMIN_SCOPE in key.scopes and key.usable_at(now) and key.replaced_by is None
 
 
 JsonValue = str | int | bool | None | list[str]
@@ -251,6 +277,11 @@ class EventStore(Protocol):
     def get_tenants(self, ids: Sequence[str]) -> dict[str, Tenant]:
         """The tenants among `ids` that exist."""
 
+    def update_tenant(self, old: Tenant, new: Tenant, *, audit: AuditEntry | None = None) -> bool:
+        """Set the tenant's name and lateness window to `new`'s if its row still holds
+        `old`'s (a compare-and-set: the audit entry's old values are then the true ones);
+        False, changing nothing, when it does not or the tenant is gone."""
+
     def list_tenants(self) -> list[Tenant]: ...
 
     def create_application(
@@ -272,8 +303,21 @@ class EventStore(Protocol):
 
     def list_keys(self) -> list[KeyRecord]: ...
 
-    def revoke_key(self, key_id: str, *, at: datetime, audit: AuditEntry | None = None) -> bool:
-        """Revoke at once; False if there is no such key. Revoking twice keeps the first time."""
+    def revoke_key(
+        self,
+        key_id: str,
+        *,
+        at: datetime,
+        audit: AuditEntry | None = None,
+        keep_an_admin: bool = False,
+    ) -> bool:
+        """Revoke at once; False if there is no such key. Revoking twice keeps the first time.
+
+        With `keep_an_admin`, raises LastAdminKey, changing nothing, when no other admin key
+        would stay valid (see `refuse_last_admin`): checked and revoked in one transaction
+        that holds every admin key's row, so two concurrent revocations of the last two admin
+        keys cannot both succeed.
+        """
 
     def rotate_key(
         self,

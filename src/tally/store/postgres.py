@@ -26,6 +26,7 @@ from tally.events.model import NewEvent, Outcome, StoredEvent
 from tally.store import migrate, plan
 from tally.store.audit import audit_where
 from tally.store.interface import (
+    ADMIN_SCOPES_LIKE,
     Application,
     AuditEntry,
     AuditFilter,
@@ -35,6 +36,7 @@ from tally.store.interface import (
     ExportPage,
     KeyRecord,
     Tenant,
+    refuse_last_admin,
 )
 
 _EVENT_COLUMNS = (
@@ -431,6 +433,17 @@ class PostgresStore:
         rows = self._all("SELECT * FROM tenants WHERE id = ANY(%s)", (list(ids),))
         return {row["id"]: _tenant(row) for row in rows}
 
+    def update_tenant(self, old: Tenant, new: Tenant, *, audit: AuditEntry | None = None) -> bool:
+        with self._transaction() as connection:
+            cursor = connection.execute(
+                "UPDATE tenants SET name = %s, lateness_hours = %s "
+                "WHERE id = %s AND name IS NOT DISTINCT FROM %s AND lateness_hours = %s",
+                (new.name, new.lateness_hours, old.id, old.name, old.lateness_hours),
+            )
+            if cursor.rowcount == 1 and audit is not None:
+                _record(connection, audit)
+            return cursor.rowcount == 1
+
     def list_tenants(self) -> list[Tenant]:
         return [_tenant(row) for row in self._all("SELECT * FROM tenants ORDER BY id")]
 
@@ -465,8 +478,23 @@ class PostgresStore:
     def list_keys(self) -> list[KeyRecord]:
         return [_key(row) for row in self._all("SELECT * FROM api_keys ORDER BY created_at, id")]
 
-    def revoke_key(self, key_id: str, *, at: datetime, audit: AuditEntry | None = None) -> bool:
+    def revoke_key(
+        self,
+        key_id: str,
+        *,
+        at: datetime,
+        audit: AuditEntry | None = None,
+        keep_an_admin: bool = False,
+    ) -> bool:
         with self._transaction() as connection:
+            if keep_an_admin:
+                # Every admin key's row, locked until commit: a concurrent revocation (or
+                # rotation) of an admin key waits, then this one reads the rows as it left them.
+                admins = connection.execute(
+                    "SELECT * FROM api_keys WHERE scopes LIKE %s ORDER BY id FOR UPDATE",
+                    (ADMIN_SCOPES_LIKE,),
+                ).fetchall()
+                refuse_last_admin(key_id, [_key(row) for row in admins], at)
             cursor = connection.execute(
                 "UPDATE api_keys SET revoked_at = coalesce(revoked_at, %s) WHERE id = %s",
                 (at, key_id),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import queue
 import secrets
 import sqlite3
@@ -31,6 +32,7 @@ from tally.events.model import (
 from tally.store import migrate, plan
 from tally.store.audit import audit_where
 from tally.store.interface import (
+    ADMIN_SCOPES_LIKE,
     Application,
     AuditEntry,
     AuditFilter,
@@ -40,6 +42,7 @@ from tally.store.interface import (
     ExportPage,
     KeyRecord,
     Tenant,
+    refuse_last_admin,
 )
 
 MIN_SQLITE = (3, 38, 0)
@@ -129,6 +132,21 @@ def _tenant(row: sqlite3.Row) -> Tenant:
     )
 
 
+def create_owner_only(path: Path) -> None:
+    """Make an empty database file at `path`, readable by its owner only, unless one exists.
+
+    The file holds the cursor secret and the wrapped data keys. SQLite creates a missing file
+    with the process umask (0644 by default), and gives its -wal and -shm files the mode of
+    the database file, so making the file first, 0600, keeps all three owner-only. An
+    existing file keeps its mode: an operator may have chosen it. Raises OSError.
+    """
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(descriptor)
+
+
 class SQLiteStore:
     """`EventStore` on one SQLite file. See store/interface.py for the contract."""
 
@@ -147,6 +165,7 @@ class SQLiteStore:
 
     def _connect(self) -> sqlite3.Connection:
         try:
+            create_owner_only(self.path)
             connection = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=30
             )
@@ -155,7 +174,7 @@ class SQLiteStore:
             # FULL: a commit returns only after the WAL is fsynced, so a 2xx survives power loss.
             connection.execute("PRAGMA synchronous=FULL")
             connection.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.Error as error:
+        except (sqlite3.Error, OSError) as error:
             raise StoreUnavailable("The SQLite store cannot be opened.") from error
         with self._connections_lock:
             self._connections.append(connection)
@@ -234,6 +253,10 @@ class SQLiteStore:
         return self
 
     def migrate(self) -> list[str]:
+        try:
+            create_owner_only(self.path)  # before yoyo's own connection can make it 0644
+        except OSError as error:
+            raise StoreUnavailable("The SQLite store cannot be created.") from error
         applied = migrate.apply(f"sqlite:///{self.path}", "sqlite")
         self.open()
         return applied
@@ -468,6 +491,17 @@ class SQLiteStore:
         )
         return {row["id"]: _tenant(row) for row in rows}
 
+    def update_tenant(self, old: Tenant, new: Tenant, *, audit: AuditEntry | None = None) -> bool:
+        with self._write() as connection:
+            cursor = connection.execute(
+                "UPDATE tenants SET name = ?, lateness_hours = ? "
+                "WHERE id = ? AND name IS ? AND lateness_hours = ?",
+                (new.name, new.lateness_hours, old.id, old.name, old.lateness_hours),
+            )
+            if cursor.rowcount == 1 and audit is not None:
+                _record(connection, audit)
+            return cursor.rowcount == 1
+
     def list_tenants(self) -> list[Tenant]:
         return [_tenant(r) for r in self._all("SELECT * FROM tenants ORDER BY id")]
 
@@ -504,8 +538,21 @@ class SQLiteStore:
         rows = self._all("SELECT * FROM api_keys ORDER BY created_at, id")
         return [_key(row) for row in rows]
 
-    def revoke_key(self, key_id: str, *, at: datetime, audit: AuditEntry | None = None) -> bool:
+    def revoke_key(
+        self,
+        key_id: str,
+        *,
+        at: datetime,
+        audit: AuditEntry | None = None,
+        keep_an_admin: bool = False,
+    ) -> bool:
+        # BEGIN IMMEDIATE holds SQLite's write lock from the check to the commit.
         with self._write() as connection:
+            if keep_an_admin:
+                admins = connection.execute(
+                    "SELECT * FROM api_keys WHERE scopes LIKE ?", (ADMIN_SCOPES_LIKE,)
+                )
+                refuse_last_admin(key_id, [_key(row) for row in admins], at)
             cursor = connection.execute(
                 "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?",
                 (format_time(at), key_id),
