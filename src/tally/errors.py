@@ -41,6 +41,10 @@ class UnsupportedMediaType(InvalidInput):
     """The content type is not one Tally reads (ERR-VAL-400, HTTP 415)."""
 
 
+class NotAcceptable(InvalidInput):
+    """The request's Accept header names no format the route answers (406)."""
+
+
 class Conflict(InvalidInput):
     """The identity is taken by different content (ERR-VAL-409, HTTP 409)."""
 

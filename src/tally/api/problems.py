@@ -20,6 +20,7 @@ from tally.errors import (
     FieldError,
     Forbidden,
     InvalidInput,
+    NotAcceptable,
     NotFound,
     RateLimited,
     StoreUnavailable,
@@ -74,6 +75,7 @@ class Problem(BaseModel):
 
 # error class -> (HTTP status, code, type slug, title); the most specific class first.
 _KINDS: list[tuple[type[TallyError], int, str, str, str]] = [
+    (NotAcceptable, 406, "ERR-VAL-400", "not-acceptable", "Not acceptable"),
     (UnsupportedMediaType, 415, "ERR-VAL-400", "unsupported-media-type", "Unsupported media type"),
     (Conflict, 409, "ERR-VAL-409", "conflict", "Conflict"),
     (InvalidInput, 400, "ERR-VAL-400", "invalid-input", "Invalid input"),
