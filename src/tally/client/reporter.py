@@ -252,6 +252,8 @@ class Reporter:
             return False
 
     def _send(self, batch: list[_Pending]) -> None:
+        """Send `batch` until it is settled. A batch over the server's body limit (413: its
+        TALLY_MAX_BODY_BYTES may be below the SDK's) is split in two and each half sent."""
         body = b'{"events":[' + b",".join(p.body for p in batch) + b"]}"
         headers = {"Content-Type": "application/json"}
         if self._compress and len(body) > GZIP_ABOVE:
@@ -265,8 +267,17 @@ class Reporter:
                 content=body,
                 headers=headers,
                 sleep=self._sleep,
+                # An event is tried until `deadline` after it was reported, not after its
+                # batch left: after a long outage the whole backlog is handed back at once,
+                # rather than a deadline per batch one after the other.
+                give_up_at=batch[0].reported_at + self._policy.deadline,
             )
         except TallyError as error:
+            if error.status == 413 and len(batch) > 1:
+                half = len(batch) // 2
+                self._send(batch[:half])
+                self._send(batch[half:])
+                return
             failures = [
                 Failure(p.event, str(error), status=error.status, problem=error.problem)
                 for p in batch

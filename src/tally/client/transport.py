@@ -29,7 +29,9 @@ Sleep = Callable[[float], bool]
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How long and how often a request is tried. `deadline`: seconds from the first attempt
+    """How long and how often a request is tried.
+
+    `deadline`: seconds from the first attempt (for a reported event: from its `report`)
     after which no new attempt starts; `max_retries`: at most this many attempts after the
     first (None: as many as the deadline allows). Backoff is exponential with full jitter:
     attempt n waits a uniform random time in [0, min(cap, base * 2**n)], or at least the
@@ -152,6 +154,7 @@ class Transport:
         idempotent: bool = True,
         stream: bool = False,
         sleep: Sleep = _sleep,
+        give_up_at: float | None = None,
     ) -> httpx.Response:
         """A 2xx answer (with `stream`, unread: the caller closes it).
 
@@ -159,9 +162,11 @@ class Transport:
         was sent when not `idempotent`) and the RETRYABLE statuses (only NOTHING_DONE when not
         `idempotent`). Raises TallyError with Tally's problem document for any other answer,
         or for the last failure once the policy gives up; `sleep` returning False (the caller
-        gave up) ends the retries at once with that failure.
+        gave up) ends the retries at once with that failure. `give_up_at` (a monotonic time)
+        replaces the policy's deadline; past it, every base URL is still tried once.
         """
-        give_up_at = time.monotonic() + policy.deadline
+        if give_up_at is None:
+            give_up_at = time.monotonic() + policy.deadline
         attempts = 0
         while True:
             used = self._pick()
@@ -196,11 +201,12 @@ class Transport:
             if policy.max_retries is not None and retries >= policy.max_retries:
                 raise failure
             # Only a full round over the URLs without an answer waits (a Retry-After always
-            # does): the next URL may well answer at once.
-            delay = policy.backoff(retries) if attempts % len(self.base_urls) == 0 else 0.0
+            # does): the next URL may well answer at once, so it is tried even past the deadline.
+            round_over = attempts % len(self.base_urls) == 0
+            delay = policy.backoff(retries) if round_over else 0.0
             if wait is not None:
                 delay = max(delay, wait)
-            if time.monotonic() + delay >= give_up_at:
+            if (round_over or wait is not None) and time.monotonic() + delay >= give_up_at:
                 raise failure
             log.debug(
                 "tally_client_retry",
