@@ -4,6 +4,8 @@ event is acknowledged exactly once or handed back as failed, never dropped."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -149,6 +151,51 @@ def test_a_rejected_event_is_handed_back_with_its_pointer(deployment: Deployment
     assert [e["pointer"] for e in failure.errors] == ["/quantity"]
     assert collected.failures == [failure]
     assert exported_ids(deployment.server, deployment.reader) == [good]
+
+
+def test_a_client_left_open_at_exit_still_delivers_its_events(deployment: Deployment) -> None:
+    script = (
+        "import sys\n"
+        "from tally.client import Client\n"
+        "client = Client(sys.argv[1], sys.argv[2], max_delay=60)\n"
+        "print(client.report({'tenant': 'acme', 'type': 't', 'quantity': 1}))\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script, deployment.server.base_url, deployment.writer],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert exported_ids(deployment.server, deployment.reader) == [ran.stdout.strip()]
+
+
+def test_on_failure_may_report_again_without_waiting_for_itself(
+    deployment: Deployment,
+) -> None:
+    again: list[str] = []
+    url = deployment.server.base_url
+
+    def report_again(failures: Sequence[Failure]) -> None:
+        for failure in failures:
+            fixed = failure.event | {"quantity": "5"}
+            again.append(client.report(fixed))
+
+    # With room, the callback's event is sent like any other.
+    client = Client(url, deployment.writer, batch_size=1, max_buffered=2, on_failure=report_again)
+    client.report(usage(1, quantity="-5"))
+    assert len(client.flush(timeout=30).failed) == 1
+    assert client.close(timeout=30).acknowledged == 1
+    assert exported_ids(deployment.server, deployment.reader) == again
+    # Without room (the one buffered event is the failed one), its report raises at once
+    # rather than wait for the thread it runs in, and the sender carries on.
+    again.clear()
+    client = Client(url, deployment.writer, batch_size=1, max_buffered=1, on_failure=report_again)
+    client.report(usage(2, quantity="-5"))
+    first = client.flush(timeout=30)
+    second = client.close(timeout=30)
+    assert (len(first.failed), first.pending, again) == (1, 0, [])
+    assert second.pending == 0
 
 
 def test_a_refused_batch_is_handed_back_with_the_problem_document(

@@ -24,8 +24,9 @@ class Client:
 
     Reporting: `report()` queues an event and returns its id at once; a background thread
     sends batches and retries them (see `RetryPolicy`) until each event is acknowledged or
-    handed back as failed — to `on_failure` (called from that thread with the failed events)
-    and in the next `flush()`/`close()` result. Nothing reported is dropped silently: `close()`
+    handed back as failed — to `on_failure` (called from that thread with the failed events;
+    `report()` from it never waits for room) and in the next `flush()`/`close()` result.
+    Nothing reported is dropped silently: `close()`
     returns only once every event is settled (an interpreter that exits with the client open
     closes it first, so its failures still reach `on_failure`).
 

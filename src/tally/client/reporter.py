@@ -125,6 +125,9 @@ class Reporter:
         event larger than a batch may be."""
         if len(body) + _ENVELOPE > self._max_bytes:
             raise ValueError(f"the event is {len(body)} bytes: over the batch limit")
+        if threading.current_thread() is self._thread:
+            # From on_failure: waiting for room would wait for this very thread.
+            timeout = 0.0
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not self._closing and self._reported - self._settled >= self._max_buffered:
