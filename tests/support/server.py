@@ -130,14 +130,16 @@ def running_server(
     env: Mapping[str, str] | None = None,
     label: str | None = None,
     tls: ssl.SSLContext | None = None,
+    port: int | None = None,
 ) -> Iterator[Server]:
     """`tally serve` over `database_url`, output in `workdir`, stopped on exit; `options`
     and `env` go to the server. With `tls` (a client context: pass the server its certificate
-    in `options` or `env`) the server is reached over https.
+    in `options` or `env`) the server is reached over https. `port`: a given one (to restart
+    a server where its clients expect it), else a free one.
 
     Raises RuntimeError, with the server's output, when it does not become ready.
     """
-    port = free_port()
+    port = port or free_port()
     base_url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     environment = {key: value for key, value in os.environ.items() if not key.startswith("TALLY_")}
     environment |= {"TALLY_DATABASE_URL": database_url, "TALLY_LOG_LEVEL": "warning"}
