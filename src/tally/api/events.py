@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from functools import partial
 from typing import Annotated, Any
@@ -106,7 +107,13 @@ def _header_schema(name: str) -> dict[str, Any]:
     source for both modes. A header is absent rather than null."""
     schema: dict[str, Any] = CloudEventIn.model_json_schema()["properties"][name]
     branches = [b for b in schema.get("anyOf", [schema]) if b.get("type") != "null"]
-    return {k: v for k, v in branches[0].items() if k not in ("title", "default")}
+    found = {k: v for k, v in branches[0].items() if k not in ("title", "default")}
+    # openapi-python-client generates no operation with a constant or a date-time header
+    # ("Literal['1.0'] | Unset is not allowed in header"): a pattern says the same.
+    if "const" in found:
+        found["pattern"] = f"^{re.escape(found.pop('const'))}$"
+    found.pop("format", None)
+    return found
 
 
 def binary_cloudevent(request: Request) -> dict[str, str] | None:
