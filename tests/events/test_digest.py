@@ -278,3 +278,12 @@ def test_a_malformed_entry_is_refused_naming_the_field(entry: dict[str, Any], po
     with pytest.raises(InvalidInput) as raised:
         reconciliation_digest([entry])
     assert [e.pointer for e in raised.value.errors] == [pointer]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(st.characters(exclude_categories=["Cs"]), max_size=20))
+def test_strings_are_written_as_json_dumps_without_ascii_escapes_writes_them(text: str) -> None:
+    written = json.dumps(text, ensure_ascii=False)
+    assert f'"subject":{written},' in canonical_event(_entry(subject=text), False)
+    attributes = canonical_event(_entry(attributes={text: text}), False)
+    assert f'"attributes":{{{written}:{written}}}' in attributes

@@ -16,11 +16,11 @@ birthday search (Wagner 2002) in about 2^32 work, whereas 4096 bits put that out
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from json.encoder import encode_basestring
 from typing import Any
 
 from tally.errors import FieldError, InvalidInput
@@ -29,6 +29,7 @@ DIGEST_PREFIX = "sha256-adhash4096:"
 _BLOCKS = 16  # SHA-256 blocks of 32 bytes: 16 x 256 = 4096 bits
 _MODULUS = 1 << (256 * _BLOCKS)
 _SUM_BYTES = 32 * _BLOCKS
+_SUFFIXES = tuple(bytes([i]) for i in range(_BLOCKS))
 
 _DECIMAL_RE = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _RFC3339_RE = re.compile(
@@ -118,14 +119,15 @@ def canonical_time(value: object, pointer: str = "/time") -> str:
 def _string(value: object, pointer: str) -> str:
     if not isinstance(value, str):
         raise _invalid(pointer, "must be a string")
-    # ensure_ascii=False: non-ASCII is written as itself, in UTF-8 once encoded; only `"`, `\`
-    # and U+0000-U+001F are escaped. A lone surrogate cannot be encoded: refused here.
-    text = json.dumps(value, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _invalid(pointer, "holds a lone surrogate") from None
-    return text
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate is no Unicode text: it has no UTF-8 bytes to hash.
+            raise _invalid(pointer, "holds a lone surrogate") from None
+    # What json.dumps(value, ensure_ascii=False) writes: non-ASCII as itself, only `"`, `\`
+    # and U+0000-U+001F escaped.
+    return encode_basestring(value)
 
 
 def _optional_string(value: object, pointer: str) -> str:
@@ -210,8 +212,13 @@ def event_hash(entry: Mapping[str, Any], cancelled: bool | None = None) -> bytes
 def expand(hash_: bytes) -> int:
     """The 4096-bit integer that the digest adds for one event hash: the big-endian value of
     SHA-256(hash || 0x00) || SHA-256(hash || 0x01) || ... || SHA-256(hash || 0x0f)."""
-    blocks = b"".join(hashlib.sha256(hash_ + bytes([i])).digest() for i in range(_BLOCKS))
-    return int.from_bytes(blocks, "big")
+    base = hashlib.sha256(hash_)
+    blocks = []
+    for suffix in _SUFFIXES:
+        block = base.copy()
+        block.update(suffix)
+        blocks.append(block.digest())
+    return int.from_bytes(b"".join(blocks), "big")
 
 
 class DigestAccumulator:
@@ -237,7 +244,7 @@ class DigestAccumulator:
         """Count one event by its `event_hash`."""
         if len(hash_) != 32:
             raise ValueError("an event hash is 32 bytes")
-        self._sum = (self._sum + expand(hash_)) % _MODULUS
+        self._sum = (self._sum + expand(hash_)) & (_MODULUS - 1)
         self._count += 1
 
     def merge(self, other: DigestAccumulator) -> None:
