@@ -272,9 +272,11 @@ def test_the_server_form_with_native_values_hashes_as_the_exported_entry() -> No
         ({k: v for k, v in _entry().items() if k != "tenant"}, "/tenant"),
         ({**_entry(), "subject": "\ud800"}, "/subject"),
         ({**_entry(), "kind": "end"}, "/kind"),
+        ({**_entry(), "attributes": {1: "a", "b": "c"}}, "/attributes"),
+        (["not", "an", "object"], ""),
     ],
 )
-def test_a_malformed_entry_is_refused_naming_the_field(entry: dict[str, Any], pointer: str) -> None:
+def test_a_malformed_entry_is_refused_naming_the_field(entry: Any, pointer: str) -> None:
     with pytest.raises(InvalidInput) as raised:
         reconciliation_digest([entry])
     assert [e.pointer for e in raised.value.errors] == [pointer]

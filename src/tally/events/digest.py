@@ -141,6 +141,8 @@ def canonical_attributes(value: object, pointer: str = "/attributes") -> str:
     (attributes are flat: no null, array or object values)."""
     if not isinstance(value, Mapping):
         raise _invalid(pointer, "must be an object")
+    if not all(isinstance(name, str) for name in value):
+        raise _invalid(pointer, "must have string names")
     parts: list[str] = []
     for name in sorted(value):
         item = value[name]
@@ -286,6 +288,8 @@ def reconciliation_digest(entries: Iterable[Mapping[str, Any]]) -> str:
     events: list[Mapping[str, Any]] = []
     cancelled: set[tuple[str, str]] = set()
     for entry in entries:
+        if not isinstance(entry, Mapping):
+            raise _invalid("", "must be an object")
         kind = entry.get("kind", "event")
         if kind == "event":
             events.append(entry)
