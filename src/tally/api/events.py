@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any
+from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
@@ -24,6 +28,7 @@ from tally.errors import (
 )
 from tally.events.service import Candidate, IngestReport
 from tally.events.validation import (
+    CloudEventIn,
     EventDraft,
     EventId,
     EventType,
@@ -31,6 +36,8 @@ from tally.events.validation import (
     Rfc3339,
     Text,
     is_encodable,
+    is_utf8_charset,
+    media_type_of,
     parse_json,
     validate_cloudevent,
     validate_event,
@@ -67,20 +74,102 @@ def media_type(request: Request, accepted: tuple[str, ...] = EVENT_TYPES) -> str
     """The body's media type, without parameters: one of `accepted`. Raises
     UnsupportedMediaType (415) for a type the route does not read, or a `charset` other than
     UTF-8 (the only one JSON bodies may use, RFC 8259 section 8.1)."""
-    kind, *parameters = request.headers.get("content-type", "").split(";")
-    kind = kind.strip().lower()
+    kind, parameters = media_type_of(request.headers.get("content-type", ""))
     if kind not in accepted:
         raise UnsupportedMediaType(
             f"Send {' or '.join(accepted)}.", [FieldError("", "unsupported Content-Type")]
         )
-    for parameter in parameters:
-        name, _, value = parameter.partition("=")
-        if name.strip().lower() == "charset" and value.strip().strip('"').lower() != "utf-8":
-            raise UnsupportedMediaType(
-                "Send the body in UTF-8: charset=utf-8, or no charset.",
-                [FieldError("", "unsupported charset")],
-            )
+    if not is_utf8_charset(parameters):
+        raise UnsupportedMediaType(
+            "Send the body in UTF-8: charset=utf-8, or no charset.",
+            [FieldError("", "unsupported charset")],
+        )
     return kind
+
+
+# A binary-mode CloudEvent (CloudEvents HTTP binding 1.0, section 3.1) carries its attributes
+# as `ce-` headers and its data as the body; `ce-specversion` is what marks the mode.
+CE_PREFIX = "ce-"
+CE_HEADERS = {
+    "specversion": "The CloudEvents version, `1.0`: marks a binary-mode CloudEvent, whose "
+    "attributes are these `ce-` headers (values percent-encoded UTF-8, as the CloudEvents HTTP "
+    "binding says) and whose data is the application/json body (the schema CloudEventData).",
+    "id": "The event's id (binary mode).",
+    "source": "The event's source (binary mode; required, not stored).",
+    "type": "The event's type (binary mode).",
+    "time": "The event's time, RFC 3339 with an offset (binary mode).",
+    "subject": "The event's subject (binary mode).",
+}
+
+
+def _header_schema(name: str) -> dict[str, Any]:
+    """The schema of CloudEventIn's attribute `name`, which its `ce-` header carries: one
+    source for both modes. A header is absent rather than null."""
+    schema: dict[str, Any] = CloudEventIn.model_json_schema()["properties"][name]
+    branches = [b for b in schema.get("anyOf", [schema]) if b.get("type") != "null"]
+    found = {k: v for k, v in branches[0].items() if k not in ("title", "default")}
+    # openapi-python-client generates no operation with a constant or a date-time header
+    # ("Literal['1.0'] | Unset is not allowed in header"): a pattern says the same.
+    if "const" in found:
+        found["pattern"] = f"^{re.escape(found.pop('const'))}$"
+    found.pop("format", None)
+    return found
+
+
+def binary_cloudevent(request: Request) -> dict[str, str] | None:
+    """The attributes of a binary-mode CloudEvent, from its `ce-*` headers (percent-decoded
+    as UTF-8) and `datacontenttype` from Content-Type when there is one; None when the
+    request is in another mode. Raises InvalidInput, naming the header, for one that is sent
+    twice or does not decode."""
+    if f"{CE_PREFIX}specversion" not in request.headers:
+        return None
+    attributes: dict[str, str] = {}
+    if "content-type" in request.headers:
+        attributes["datacontenttype"] = request.headers["content-type"]
+    for name, value in request.headers.items():  # names come lower-case
+        if not name.startswith(CE_PREFIX) or name == CE_PREFIX:
+            continue
+        attribute = name.removeprefix(CE_PREFIX)
+        if attribute in attributes:
+            raise InvalidInput(
+                f"The {name} header is sent more than once.",
+                [FieldError("", "is sent more than once", parameter=name)],
+            )
+        try:
+            # Headers arrive as Latin-1 text; the binding percent-encodes what is not ASCII.
+            attributes[attribute] = unquote_to_bytes(value.encode("latin-1")).decode()
+        except UnicodeDecodeError:
+            raise InvalidInput(
+                f"The {name} header is not percent-encoded UTF-8.",
+                [FieldError("", "is not percent-encoded UTF-8", parameter=name)],
+            ) from None
+    return attributes
+
+
+# The fields of a CloudEvent's data. The service names them as a native event does
+# (`/tenant`): in a CloudEvent they are under `/data`, in binary mode the body itself.
+_DATA_FIELDS = frozenset({"tenant", "quantity", "unit", "attributes"})
+
+
+def _locator(kind: str, binary: bool) -> Callable[[FieldError], FieldError]:
+    """How an event's errors (pointers into the event as validated) are shown to the sender:
+    as they are for a native event, with `/data` for a CloudEvent's data, and for a
+    binary-mode one at the header or the body's member that held the value."""
+
+    def locate(error: FieldError) -> FieldError:
+        tokens = error.pointer.split("/")[1:]  # still escaped: joined back as they were
+        if tokens and tokens[0] in _DATA_FIELDS:
+            tokens = ["data", *tokens]
+        if not binary:
+            return FieldError("".join(f"/{t}" for t in tokens), error.detail)
+        if not tokens or tokens[0] == "data":
+            return FieldError("".join(f"/{t}" for t in tokens[1:]), error.detail)
+        header = "Content-Type" if tokens[0] == "datacontenttype" else CE_PREFIX + tokens[0]
+        return FieldError("", error.detail, parameter=header)
+
+    if kind == JSON and not binary:
+        return lambda error: error
+    return locate
 
 
 def _sent_id(raw: object) -> str | None:
@@ -124,14 +213,27 @@ def split(kind: str, parsed: object, maximum: int) -> tuple[bool, str, list[Any]
 
 
 def ingest_body(
-    services: Services, principal: Principal, kind: str, body: bytes, note: RateNote
+    services: Services,
+    principal: Principal,
+    kind: str,
+    body: bytes,
+    note: RateNote,
+    *,
+    binary: dict[str, str] | None = None,
 ) -> tuple[bool, str, IngestReport]:
-    """Parse, validate and ingest a body: (is_batch, pointer prefix, report).
+    """Parse, validate and ingest a body: (is_batch, pointer prefix, report). With `binary`
+    (`binary_cloudevent`'s attributes), the body is the data of that one CloudEvent, which is
+    validated as a structured one would be.
 
     Raises RateLimited, storing nothing, when the batch's events are over a key or tenant limit.
     """
-    batch, prefix, raws = split(kind, parse_json(body), services.settings.max_batch_events)
-    check = validate_cloudevent if kind in (CLOUDEVENT, CLOUDEVENT_BATCH) else validate_event
+    parsed = parse_json(body)
+    if binary is not None:
+        batch, prefix, raws = False, "", [{**binary, "data": parsed}]
+    else:
+        batch, prefix, raws = split(kind, parsed, services.settings.max_batch_events)
+    cloudevents = binary is not None or kind in (CLOUDEVENT, CLOUDEVENT_BATCH)
+    check = validate_cloudevent if cloudevents else validate_event
     candidates: list[Candidate] = [check(raw) for raw in raws]
     tenants = [c.tenant for c in candidates if isinstance(c, EventDraft)]
     services.rate_limits.admit_events(principal, events=len(raws), tenants=tenants, note=note)
@@ -139,13 +241,15 @@ def ingest_body(
     return batch, prefix, services.ingest.ingest(principal, candidates, ids)
 
 
-def _batch_body(report: IngestReport, prefix: str) -> bytes:
+def _batch_body(
+    report: IngestReport, prefix: str, locate: Callable[[FieldError], FieldError]
+) -> bytes:
     events = []
     for result in report.results:
         item: dict[str, Any] = {"index": result.index, "id": result.id, "status": result.status}
         if result.errors:
             where = prefix.format(result.index)
-            item["errors"] = field_errors([e.under(where) for e in result.errors])
+            item["errors"] = field_errors([locate(e).under(where) for e in result.errors])
         events.append(item)
     body = {
         "accepted": report.count("accepted"),
@@ -169,7 +273,19 @@ def _batch_body(report: IngestReport, prefix: str) -> bytes:
             (429, "Over a request or event rate limit of the key or a tenant; nothing stored"),
         ),
     },
-    openapi_extra={"requestBody": ingest_body_schema()},
+    openapi_extra={
+        "requestBody": ingest_body_schema(),
+        "parameters": [
+            {
+                "name": f"{CE_PREFIX}{name}",
+                "in": "header",
+                "required": False,
+                "description": description,
+                "schema": _header_schema(name),
+            }
+            for name, description in CE_HEADERS.items()
+        ],
+    },
 )
 async def post_events(request: Request, principal: PrincipalDep, services: ServicesDep) -> Response:
     """A batch answers 200 with an outcome per event; a single event answers as itself.
@@ -178,22 +294,33 @@ async def post_events(request: Request, principal: PrincipalDep, services: Servi
     events already stored come back as `duplicate`.
     """
     principal.require(Scope.EVENTS_WRITE)
-    kind = media_type(request)
+    binary = binary_cloudevent(request)
+    # Without Content-Type, a binary-mode event's data is JSON: the CloudEvents JSON format's
+    # default, and what the SDK sends for an event without datacontenttype.
+    implicit = binary is not None and "content-type" not in request.headers
+    kind = JSON if implicit else media_type(request)
+    if binary is not None and kind != JSON:
+        raise UnsupportedMediaType(
+            "A binary-mode CloudEvent (ce-specversion) carries its data as application/json.",
+            [FieldError("", "unsupported Content-Type")],
+        )
     body = await read_body(request)
     # Parsing and validating up to 1 MiB is CPU work: it runs in the worker thread that then
     # waits for the commit, not on the event loop.
     batch, prefix, report = await run_in_threadpool(
-        ingest_body, services, principal, kind, body, note_of(request)
+        partial(ingest_body, binary=binary), services, principal, kind, body, note_of(request)
     )
+    locate = _locator(kind, binary is not None)
     if batch:
-        return Response(_batch_body(report, prefix), media_type=JSON)
+        return Response(_batch_body(report, prefix, locate), media_type=JSON)
     result = report.results[0]
+    errors = [locate(e) for e in result.errors]
     if result.status == "rejected":
         if result.forbidden:
             raise Forbidden("This key may not report events for this tenant.")
         if result.conflict:
-            raise Conflict("This id already holds other content; see errors.", result.errors)
-        raise InvalidInput("The event is invalid; see errors.", result.errors)
+            raise Conflict("This id already holds other content; see errors.", errors)
+        raise InvalidInput("The event is invalid; see errors.", errors)
     return Response(json.dumps({"id": result.id, "status": result.status}), media_type=JSON)
 
 

@@ -54,7 +54,7 @@ class ProblemError(BaseModel):
         default=None, description="JSON pointer into the body", json_schema_extra=left_out
     )
     parameter: str | Omitted = Field(
-        default=None, description="Query or path parameter", json_schema_extra=left_out
+        default=None, description="Query, path or header parameter", json_schema_extra=left_out
     )
     detail: str
 

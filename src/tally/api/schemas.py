@@ -81,7 +81,8 @@ def ingest_body_schema() -> dict[str, object]:
     """
     return {
         "required": True,
-        "description": "`application/json`: one event (EventIn) or a batch (BatchIn). "
+        "description": "`application/json`: one event (EventIn) or a batch (BatchIn); with "
+        "a `ce-specversion` header, the data (CloudEventData) of one binary-mode CloudEvent. "
         "`application/cloudevents+json`: one CloudEvent (the schema CloudEventIn). "
         "`application/cloudevents-batch+json`: a JSON array of 1 to 1000 CloudEvents "
         "(the schema CloudEventBatchIn).",

@@ -163,6 +163,34 @@ def parse_rfc3339(value: object) -> datetime:
         raise _fail("time_range", "is not a valid date and time") from None
 
 
+def media_type_of(value: str) -> tuple[str, list[tuple[str, str]]]:
+    """The `type/subtype` of a Content-Type (or `datacontenttype`) value, lower-case, and its
+    parameters as (lower-case name, value without quotes) pairs."""
+    kind, *parameters = value.split(";")
+    pairs = []
+    for parameter in parameters:
+        name, _, text = parameter.partition("=")
+        pairs.append((name.strip().lower(), text.strip().strip('"')))
+    return kind.strip().lower(), pairs
+
+
+def is_utf8_charset(parameters: list[tuple[str, str]]) -> bool:
+    """Whether no `charset` parameter names another encoding than UTF-8, the only one a JSON
+    text may be in (RFC 8259 section 8.1)."""
+    return all(value.lower() == "utf-8" for name, value in parameters if name == "charset")
+
+
+def _check_datacontenttype(value: str) -> str:
+    # Parameters are allowed (`application/json; charset=utf-8`, as SDKs write it): the media
+    # type is what says how `data` is read, and Tally reads it as JSON in UTF-8 only.
+    kind, parameters = media_type_of(value)
+    if kind != "application/json":
+        raise _fail("datacontenttype", "must be application/json, with or without parameters")
+    if not is_utf8_charset(parameters):
+        raise _fail("datacontenttype", "must have no charset but utf-8")
+    return value
+
+
 def _check_attributes(value: dict[str, Any]) -> dict[str, Any]:
     if len(value) > MAX_ATTRIBUTES:
         raise _fail("attributes_count", f"has more than {MAX_ATTRIBUTES} keys")
@@ -234,6 +262,11 @@ Rfc3339 = Annotated[
     WithJsonSchema(
         {"type": "string", "format": "date-time", "pattern": f"^{_RFC3339_RE.pattern}$"}
     ),
+]
+DataContentType = Annotated[
+    str,
+    AfterValidator(_check_datacontenttype),
+    WithJsonSchema({"type": "string", "pattern": r"^application/json\s*(;.*)?$"}),
 ]
 _ATTRIBUTE_VALUE_SCHEMA = {
     "oneOf": [
@@ -318,7 +351,7 @@ class CloudEventIn(BaseModel):
     type: EventType
     time: Rfc3339
     subject: Text | None = None
-    datacontenttype: Literal["application/json"] | None = None
+    datacontenttype: DataContentType | None = None
     dataschema: str | None = None
     data: CloudEventData
 
