@@ -22,6 +22,7 @@ from tally.errors import (
     InvalidInput,
     UnsupportedMediaType,
 )
+from tally.events.log import ExportFilter
 from tally.events.service import Candidate, IngestReport
 from tally.events.validation import (
     EventDraft,
@@ -37,7 +38,6 @@ from tally.events.validation import (
 )
 from tally.ratelimit.http import note_of
 from tally.ratelimit.policy import RateNote
-from tally.store.interface import ExportFilter
 
 router = APIRouter(tags=["events"], dependencies=[Depends(known_query_only)])
 

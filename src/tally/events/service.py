@@ -12,6 +12,7 @@ from tally.crypto.sealing import TenantCipher
 from tally.crypto.tenant_keys import TenantKeys
 from tally.errors import FieldError, NotFound
 from tally.events.cursor import CursorCodec
+from tally.events.log import ExportFilter
 from tally.events.model import (
     NewEvent,
     Outcome,
@@ -21,8 +22,9 @@ from tally.events.model import (
     event_content,
 )
 from tally.events.validation import EventDraft
+from tally.registry.records import Tenant
 from tally.store.groupcommit import GroupCommitter
-from tally.store.interface import EventStore, ExportFilter, Tenant
+from tally.store.interface import EventStore
 
 FUTURE_SKEW = timedelta(minutes=5)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from tally.store.interface import AuditFilter
+from tally.registry.audit import AuditFilter
 
 
 def audit_where(

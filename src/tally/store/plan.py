@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
+from tally.events.log import ExportFilter, ExportPage, partition_of
 from tally.events.model import NewEvent, Outcome, StoredEvent
-from tally.store.interface import ExportFilter, ExportPage, partition_of
 
 
 def classify(events: Sequence[NewEvent], stored: Mapping[tuple[str, str], bytes]) -> list[Outcome]:
@@ -77,7 +77,7 @@ def read_page(
     `fetch(partition, after, n)` returns up to n matching (offset, event) pairs with offset >
     after, in offset order; `heads` are the partitions' last offsets in the same snapshot. A
     partition read to its end moves to its head: nothing below the head can appear later,
-    because offsets are handed out in commit order (store/interface.py).
+    because offsets are handed out in commit order (events/log.py).
 
     Partitions are read round-robin from `start`, and a full page hands the next page the
     partition after the one it stopped in: a busy tenant's partition cannot starve the others

@@ -21,23 +21,15 @@ from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from tally.auth.records import ADMIN_SCOPES_LIKE, KeyRecord, refuse_last_admin
+from tally.crypto.records import DataKey
 from tally.errors import AlreadyExists, StoreUnavailable
+from tally.events.log import ExportFilter, ExportPage
 from tally.events.model import NewEvent, Outcome, StoredEvent
+from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
+from tally.registry.records import Application, Tenant
 from tally.store import migrate, plan
 from tally.store.audit import audit_where
-from tally.store.interface import (
-    ADMIN_SCOPES_LIKE,
-    Application,
-    AuditEntry,
-    AuditFilter,
-    AuditRecord,
-    DataKey,
-    ExportFilter,
-    ExportPage,
-    KeyRecord,
-    Tenant,
-    refuse_last_admin,
-)
 
 _EVENT_COLUMNS = (
     "application, id, tenant, type, quantity, time, subject, unit, attributes, region, received_at"

@@ -20,7 +20,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+from tally.auth.records import ADMIN_SCOPES_LIKE, KeyRecord, refuse_last_admin
+from tally.crypto.records import DataKey
 from tally.errors import AlreadyExists, StoreUnavailable
+from tally.events.log import ExportFilter, ExportPage
 from tally.events.model import (
     NewEvent,
     Outcome,
@@ -29,21 +32,10 @@ from tally.events.model import (
     format_time,
     parse_time,
 )
+from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
+from tally.registry.records import Application, Tenant
 from tally.store import migrate, plan
 from tally.store.audit import audit_where
-from tally.store.interface import (
-    ADMIN_SCOPES_LIKE,
-    Application,
-    AuditEntry,
-    AuditFilter,
-    AuditRecord,
-    DataKey,
-    ExportFilter,
-    ExportPage,
-    KeyRecord,
-    Tenant,
-    refuse_last_admin,
-)
 
 MIN_SQLITE = (3, 38, 0)
 
