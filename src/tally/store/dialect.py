@@ -1,0 +1,148 @@
+"""What differs between SQLite and PostgreSQL in the SQL that is otherwise written once.
+
+The shared queries (store/sql.py) are written with `?` placeholders and ask the dialect for
+the few fragments and values that differ: binding a list, comparing with NULL, locking rows,
+exact aggregates, and how times, decimals and sealed bytes are kept. Only fixed fragments are
+ever put into SQL; every value is bound.
+
+Adding a dialect method is the way to keep a query single: a query that needs a new kind of
+value or fragment gets a method here on both dialects, never a second copy of the query.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, ClassVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import PoolTimeout
+
+from tally.events.model import format_time, parse_time
+
+Fragment = tuple[str, list[object]]
+"""A piece of SQL with `?` placeholders and the values they bind, in order."""
+
+
+class Dialect:
+    """The shared half: the methods whose SQL is the same and only the values differ."""
+
+    name: ClassVar[str]
+    # Errors that mean the database cannot be reached or used now (StoreUnavailable), and
+    # errors that mean a unique constraint refused an insert (AlreadyExists).
+    unavailable: ClassVar[tuple[type[BaseException], ...]]
+    unique_violation: ClassVar[tuple[type[BaseException], ...]]
+    # Appended to a SELECT that must hold its rows until commit. Empty on SQLite, whose
+    # write transactions (BEGIN IMMEDIATE) hold the whole database.
+    for_update: ClassVar[str]
+    for_share: ClassVar[str]
+
+    def sql(self, text: str) -> str:
+        """`text` with the driver's placeholder for each `?`."""
+        return text
+
+    def in_list(self, column: str, values: Sequence[object]) -> Fragment:
+        """`column` is one of `values` (one bound parameter, however many values)."""
+        raise NotImplementedError
+
+    def in_pairs(self, columns: tuple[str, str], pairs: Sequence[tuple[str, str]]) -> Fragment:
+        """The row (columns) is one of `pairs` of text values."""
+        raise NotImplementedError
+
+    def same(self, column: str) -> str:
+        """`column` equals the bound value, NULL equal to NULL."""
+        raise NotImplementedError
+
+    def time(self, value: datetime) -> object:
+        return value
+
+    def time_or_none(self, value: datetime | None) -> object:
+        return self.time(value) if value is not None else None
+
+    def read_time(self, value: Any) -> datetime:
+        return value  # type: ignore[no-any-return]
+
+    def read_time_or_none(self, value: Any) -> datetime | None:
+        return self.read_time(value) if value is not None else None
+
+    def read_decimal(self, value: Any) -> Decimal:
+        return Decimal(value)
+
+    def read_sealed(self, value: Any) -> bytes:
+        """An event's sealed attributes as kept in its `attributes` column."""
+        return bytes(value)
+
+    def read_digest(self, value: Any) -> bytes:
+        """An event's content digest as kept in its `digest` column."""
+        return bytes(value)
+
+
+class SQLiteDialect(Dialect):
+    """Times as fixed-width RFC 3339 text (text order is time order), decimals as canonical
+    text, lists bound as one JSON array read with json_each."""
+
+    name = "sqlite"
+    unavailable = (sqlite3.OperationalError,)
+    unique_violation = (sqlite3.IntegrityError,)
+    for_update = ""
+    for_share = ""
+
+    def in_list(self, column: str, values: Sequence[object]) -> Fragment:
+        return f"{column} IN (SELECT value FROM json_each(?))", [json.dumps(list(values))]
+
+    def in_pairs(self, columns: tuple[str, str], pairs: Sequence[tuple[str, str]]) -> Fragment:
+        first, second = columns
+        return (
+            f"({first}, {second}) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))",
+            [json.dumps([list(pair) for pair in pairs])],
+        )
+
+    def same(self, column: str) -> str:
+        # SQLite 3.38 (our minimum) has `IS` but not yet `IS NOT DISTINCT FROM` (3.39).
+        return f"{column} IS ?"
+
+    def time(self, value: datetime) -> object:
+        return format_time(value)
+
+    def read_time(self, value: Any) -> datetime:
+        return parse_time(value)
+
+    def read_sealed(self, value: Any) -> bytes:
+        # Plaintext JSON from before encryption at rest starts with '{'; base64 never does.
+        text = str(value)
+        return text.encode() if text.startswith("{") else base64.b64decode(text)
+
+    def read_digest(self, value: Any) -> bytes:
+        return bytes.fromhex(value)
+
+
+class PostgresDialect(Dialect):
+    """Native types (timestamptz, numeric, bytea); lists bound as arrays."""
+
+    name = "postgresql"
+    unavailable = (psycopg.OperationalError, PoolTimeout, pg_errors.AdminShutdown)
+    unique_violation = (pg_errors.UniqueViolation,)
+    for_update = " FOR UPDATE"
+    for_share = " FOR SHARE"
+
+    def sql(self, text: str) -> str:
+        # No query of Tally's uses a literal '?' or '%' (jsonb's '?' operators included).
+        return text.replace("?", "%s")
+
+    def in_list(self, column: str, values: Sequence[object]) -> Fragment:
+        return f"{column} = ANY(?)", [list(values)]
+
+    def in_pairs(self, columns: tuple[str, str], pairs: Sequence[tuple[str, str]]) -> Fragment:
+        first, second = columns
+        return (
+            f"({first}, {second}) IN (SELECT * FROM unnest(?::text[], ?::text[]))",
+            [[pair[0] for pair in pairs], [pair[1] for pair in pairs]],
+        )
+
+    def same(self, column: str) -> str:
+        return f"{column} IS NOT DISTINCT FROM ?"
