@@ -23,7 +23,6 @@ from tally.errors import (
     UnsupportedMediaType,
 )
 from tally.events.log import ExportFilter
-from tally.events.service import Candidate, IngestReport
 from tally.events.validation import (
     EventDraft,
     EventId,
@@ -38,6 +37,7 @@ from tally.events.validation import (
 )
 from tally.ratelimit.http import note_of
 from tally.ratelimit.policy import RateNote
+from tally.services.ingest import Candidate, IngestReport
 
 router = APIRouter(tags=["events"], dependencies=[Depends(known_query_only)])
 

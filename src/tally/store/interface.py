@@ -212,6 +212,11 @@ class AuditLog(Protocol):
         """Up to `limit` entries matching `filters`, newest (highest `seq`) first."""
 
 
+class IngestStore(EventLog, DataKeys, Protocol):
+    """What services/ingest.py uses: the tenants' keys to seal with, the events to judge
+    against (the append itself goes through store/groupcommit.py)."""
+
+
 class TenantKeyStore(DataKeys, AuditLog, Protocol):
     """What crypto/tenant_keys.py uses: the data keys, and the audit log for a rewrap."""
 
