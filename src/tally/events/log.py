@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 
 from tally.events.model import StoredEvent
 
@@ -51,6 +52,17 @@ class ExportPage:
     positions: list[int]
     start: int  # the partition the next page begins with (round-robin; see store/plan.py)
     has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Aggregates of the events matching a filter, computed by the database, exactly:
+    `sum`, `min` and `max` are None when no event matches."""
+
+    count: int
+    sum: Decimal | None
+    min: Decimal | None
+    max: Decimal | None
 
 
 def partition_of(tenant: str, partitions: int) -> int:

@@ -16,14 +16,14 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
-from decimal import Decimal
+from decimal import Context, Decimal, Inexact, InvalidOperation
 from typing import Any, ClassVar
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import PoolTimeout
 
-from tally.events.model import format_time, parse_time
+from tally.events.model import format_decimal, format_time, parse_time
 
 Fragment = tuple[str, list[object]]
 """A piece of SQL with `?` placeholders and the values they bind, in order."""
@@ -58,6 +58,19 @@ class Dialect:
         """`column` equals the bound value, NULL equal to NULL."""
         raise NotImplementedError
 
+    def sum(self, expression: str) -> str:
+        """The exact sum of a decimal column or expression (NULL over no rows), read back with
+        `read_decimal`: never through floating point."""
+        raise NotImplementedError
+
+    def min(self, expression: str) -> str:
+        """The least value of a decimal expression, compared as decimals (not as text)."""
+        raise NotImplementedError
+
+    def max(self, expression: str) -> str:
+        """The greatest value of a decimal expression, compared as decimals."""
+        raise NotImplementedError
+
     def time(self, value: datetime) -> object:
         return value
 
@@ -72,6 +85,9 @@ class Dialect:
 
     def read_decimal(self, value: Any) -> Decimal:
         return Decimal(value)
+
+    def read_decimal_or_none(self, value: Any) -> Decimal | None:
+        return self.read_decimal(value) if value is not None else None
 
     def read_sealed(self, value: Any) -> bytes:
         """An event's sealed attributes as kept in its `attributes` column."""
@@ -101,6 +117,25 @@ class SQLiteDialect(Dialect):
             f"({first}, {second}) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))",
             [json.dumps([list(pair) for pair in pairs])],
         )
+
+    # SQLite keeps quantities as canonical decimal text, and its own sum/min/max would go
+    # through floating point (sum) or compare text ('10' < '9'): these aggregates, registered on
+    # every connection the store opens (`register`), work on Decimals and answer canonical text.
+    def sum(self, expression: str) -> str:
+        return f"decimal_sum({expression})"
+
+    def min(self, expression: str) -> str:
+        return f"decimal_min({expression})"
+
+    def max(self, expression: str) -> str:
+        return f"decimal_max({expression})"
+
+    @staticmethod
+    def register(connection: sqlite3.Connection) -> None:
+        """Define decimal_sum, decimal_min and decimal_max on `connection`."""
+        connection.create_aggregate("decimal_sum", 1, _DecimalSum)
+        connection.create_aggregate("decimal_min", 1, _DecimalMin)
+        connection.create_aggregate("decimal_max", 1, _DecimalMax)
 
     def same(self, column: str) -> str:
         # SQLite 3.38 (our minimum) has `IS` but not yet `IS NOT DISTINCT FROM` (3.39).
@@ -146,3 +181,59 @@ class PostgresDialect(Dialect):
 
     def same(self, column: str) -> str:
         return f"{column} IS NOT DISTINCT FROM ?"
+
+    # NUMERIC arithmetic is exact: sum over numeric(38, 18) is an unconstrained numeric.
+    def sum(self, expression: str) -> str:
+        return f"sum({expression})"
+
+    def min(self, expression: str) -> str:
+        return f"min({expression})"
+
+    def max(self, expression: str) -> str:
+        return f"max({expression})"
+
+
+# Enough digits for any sum of NUMERIC(38, 18) values a store can hold (a sum of 10^60 of
+# them); Inexact is trapped, so a sum that would round fails loudly instead.
+_EXACT = Context(prec=120, traps=[Inexact, InvalidOperation])
+
+
+class _DecimalSum:
+    """SQLite aggregate: the exact sum of decimal texts, as canonical text (NULL for none)."""
+
+    def __init__(self) -> None:
+        self._total: Decimal | None = None
+
+    def step(self, value: Any) -> None:
+        if value is not None:
+            number = Decimal(value)
+            self._total = number if self._total is None else _EXACT.add(self._total, number)
+
+    def finalize(self) -> Any:  # str | None (typeshed's aggregate protocol says int)
+        return format_decimal(self._total) if self._total is not None else None
+
+
+class _DecimalMin:
+    """SQLite aggregate: the least decimal text, compared as decimals (NULL for none)."""
+
+    def __init__(self) -> None:
+        self._best: Decimal | None = None
+
+    def _better(self, number: Decimal, best: Decimal) -> bool:
+        return number < best
+
+    def step(self, value: Any) -> None:
+        if value is not None:
+            number = Decimal(value)
+            if self._best is None or self._better(number, self._best):
+                self._best = number
+
+    def finalize(self) -> Any:  # str | None (typeshed's aggregate protocol says int)
+        return format_decimal(self._best) if self._best is not None else None
+
+
+class _DecimalMax(_DecimalMin):
+    """SQLite aggregate: the greatest decimal text, compared as decimals (NULL for none)."""
+
+    def _better(self, number: Decimal, best: Decimal) -> bool:
+        return number > best

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from tally.auth.records import KeyRecord
 from tally.crypto.records import DataKey
-from tally.events.log import ExportFilter, ExportPage
+from tally.events.log import ExportFilter, ExportPage, Totals
 from tally.events.model import NewEvent, Outcome, StoredEvent
 from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
 from tally.registry.records import Application, Tenant
@@ -75,13 +75,19 @@ class EventLog(Protocol):
         to their end move to the snapshot's end, so filtered polling stays cheap.
         """
 
-    def get_event(self, application: str, event_id: str) -> StoredEvent | None: ...
+    def get_event(self, application: str, event_id: str) -> StoredEvent | None:
+        """Returns None if no event has this identity."""
 
     def find_events(
         self, keys: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], tuple[StoredEvent, bytes]]:
         """The stored events among the identities `keys` (application, id), each with its
         content digest, in one query (attributes still sealed)."""
+
+    def totals(self, filters: ExportFilter) -> Totals:
+        """Count, exact sum, least and greatest quantity of the events matching `filters`,
+        computed by the database in one query (never through floating point). Usage and
+        reconciliation figures build on the same filter and the same aggregates."""
 
 
 class DataKeys(Protocol):

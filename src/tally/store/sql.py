@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from tally.auth.records import ADMIN_SCOPES_LIKE, KeyRecord, refuse_last_admin
 from tally.crypto.records import DataKey
 from tally.errors import AlreadyExists
-from tally.events.log import ExportFilter, ExportPage
+from tally.events.log import ExportFilter, ExportPage, Totals
 from tally.events.model import NewEvent, StoredEvent
 from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
 from tally.registry.records import Application, Tenant
@@ -230,6 +230,22 @@ class SQLStore:
             (application, event_id),
         )
         return self._event(row) if row is not None else None
+
+    def totals(self, filters: ExportFilter) -> Totals:
+        d = self.dialect
+        where, params = plan.filter_sql(filters, d)
+        row = self._one(
+            f"SELECT count(*) AS n, {d.sum('quantity')} AS total, {d.min('quantity')} AS least, "
+            f"{d.max('quantity')} AS greatest FROM events WHERE TRUE{where}",
+            params,
+        )
+        assert row is not None  # noqa: S101 - an aggregate always answers one row
+        return Totals(
+            count=int(row["n"]),
+            sum=d.read_decimal_or_none(row["total"]),
+            min=d.read_decimal_or_none(row["least"]),
+            max=d.read_decimal_or_none(row["greatest"]),
+        )
 
     def find_events(
         self, keys: Sequence[tuple[str, str]]

@@ -67,6 +67,7 @@ class SQLiteStore(SQLStore):
                 self.path, isolation_level=None, check_same_thread=False, timeout=30
             )
             connection.row_factory = sqlite3.Row
+            self.dialect.register(connection)
             connection.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit returns only after the WAL is fsynced, so a 2xx survives power loss.
             connection.execute("PRAGMA synchronous=FULL")
