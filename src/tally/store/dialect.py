@@ -58,18 +58,21 @@ class Dialect:
         """`column` equals the bound value, NULL equal to NULL."""
         raise NotImplementedError
 
+    # The prefix of the exact aggregates' names: sum, min and max are `{exact}sum` and so on.
+    exact: ClassVar[str]
+
     def sum(self, expression: str) -> str:
         """The exact sum of a decimal column or expression (NULL over no rows), read back with
         `read_decimal`: never through floating point."""
-        raise NotImplementedError
+        return f"{self.exact}sum({expression})"
 
     def min(self, expression: str) -> str:
         """The least value of a decimal expression, compared as decimals (not as text)."""
-        raise NotImplementedError
+        return f"{self.exact}min({expression})"
 
     def max(self, expression: str) -> str:
         """The greatest value of a decimal expression, compared as decimals."""
-        raise NotImplementedError
+        return f"{self.exact}max({expression})"
 
     def time(self, value: datetime) -> object:
         return value
@@ -119,16 +122,10 @@ class SQLiteDialect(Dialect):
         )
 
     # SQLite keeps quantities as canonical decimal text, and its own sum/min/max would go
-    # through floating point (sum) or compare text ('10' < '9'): these aggregates, registered on
-    # every connection the store opens (`register`), work on Decimals and answer canonical text.
-    def sum(self, expression: str) -> str:
-        return f"decimal_sum({expression})"
-
-    def min(self, expression: str) -> str:
-        return f"decimal_min({expression})"
-
-    def max(self, expression: str) -> str:
-        return f"decimal_max({expression})"
+    # through floating point (sum) or compare text ('10' < '9'): decimal_sum/min/max, registered
+    # on every connection the store opens (`register`), work on Decimals and answer canonical
+    # text.
+    exact = "decimal_"
 
     @staticmethod
     def register(connection: sqlite3.Connection) -> None:
@@ -183,14 +180,7 @@ class PostgresDialect(Dialect):
         return f"{column} IS NOT DISTINCT FROM ?"
 
     # NUMERIC arithmetic is exact: sum over numeric(38, 18) is an unconstrained numeric.
-    def sum(self, expression: str) -> str:
-        return f"sum({expression})"
-
-    def min(self, expression: str) -> str:
-        return f"min({expression})"
-
-    def max(self, expression: str) -> str:
-        return f"max({expression})"
+    exact = ""
 
 
 # Enough digits for any sum of NUMERIC(38, 18) values a store can hold (a sum of 10^60 of
