@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
-from psycopg.errors import InsufficientPrivilege
 
 from tally.auth.service import Authenticator
 from tally.crypto import keyring as keyrings
@@ -66,7 +65,7 @@ def open_store(settings: Settings, *, migrate: bool = False) -> EventStore:
         )
     try:
         store.open()
-    except InsufficientPrivilege as error:
+    except store.dialect.privilege as error:
         store.close()
         raise StoreUnavailable(
             "The database role of TALLY_DATABASE_URL may not use Tally's tables: run "

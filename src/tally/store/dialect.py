@@ -34,9 +34,11 @@ class Dialect:
 
     name: ClassVar[str]
     # Errors that mean the database cannot be reached or used now (StoreUnavailable), and
-    # errors that mean a unique constraint refused an insert (AlreadyExists).
+    # errors that mean a unique constraint refused an insert (AlreadyExists), and errors that
+    # mean the database role may not use a table (a deployment whose grants are missing).
     unavailable: ClassVar[tuple[type[BaseException], ...]]
     unique_violation: ClassVar[tuple[type[BaseException], ...]]
+    privilege: ClassVar[tuple[type[BaseException], ...]]
     # Appended to a SELECT that must hold its rows until commit. Empty on SQLite, whose
     # write transactions (BEGIN IMMEDIATE) hold the whole database.
     for_update: ClassVar[str]
@@ -108,6 +110,7 @@ class SQLiteDialect(Dialect):
     name = "sqlite"
     unavailable = (sqlite3.OperationalError,)
     unique_violation = (sqlite3.IntegrityError,)
+    privilege = ()  # file permissions, not roles: an unreadable file is unavailable
     for_update = ""
     for_share = ""
 
@@ -159,6 +162,7 @@ class PostgresDialect(Dialect):
     name = "postgresql"
     unavailable = (psycopg.OperationalError, PoolTimeout, pg_errors.AdminShutdown)
     unique_violation = (pg_errors.UniqueViolation,)
+    privilege = (pg_errors.InsufficientPrivilege,)
     for_update = " FOR UPDATE"
     for_share = " FOR SHARE"
 
