@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
-from psycopg.errors import InsufficientPrivilege
 
 from tally.auth.service import Authenticator
 from tally.crypto import keyring as keyrings
@@ -18,13 +17,14 @@ from tally.crypto.keyring import Keyring, KeyringError, KeyringSource
 from tally.crypto.tenant_keys import TenantKeys
 from tally.errors import StoreUnavailable
 from tally.events.cursor import CursorCodec
-from tally.events.service import ExportService, IngestService
 from tally.ratelimit.failover import FailoverLimiter
 from tally.ratelimit.inprocess import InProcessLimiter
 from tally.ratelimit.interface import Limiter
 from tally.ratelimit.policy import RateGuard, RatePolicy
 from tally.ratelimit.redis_limiter import RedisLimiter
 from tally.registry.service import Registry
+from tally.services.export import ExportService
+from tally.services.ingest import IngestService
 from tally.settings import Settings
 from tally.store import grants
 from tally.store.groupcommit import GroupCommitter
@@ -65,7 +65,7 @@ def open_store(settings: Settings, *, migrate: bool = False) -> EventStore:
         )
     try:
         store.open()
-    except InsufficientPrivilege as error:
+    except store.dialect.privilege as error:
         store.close()
         raise StoreUnavailable(
             "The database role of TALLY_DATABASE_URL may not use Tally's tables: run "

@@ -16,9 +16,10 @@ from fastapi.testclient import TestClient
 
 from tally.api.app import create_app
 from tally.bootstrap import Services, build
+from tally.registry.audit import AuditFilter, AuditRecord
 from tally.registry.models import KeyIn
 from tally.settings import Settings
-from tally.store.interface import AuditFilter, AuditRecord, EventStore
+from tally.store.interface import EventStore
 from tests.api.helpers import assert_problem, auth, parameters
 from tests.conftest import World
 

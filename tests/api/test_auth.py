@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tally.auth import keys
+from tally.auth.records import KeyRecord
 from tally.bootstrap import Services
-from tally.store.interface import KeyRecord
 from tests.api.helpers import assert_problem, auth, export_all, post_events
 from tests.conftest import World, event
 

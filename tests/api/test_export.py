@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from tally.api.app import create_app
 from tally.bootstrap import Services, build
 from tally.errors import InvalidInput
+from tally.events.log import ExportFilter, partition_of
 from tally.settings import Settings
-from tally.store.interface import ExportFilter, partition_of
 from tests.api.helpers import (
     assert_problem,
     at,

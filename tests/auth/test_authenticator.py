@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from tally.auth import keys
+from tally.auth.records import KeyRecord
 from tally.auth.service import Authenticator
 from tally.errors import StoreUnavailable, Unauthenticated
-from tally.store.interface import EventStore, KeyRecord
+from tally.store.interface import EventStore
 from tally.store.sqlite import SQLiteStore
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)

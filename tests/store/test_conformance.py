@@ -10,20 +10,16 @@ from decimal import Decimal
 
 import pytest
 
+from tally.auth.records import KeyRecord
+from tally.crypto.records import DataKey
 from tally.crypto.sealing import TenantCipher
 from tally.errors import AlreadyExists
+from tally.events.log import ExportFilter, partition_of
 from tally.events.model import NewEvent, Outcome, StoredEvent
-from tally.events.service import seal_event
 from tally.events.validation import EventDraft
-from tally.store.interface import (
-    Application,
-    DataKey,
-    EventStore,
-    ExportFilter,
-    KeyRecord,
-    Tenant,
-    partition_of,
-)
+from tally.registry.records import Application, Tenant
+from tally.services.ingest import seal_event
+from tally.store.interface import EventStore
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 

@@ -11,15 +11,11 @@ import psycopg
 import pytest
 
 from tally.auth import keys
+from tally.auth.records import KeyRecord
 from tally.errors import AlreadyExists, LastAdminKey
-from tally.store.interface import (
-    Application,
-    AuditEntry,
-    AuditFilter,
-    EventStore,
-    KeyRecord,
-    Tenant,
-)
+from tally.registry.audit import AuditEntry, AuditFilter
+from tally.registry.records import Application, Tenant
+from tally.store.interface import EventStore
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 

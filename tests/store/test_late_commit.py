@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from tally.events.log import ExportFilter, partition_of
 from tally.events.model import Outcome
-from tally.store.interface import ExportFilter, partition_of
 from tally.store.postgres import PostgresStore
 from tests.conftest import empty_postgres
 from tests.store.test_conformance import NOW, new_event

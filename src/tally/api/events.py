@@ -26,7 +26,7 @@ from tally.errors import (
     InvalidInput,
     UnsupportedMediaType,
 )
-from tally.events.service import Candidate, IngestReport
+from tally.events.log import ExportFilter
 from tally.events.validation import (
     CloudEventIn,
     EventDraft,
@@ -44,7 +44,7 @@ from tally.events.validation import (
 )
 from tally.ratelimit.http import note_of
 from tally.ratelimit.policy import RateNote
-from tally.store.interface import ExportFilter
+from tally.services.ingest import Candidate, IngestReport
 
 router = APIRouter(tags=["events"], dependencies=[Depends(known_query_only)])
 

@@ -11,8 +11,9 @@ from enum import StrEnum
 import structlog
 
 from tally.auth import keys
+from tally.auth.records import KeyRecord
 from tally.errors import Forbidden, TallyError, Unauthenticated
-from tally.store.interface import EventStore, KeyRecord
+from tally.store.interface import Registrations
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +78,7 @@ class Authenticator:
 
     def __init__(
         self,
-        store: EventStore,
+        store: Registrations,
         *,
         clock: Callable[[], datetime],
         touch_every: timedelta = TOUCH_EVERY,

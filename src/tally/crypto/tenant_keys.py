@@ -16,15 +16,17 @@ from datetime import datetime
 
 from tally.crypto import sealing
 from tally.crypto.keyring import Keyring, KeyringError, KeyringSource
+from tally.crypto.records import DataKey
 from tally.crypto.sealing import SealBroken, TenantCipher
-from tally.store.interface import AuditEntry, DataKey, EventStore
+from tally.registry.audit import AuditEntry
+from tally.store.interface import TenantKeyStore
 
 CACHE_SIZE = 10_000
 
 
 class TenantKeys:
     def __init__(
-        self, *, store: EventStore, keyring: KeyringSource, clock: Callable[[], datetime]
+        self, *, store: TenantKeyStore, keyring: KeyringSource, clock: Callable[[], datetime]
     ) -> None:
         self._store = store
         self._source = keyring
@@ -41,7 +43,7 @@ class TenantKeys:
 
     def ciphers(self, keys: Mapping[str, DataKey | None]) -> dict[str, TenantCipher | None]:
         """A cipher for each tenant of `keys` (its data key as just read from the store with
-        the tenant, `EventStore.tenants_with_keys`), None for a shredded tenant.
+        the tenant, `DataKeys.tenants_with_keys`), None for a shredded tenant.
 
         A tenant without a data key gets one now, wrapped with the newest master key; when
         two processes race to make it, both use the one stored first. Raises SealBroken if a

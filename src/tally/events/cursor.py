@@ -1,6 +1,6 @@
 """The export cursor: opaque, sealed, bound to its filter, stable across restarts.
 
-It carries one offset per export-log partition (store/interface.py), the partition the next
+It carries one offset per export-log partition (events/log.py), the partition the next
 page starts with (store/plan.py), and a digest of the filter it was issued for. It is sealed
 with AES-256-GCM under a key derived (HKDF-SHA256) from a secret kept in the store itself, so
 every replica, restart and restored backup accepts it, and a fresh random nonce per cursor.

@@ -155,7 +155,7 @@ class StoredEvent:
     sealed: bytes = field(repr=False)
     region: str
     received_at: datetime
-    # Set once the attributes are opened (events/service.py); `shredded` when they never can
+    # Set once the attributes are opened (services/export.py); `shredded` when they never can
     # be, because the tenant's data key was destroyed.
     attributes_json: str | None = field(default=None, repr=False)
     shredded: bool = False

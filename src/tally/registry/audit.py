@@ -18,9 +18,46 @@ from datetime import datetime, timedelta
 import structlog
 
 from tally.errors import TallyError
-from tally.store.interface import AuditEntry, JsonValue
 
 log = structlog.get_logger(__name__)
+
+JsonValue = str | int | bool | None | list[str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditEntry:
+    """One administrative action, as recorded: who, what, when, from where.
+
+    `details` is a small JSON object of non-secret facts (never a key's secret, never an
+    attribute value). `actor` is a key id or `cli:<OS user>`; `source` the client's address,
+    or `cli`.
+    """
+
+    at: datetime
+    actor: str
+    action: str
+    target: str | None
+    details: dict[str, JsonValue]
+    source: str
+    request_id: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditRecord(AuditEntry):
+    """An entry as listed: `seq` orders the log (higher is newer)."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    """Which entries a listing wants; `before` is the cursor (a `seq`: older ones only)."""
+
+    action: str | None = None
+    actor: str | None = None
+    since: datetime | None = None
+    before: int | None = None
+
 
 CLI_SOURCE = "cli"
 

@@ -12,10 +12,12 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 
 from tally.auth import keys
+from tally.auth.records import KeyRecord
 from tally.auth.service import Scope
+from tally.crypto.records import DataKey
 from tally.errors import Conflict, FieldError, InvalidInput, NotFound
 from tally.events.model import format_time
-from tally.registry.audit import SYSTEM, Actor, DenialLog
+from tally.registry.audit import SYSTEM, Actor, AuditFilter, DenialLog, JsonValue
 from tally.registry.models import (
     MAX_GRACE_SECONDS,
     ApplicationIn,
@@ -29,15 +31,8 @@ from tally.registry.models import (
     TenantOut,
     TenantPatch,
 )
-from tally.store.interface import (
-    Application,
-    AuditFilter,
-    DataKey,
-    EventStore,
-    JsonValue,
-    KeyRecord,
-    Tenant,
-)
+from tally.registry.records import Application, Tenant
+from tally.store.interface import RegistryStore
 
 
 def describe_key(record: KeyRecord) -> KeyOut:
@@ -71,7 +66,7 @@ def _shredded(key: DataKey | None) -> bool:
 
 @dataclass
 class Registry:
-    store: EventStore
+    store: RegistryStore
     region: str
     clock: Callable[[], datetime]
     denials: DenialLog = field(init=False)

@@ -1,1 +1,2 @@
-"""Storage: one `EventStore` interface (interface.py), SQLite and PostgreSQL behind it."""
+"""Storage: narrow contracts (interface.py), every query written once (sql.py) over a dialect
+(dialect.py), SQLite and PostgreSQL behind them (sqlite.py, postgres.py)."""

@@ -1,29 +1,24 @@
-"""SQL for the audit log that both stores share (bound parameters only)."""
+"""The audit log's WHERE condition, the same SQL on both stores (bound parameters only)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime
-
-from tally.store.interface import AuditFilter
+from tally.registry.audit import AuditFilter
+from tally.store.dialect import Dialect, Fragment
 
 
-def audit_where(
-    filters: AuditFilter, *, mark: str, time: Callable[[datetime], object]
-) -> tuple[str, list[object]]:
-    """The WHERE condition (never empty) and its parameters; `mark` is the driver's
-    placeholder and `time` turns a datetime into the store's time parameter."""
+def audit_where(filters: AuditFilter, dialect: Dialect) -> Fragment:
+    """The WHERE condition (never empty) and its parameters."""
     clauses, params = ["TRUE"], list[object]()
     if filters.action is not None:
-        clauses.append(f"action = {mark}")
+        clauses.append("action = ?")
         params.append(filters.action)
     if filters.actor is not None:
-        clauses.append(f"actor = {mark}")
+        clauses.append("actor = ?")
         params.append(filters.actor)
     if filters.since is not None:
-        clauses.append(f"at >= {mark}")
-        params.append(time(filters.since))
+        clauses.append("at >= ?")
+        params.append(dialect.time(filters.since))
     if filters.before is not None:
-        clauses.append(f"seq < {mark}")
+        clauses.append("seq < ?")
         params.append(filters.before)
     return " AND ".join(clauses), params

@@ -20,7 +20,7 @@ import structlog
 
 from tally.errors import StoreUnavailable
 from tally.events.model import NewEvent, Outcome
-from tally.store.interface import EventStore
+from tally.store.interface import EventLog
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +38,7 @@ BatchObserver = Callable[[int, int], None]
 class GroupCommitter:
     def __init__(
         self,
-        store: EventStore,
+        store: EventLog,
         *,
         max_events: int = 5000,
         observe: BatchObserver | None = None,

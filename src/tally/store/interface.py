@@ -1,189 +1,34 @@
-"""The contract every store keeps. The conformance suite (tests/store/) runs it on each store.
+"""The store's contracts, narrow by what they hold; the conformance suite (tests/store/) runs
+them on each store.
 
-The export log: each event belongs to one of `partitions` partitions (by tenant) and gets the
-next offset of its partition inside the transaction that inserts it. Appending first locks the
-partition's counter row and holds that lock until commit, so within a partition offsets are
-handed out in commit order: once a reader sees offset n, every offset below n that will ever
-exist is already visible to it. A reader's position is therefore one offset per partition, and
-reading `offset > position` never skips an event, however late its transaction committed.
-Offsets are data, so they survive backup, restore and failover unchanged.
+One store object (SQLiteStore, PostgresStore: one connection pool) implements them all, but a
+caller depends on the narrow contract it uses: the export service on `EventLog`, the
+authenticator on `Registrations`, the tenant keys on `DataKeys` and `AuditLog`. The records
+they hold live with their owners (auth/records.py, crypto/records.py, registry/records.py,
+registry/audit.py, events/log.py), which never import the store.
+
+Common to every method: it is one atomic unit and leaves no transaction open for the caller;
+it raises `StoreUnavailable` when the database cannot be reached, is busy past its timeout or
+refuses the statement (safe to retry), `AlreadyExists` where it says so, and never raises for a
+missing row: it returns None (or False, or leaves it out of a mapping).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from tally.errors import LastAdminKey
+from tally.auth.records import KeyRecord
+from tally.crypto.records import DataKey
+from tally.events.log import ExportFilter, ExportPage, Totals
 from tally.events.model import NewEvent, Outcome, StoredEvent
+from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
+from tally.registry.records import Application, Tenant
 
 
-@dataclass(frozen=True, slots=True)
-class Tenant:
-    id: str
-    name: str | None
-    region: str
-    lateness_hours: int
-    created_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class DataKey:
-    """A tenant's data key as stored: wrapped by the master key `master_key_id`. Once the
-    tenant is shredded, `wrapped` and `master_key_id` are None for good."""
-
-    tenant: str
-    master_key_id: str | None
-    wrapped: bytes | None
-    created_at: datetime
-    shredded_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class Application:
-    id: str
-    name: str | None
-    created_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRecord:
-    """An API key as stored: its SHA-256, never the secret."""
-
-    id: str
-    secret_hash: bytes
-    scopes: tuple[str, ...]
-    application: str | None
-    tenants: tuple[str, ...] | None
-    created_at: datetime
-    expires_at: datetime | None
-    revoked_at: datetime | None
-    last_used_at: datetime | None = None  # to within a minute (see auth/service.py)
-    rotated_from: str | None = None  # the key this one replaced by rotation
-    replaced_by: str | None = None  # the key that replaced this one by rotation
-
-    def usable_at(self, now: datetime) -> bool:
-        """Neither revoked nor expired at `now` (a key in its rotation grace is usable)."""
-        if self.revoked_at is not None:
-            return False
-        return self.expires_at is None or now < self.expires_at
-
-
-# The admin scope as stored (auth.service.Scope.ADMIN; auth imports the store, not back).
-ADMIN_SCOPE = "admin"
-# Matches the JSON text of a scopes column that holds the admin scope (the same on both stores).
-ADMIN_SCOPES_LIKE = f'%"{ADMIN_SCOPE}"%'
-
-
-def refuse_last_admin(key_id: str, admins: Sequence[KeyRecord], now: datetime) -> None:
-    """Raises LastAdminKey when revoking `key_id` at `now` would leave no admin key among
-    `admins` (every admin key, read under the revocation's lock) that stays valid.
-
-    A key that stays valid is neither revoked nor expired, and not retiring after a rotation
-    (its replacement is the one that stays). Revoking a key that does not stay valid itself
-    (revoked, expired, retiring, or not an admin key) takes nothing away and is never refused.
-    """
-    target = next((key for key in admins if key.id == key_id), None)
-    if target is None or not _stays_valid(target, now):
-        return
-    if not any(key.id != key_id and _stays_valid(key, now) for key in admins):
-        raise LastAdminKey
-
-
-def _stays_valid(key: KeyRecord, now: datetime) -> bool:
-    return ADMIN_SCOPE in key.scopes and key.usable_at(now) and key.replaced_by is None
-
-
-JsonValue = str | int | bool | None | list[str]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AuditEntry:
-    """One administrative action, as recorded: who, what, when, from where.
-
-    `details` is a small JSON object of non-secret facts (never a key's secret, never an
-    attribute value). `actor` is a key id or `cli:<OS user>`; `source` the client's address,
-    or `cli`.
-    """
-
-    at: datetime
-    actor: str
-    action: str
-    target: str | None
-    details: dict[str, JsonValue]
-    source: str
-    request_id: str | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AuditRecord(AuditEntry):
-    """An entry as listed: `seq` orders the log (higher is newer)."""
-
-    seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class AuditFilter:
-    """Which entries a listing wants; `before` is the cursor (a `seq`: older ones only)."""
-
-    action: str | None = None
-    actor: str | None = None
-    since: datetime | None = None
-    before: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ExportFilter:
-    """What a reader asked for. `tenants` is the key's restriction, if any (None: all)."""
-
-    tenant: str | None = None
-    application: str | None = None
-    type: str | None = None
-    subject: str | None = None
-    time_from: datetime | None = None
-    time_to: datetime | None = None
-    tenants: tuple[str, ...] | None = None
-
-    def digest(self) -> bytes:
-        """Identifies the filter, so a cursor cannot be replayed under another one."""
-        parts = [
-            self.tenant,
-            self.application,
-            self.type,
-            self.subject,
-            self.time_from.isoformat() if self.time_from else None,
-            self.time_to.isoformat() if self.time_to else None,
-            ",".join(sorted(self.tenants)) if self.tenants is not None else None,
-        ]
-        text = "\x1f".join("\x00" if part is None else part for part in parts)
-        return hashlib.sha256(text.encode()).digest()[:12]
-
-
-@dataclass(slots=True)
-class ExportPage:
-    events: list[StoredEvent]
-    positions: list[int]
-    start: int  # the partition the next page begins with (round-robin; see store/plan.py)
-    has_more: bool
-
-
-def partition_of(tenant: str, partitions: int) -> int:
-    """The export-log partition of a tenant: stable across processes, versions and hosts."""
-    return int.from_bytes(hashlib.sha256(tenant.encode()).digest()[:4], "big") % partitions
-
-
-class EventStore(Protocol):
-    """Where events, tenants, applications and keys live.
-
-    Every method is one atomic unit; none leaves a transaction open for the caller. Methods
-    raise `StoreUnavailable` when the database cannot be reached (safe to retry), and
-    `AlreadyExists` where they say so. They never raise for a missing row: they return None.
-    """
-
-    partitions: int
+class Lifecycle(Protocol):
+    """Opening, checking and closing a store."""
 
     def migrate(self) -> list[str]:
         """Apply pending schema migrations; returns the ids applied."""
@@ -200,7 +45,15 @@ class EventStore(Protocol):
         agrees on it.
         """
 
-    # --- events -------------------------------------------------------------------------
+
+class EventLog(Protocol):
+    """The events and their export log (see events/log.py for the partitions and offsets).
+
+    Events are never updated or deleted: a later fact about an event (a cancellation, say) is
+    an entry of its own, appended and read through this contract.
+    """
+
+    partitions: int
 
     def append(self, events: Sequence[NewEvent], *, received_at: datetime) -> list[Outcome]:
         """Store a batch in one durable transaction; one outcome per input, in order.
@@ -222,7 +75,8 @@ class EventStore(Protocol):
         to their end move to the snapshot's end, so filtered polling stays cheap.
         """
 
-    def get_event(self, application: str, event_id: str) -> StoredEvent | None: ...
+    def get_event(self, application: str, event_id: str) -> StoredEvent | None:
+        """Returns None if no event has this identity."""
 
     def find_events(
         self, keys: Sequence[tuple[str, str]]
@@ -230,7 +84,14 @@ class EventStore(Protocol):
         """The stored events among the identities `keys` (application, id), each with its
         content digest, in one query (attributes still sealed)."""
 
-    # --- tenant data keys (crypto/tenant_keys.py) ------------------------------------------
+    def totals(self, filters: ExportFilter) -> Totals:
+        """Count, exact sum, least and greatest quantity of the events matching `filters`,
+        computed by the database in one query (never through floating point). Usage and
+        reconciliation figures build on the same filter and the same aggregates."""
+
+
+class DataKeys(Protocol):
+    """Each tenant's data key, wrapped by a master key (crypto/tenant_keys.py)."""
 
     def tenants_with_keys(self, ids: Sequence[str]) -> dict[str, tuple[Tenant, DataKey | None]]:
         """The tenants among `ids` that exist, each with its data key (None: none yet), in
@@ -265,11 +126,14 @@ class EventStore(Protocol):
     def sample_data_keys(self) -> list[DataKey]:
         """One live data key per master key in use (to check a keyring against)."""
 
-    # --- registration -------------------------------------------------------------------
 
-    # Administrative writes take `audit`: the entry is written in the same transaction as
-    # the action, so the log holds an action if and only if it happened. None records
-    # nothing (fixtures, start-up). A new administrative store method does the same.
+class Registrations(Protocol):
+    """Tenants, applications and API keys.
+
+    Administrative writes take `audit`: the entry is written in the same transaction as
+    the action, so the log holds an action if and only if it happened. None records
+    nothing (fixtures, start-up). A new administrative store method does the same.
+    """
 
     def create_tenant(self, tenant: Tenant, *, audit: AuditEntry | None = None) -> None:
         """Raises AlreadyExists if the id is taken."""
@@ -342,7 +206,9 @@ class EventStore(Protocol):
 
     def count_keys(self) -> int: ...
 
-    # --- audit log ----------------------------------------------------------------------
+
+class AuditLog(Protocol):
+    """The append-only log of administrative actions (registry/audit.py)."""
 
     def record_audit(self, entry: AuditEntry) -> None:
         """Append one entry on its own, for an action that is not one store transaction (or a
@@ -350,3 +216,20 @@ class EventStore(Protocol):
 
     def list_audit(self, filters: AuditFilter, *, limit: int) -> list[AuditRecord]:
         """Up to `limit` entries matching `filters`, newest (highest `seq`) first."""
+
+
+class IngestStore(EventLog, DataKeys, Protocol):
+    """What services/ingest.py uses: the tenants' keys to seal with, the events to judge
+    against (the append itself goes through store/groupcommit.py)."""
+
+
+class TenantKeyStore(DataKeys, AuditLog, Protocol):
+    """What crypto/tenant_keys.py uses: the data keys, and the audit log for a rewrap."""
+
+
+class RegistryStore(Registrations, DataKeys, AuditLog, Protocol):
+    """What registry/service.py uses: registrations, a tenant's key state, the audit log."""
+
+
+class EventStore(Lifecycle, EventLog, DataKeys, Registrations, AuditLog, Protocol):
+    """Every contract at once: what a store object implements and what start-up opens."""

@@ -7,10 +7,10 @@ the events it marks ACCEPTED, and numbers them with `number` from its partitions
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
 
+from tally.events.log import ExportFilter, ExportPage, partition_of
 from tally.events.model import NewEvent, Outcome, StoredEvent
-from tally.store.interface import ExportFilter, ExportPage, partition_of
+from tally.store.dialect import Dialect, Fragment
 
 
 def classify(events: Sequence[NewEvent], stored: Mapping[tuple[str, str], bytes]) -> list[Outcome]:
@@ -77,7 +77,7 @@ def read_page(
     `fetch(partition, after, n)` returns up to n matching (offset, event) pairs with offset >
     after, in offset order; `heads` are the partitions' last offsets in the same snapshot. A
     partition read to its end moves to its head: nothing below the head can appear later,
-    because offsets are handed out in commit order (store/interface.py).
+    because offsets are handed out in commit order (events/log.py).
 
     Partitions are read round-robin from `start`, and a full page hands the next page the
     partition after the one it stopped in: a busy tenant's partition cannot starve the others
@@ -101,19 +101,10 @@ def read_page(
     return ExportPage(events=found, positions=moved, start=start, has_more=False)
 
 
-def filter_sql(
-    filters: ExportFilter,
-    *,
-    mark: str,
-    any_tenant: str,
-    tenants: Callable[[tuple[str, ...]], object],
-    time: Callable[[datetime], object],
-) -> tuple[str, list[object]]:
+def filter_sql(filters: ExportFilter, dialect: Dialect) -> Fragment:
     """The WHERE fragment (each clause prefixed ' AND ') and bound values for a filter.
 
-    `mark` is the driver's placeholder, `any_tenant` the clause matching a list of tenants,
-    and `tenants`/`time` adapt values to how the store binds them. Only fixed fragments are
-    ever put into SQL; every value is bound.
+    Only fixed fragments are ever put into SQL; every value is bound, through the dialect.
     """
     clauses: list[str] = []
     params: list[object] = []
@@ -124,15 +115,16 @@ def filter_sql(
         ("subject", filters.subject),
     ):
         if value is not None:
-            clauses.append(f"{column} = {mark}")
+            clauses.append(f"{column} = ?")
             params.append(value)
     if filters.time_from is not None:
-        clauses.append(f"time >= {mark}")
-        params.append(time(filters.time_from))
+        clauses.append("time >= ?")
+        params.append(dialect.time(filters.time_from))
     if filters.time_to is not None:
-        clauses.append(f"time < {mark}")
-        params.append(time(filters.time_to))
+        clauses.append("time < ?")
+        params.append(dialect.time(filters.time_to))
     if filters.tenants is not None:
-        clauses.append(any_tenant)
-        params.append(tenants(filters.tenants))
+        among, values = dialect.in_list("tenant", filters.tenants)
+        clauses.append(among)
+        params.extend(values)
     return "".join(f" AND {clause}" for clause in clauses), params

@@ -7,115 +7,26 @@ concurrent writers never deadlock on them; events go in with one set-based INSER
 
 from __future__ import annotations
 
-import json
-import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import fields
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
-from tally.errors import AlreadyExists, StoreUnavailable
-from tally.events.model import NewEvent, Outcome, StoredEvent
+from tally.errors import StoreUnavailable
+from tally.events.model import NewEvent, Outcome
 from tally.store import migrate, plan
-from tally.store.audit import audit_where
-from tally.store.interface import (
-    ADMIN_SCOPES_LIKE,
-    Application,
-    AuditEntry,
-    AuditFilter,
-    AuditRecord,
-    DataKey,
-    ExportFilter,
-    ExportPage,
-    KeyRecord,
-    Tenant,
-    refuse_last_admin,
-)
+from tally.store.dialect import PostgresDialect
+from tally.store.sql import Session, SQLStore
 
-_EVENT_COLUMNS = (
-    "application, id, tenant, type, quantity, time, subject, unit, attributes, region, received_at"
-)
-_UNAVAILABLE = (psycopg.OperationalError, PoolTimeout, pg_errors.AdminShutdown)
+_UNAVAILABLE = PostgresDialect.unavailable
 
 Row = dict[str, Any]
-
-
-def _event(row: Row) -> StoredEvent:
-    return StoredEvent(
-        application=row["application"],
-        id=row["id"],
-        tenant=row["tenant"],
-        type=row["type"],
-        quantity=row["quantity"],
-        time=row["time"],
-        subject=row["subject"],
-        unit=row["unit"],
-        sealed=bytes(row["attributes"]),
-        region=row["region"],
-        received_at=row["received_at"],
-    )
-
-
-def _data_key(row: Row) -> DataKey:
-    return DataKey(
-        tenant=row["tenant"],
-        master_key_id=row["master_key_id"],
-        wrapped=bytes(row["wrapped"]) if row["wrapped"] is not None else None,
-        created_at=row["created_at"],
-        shredded_at=row["shredded_at"],
-    )
-
-
-def _joined_data_key(row: Row) -> DataKey | None:
-    if row["tenant"] is None:
-        return None
-    return _data_key({**row, "created_at": row["key_created_at"]})
-
-
-def _key(row: Row) -> KeyRecord:
-    tenants = json.loads(row["tenants"]) if row["tenants"] is not None else None
-    return KeyRecord(
-        id=row["id"],
-        secret_hash=bytes(row["secret_hash"]),
-        scopes=tuple(json.loads(row["scopes"])),
-        application=row["application"],
-        tenants=tuple(tenants) if tenants is not None else None,
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        revoked_at=row["revoked_at"],
-        last_used_at=row["last_used_at"],
-        rotated_from=row["rotated_from"],
-        replaced_by=row["replaced_by"],
-    )
-
-
-def _audit_record(row: Row) -> AuditRecord:
-    return AuditRecord(
-        seq=row["seq"],
-        at=row["at"],
-        actor=row["actor"],
-        action=row["action"],
-        target=row["target"],
-        details=json.loads(row["details"]),
-        source=row["source"],
-        request_id=row["request_id"],
-    )
-
-
-def _tenant(row: Row) -> Tenant:
-    # By name: a row joined with tenant_keys holds more columns than a Tenant has.
-    return Tenant(**{field.name: row[field.name] for field in fields(Tenant)})
-
-
-def _application(row: Row) -> Application:
-    return Application(**row)
 
 
 def yoyo_url(url: str) -> str:
@@ -129,8 +40,10 @@ def libpq_url(url: str) -> str:
     return urlunsplit(parts._replace(scheme="postgresql"))
 
 
-class PostgresStore:
-    """`EventStore` on PostgreSQL. See store/interface.py for the contract."""
+class PostgresStore(SQLStore):
+    """`EventStore` on PostgreSQL: the shared SQL of store/sql.py, this file's append."""
+
+    dialect = PostgresDialect()
 
     def __init__(self, url: str, *, pool_size: int = 10, connect_timeout: float = 5.0) -> None:
         self.url = libpq_url(url)
@@ -162,11 +75,21 @@ class PostgresStore:
             raise StoreUnavailable("The PostgreSQL store cannot be reached.") from error
 
     @contextmanager
-    def _transaction(self, *, snapshot: bool = False) -> Iterator[psycopg.Connection[Row]]:
-        with self._connection() as connection, connection.transaction():
-            if snapshot:
+    def _read(self, *, snapshot: bool = False) -> Iterator[Session]:
+        """A pooled connection in autocommit; with `snapshot`, one REPEATABLE READ, READ ONLY
+        transaction."""
+        with self._connection() as connection:
+            if not snapshot:
+                yield Session(connection, self.dialect)
+                return
+            with connection.transaction():
                 connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            yield connection
+                yield Session(connection, self.dialect)
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._connection() as connection, connection.transaction():
+            yield Session(connection, self.dialect)
 
     def open(self) -> PostgresStore:
         """Open the pool and read the partition count. Raises StoreUnavailable, from libpq's
@@ -201,50 +124,36 @@ class PostgresStore:
     def close(self) -> None:
         self._pool.close()
 
-    def ping(self) -> None:
-        with self._connection() as connection:
-            connection.execute("SELECT 1")
-
-    def secret(self, name: str) -> bytes:
-        with self._transaction() as connection:
-            connection.execute(
-                "INSERT INTO secrets (name, value) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                (name, secrets.token_bytes(32)),
-            )
-            row = connection.execute(
-                "SELECT value FROM secrets WHERE name = %s", (name,)
-            ).fetchone()
-        assert row is not None  # noqa: S101 - inserted just above when missing
-        return bytes(row["value"])
-
     # --- events ---------------------------------------------------------------------------
 
     def append(self, events: Sequence[NewEvent], *, received_at: datetime) -> list[Outcome]:
         if not events:
             return []
         touched = plan.partitions_of(events, self.partitions)
-        with self._transaction() as connection:
+        # The touched partitions' counter rows, locked in partition order until commit:
+        # offsets follow commit order, and concurrent writers never deadlock on them.
+        with self._write() as session:
             last = {
                 row["partition"]: row["last_offset"]
-                for row in connection.execute(
+                for row in session.all(
                     "SELECT partition, last_offset FROM log_partitions "
-                    "WHERE partition = ANY(%s) ORDER BY partition FOR UPDATE",
+                    "WHERE partition = ANY(?) ORDER BY partition FOR UPDATE",
                     (touched,),
                 )
             }
-            outcomes = plan.classify(events, self._stored(connection, events))
+            outcomes = plan.classify(events, self._stored(session, events))
             fresh = [e for e, o in zip(events, outcomes, strict=True) if o is Outcome.ACCEPTED]
             if not fresh:
                 return outcomes
             places, moved = plan.number(fresh, last, self.partitions)
             inserted = {
                 (row["application"], row["id"])
-                for row in connection.execute(
+                for row in session.all(
                     "INSERT INTO events (partition, log_offset, application, id, tenant, type, "
                     "quantity, time, subject, unit, attributes, region, received_at, digest) "
-                    "SELECT * FROM unnest(%s::smallint[], %s::bigint[], %s::text[], %s::text[], "
-                    "%s::text[], %s::text[], %s::numeric[], %s::timestamptz[], %s::text[], "
-                    "%s::text[], %s::bytea[], %s::text[], %s::timestamptz[], %s::bytea[]) "
+                    "SELECT * FROM unnest(?::smallint[], ?::bigint[], ?::text[], ?::text[], "
+                    "?::text[], ?::text[], ?::numeric[], ?::timestamptz[], ?::text[], "
+                    "?::text[], ?::bytea[], ?::text[], ?::timestamptz[], ?::bytea[]) "
                     "ON CONFLICT (application, id) DO NOTHING RETURNING application, id",
                     (
                         [p for p, _ in places],
@@ -264,9 +173,9 @@ class PostgresStore:
                     ),
                 )
             }
-            connection.execute(
+            session.run(
                 "UPDATE log_partitions SET last_offset = moved.last_offset "
-                "FROM unnest(%s::smallint[], %s::bigint[]) AS moved(partition, last_offset) "
+                "FROM unnest(?::smallint[], ?::bigint[]) AS moved(partition, last_offset) "
                 "WHERE log_partitions.partition = moved.partition",
                 (list(moved), list(moved.values())),
             )
@@ -274,357 +183,9 @@ class PostgresStore:
                 # Another writer, in another partition, stored one of these identities between
                 # our check and our insert: judge those events against what it stored.
                 lost = [e for e in events if e.key not in inserted]
-                stored = self._stored(connection, lost)
+                stored = self._stored(session, lost)
                 outcomes = [
                     plan.classify([e], stored)[0] if e.key not in inserted else o
                     for e, o in zip(events, outcomes, strict=True)
                 ]
         return outcomes
-
-    @staticmethod
-    def _stored(
-        connection: psycopg.Connection[Row], events: Sequence[NewEvent]
-    ) -> dict[tuple[str, str], bytes]:
-        rows = connection.execute(
-            "SELECT application, id, digest FROM events WHERE (application, id) IN "
-            "(SELECT * FROM unnest(%s::text[], %s::text[]))",
-            ([e.application for e in events], [e.id for e in events]),
-        )
-        return {(row["application"], row["id"]): bytes(row["digest"]) for row in rows}
-
-    def read(
-        self, *, positions: Sequence[int], start: int, filters: ExportFilter, limit: int
-    ) -> ExportPage:
-        where, params = _filter_sql(filters)
-        sql = (
-            f"SELECT log_offset, {_EVENT_COLUMNS} FROM events "
-            f"WHERE partition = %s AND log_offset > %s{where} ORDER BY log_offset LIMIT %s"
-        )
-        with self._transaction(snapshot=True) as connection:
-
-            def fetch(partition: int, after: int, count: int) -> list[tuple[int, StoredEvent]]:
-                rows = connection.execute(sql, (partition, after, *params, count))
-                return [(row["log_offset"], _event(row)) for row in rows]
-
-            heads = {
-                row["partition"]: row["last_offset"]
-                for row in connection.execute("SELECT partition, last_offset FROM log_partitions")
-            }
-            return plan.read_page(
-                fetch,
-                heads=heads,
-                positions=positions,
-                start=start,
-                wanted=plan.wanted_partitions(filters, self.partitions),
-                limit=limit,
-            )
-
-    def get_event(self, application: str, event_id: str) -> StoredEvent | None:
-        row = self._one(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE application = %s AND id = %s",
-            (application, event_id),
-        )
-        return _event(row) if row is not None else None
-
-    def find_events(
-        self, keys: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], tuple[StoredEvent, bytes]]:
-        rows = self._all(
-            f"SELECT {_EVENT_COLUMNS}, digest FROM events WHERE (application, id) IN "
-            "(SELECT * FROM unnest(%s::text[], %s::text[]))",
-            ([application for application, _ in keys], [event_id for _, event_id in keys]),
-        )
-        return {
-            (row["application"], row["id"]): (_event(row), bytes(row["digest"])) for row in rows
-        }
-
-    # --- tenant data keys -----------------------------------------------------------------
-
-    def tenants_with_keys(self, ids: Sequence[str]) -> dict[str, tuple[Tenant, DataKey | None]]:
-        rows = self._all(
-            "SELECT t.*, k.tenant, k.master_key_id, k.wrapped, k.created_at AS key_created_at, "
-            "k.shredded_at FROM tenants t LEFT JOIN tenant_keys k ON k.tenant = t.id "
-            "WHERE t.id = ANY(%s)",
-            (list(ids),),
-        )
-        return {row["id"]: (_tenant(row), _joined_data_key(row)) for row in rows}
-
-    def add_data_key(self, key: DataKey) -> DataKey:
-        with self._transaction() as connection:
-            connection.execute(
-                "INSERT INTO tenant_keys (tenant, master_key_id, wrapped, created_at) "
-                "VALUES (%s, %s, %s, %s) ON CONFLICT (tenant) DO NOTHING",
-                (key.tenant, key.master_key_id, key.wrapped, key.created_at),
-            )
-            row = connection.execute(
-                "SELECT * FROM tenant_keys WHERE tenant = %s", (key.tenant,)
-            ).fetchone()
-        assert row is not None  # noqa: S101 - inserted just above when missing
-        return _data_key(row)
-
-    def rewrap_data_key(
-        self,
-        tenant: str,
-        *,
-        expected_master: str,
-        master_key_id: str,
-        wrapped: bytes,
-        at: datetime,
-    ) -> bool:
-        with self._connection() as connection:
-            cursor = connection.execute(
-                "UPDATE tenant_keys SET master_key_id = %s, wrapped = %s, rewrapped_at = %s "
-                "WHERE tenant = %s AND master_key_id = %s AND shredded_at IS NULL",
-                (master_key_id, wrapped, at, tenant, expected_master),
-            )
-            return cursor.rowcount == 1
-
-    def shred_data_key(self, tenant: str, *, at: datetime, audit: AuditEntry | None = None) -> bool:
-        with self._transaction() as connection:
-            found = connection.execute(
-                "SELECT 1 FROM tenants WHERE id = %s FOR SHARE", (tenant,)
-            ).fetchone()
-            if found is None:
-                return False
-            connection.execute(
-                "INSERT INTO tenant_keys (tenant, created_at, shredded_at) VALUES (%s, %s, %s) "
-                "ON CONFLICT (tenant) DO UPDATE SET master_key_id = NULL, wrapped = NULL, "
-                "shredded_at = excluded.shredded_at WHERE tenant_keys.shredded_at IS NULL",
-                (tenant, at, at),
-            )
-            if audit is not None:
-                _record(connection, audit)
-        return True
-
-    def data_keys_to_rewrap(self, newest: str, *, limit: int) -> list[DataKey]:
-        rows = self._all(
-            "SELECT * FROM tenant_keys WHERE wrapped IS NOT NULL AND master_key_id <> %s "
-            "ORDER BY tenant LIMIT %s",
-            (newest, limit),
-        )
-        return [_data_key(row) for row in rows]
-
-    def data_key_usage(self) -> dict[str, int]:
-        rows = self._all(
-            "SELECT master_key_id, count(*) AS n FROM tenant_keys WHERE wrapped IS NOT NULL "
-            "GROUP BY master_key_id"
-        )
-        return {row["master_key_id"]: int(row["n"]) for row in rows}
-
-    def sample_data_keys(self) -> list[DataKey]:
-        rows = self._all(
-            "SELECT DISTINCT ON (master_key_id) * FROM tenant_keys WHERE wrapped IS NOT NULL "
-            "ORDER BY master_key_id, tenant"
-        )
-        return [_data_key(row) for row in rows]
-
-    # --- registration ---------------------------------------------------------------------
-
-    def create_tenant(self, tenant: Tenant, *, audit: AuditEntry | None = None) -> None:
-        self._insert(
-            "INSERT INTO tenants (id, name, region, lateness_hours, created_at) "
-            "VALUES (%s, %s, %s, %s, %s)",
-            (tenant.id, tenant.name, tenant.region, tenant.lateness_hours, tenant.created_at),
-            what="tenant",
-            audit=audit,
-        )
-
-    def get_tenants(self, ids: Sequence[str]) -> dict[str, Tenant]:
-        rows = self._all("SELECT * FROM tenants WHERE id = ANY(%s)", (list(ids),))
-        return {row["id"]: _tenant(row) for row in rows}
-
-    def update_tenant(self, old: Tenant, new: Tenant, *, audit: AuditEntry | None = None) -> bool:
-        with self._transaction() as connection:
-            cursor = connection.execute(
-                "UPDATE tenants SET name = %s, lateness_hours = %s "
-                "WHERE id = %s AND name IS NOT DISTINCT FROM %s AND lateness_hours = %s",
-                (new.name, new.lateness_hours, old.id, old.name, old.lateness_hours),
-            )
-            if cursor.rowcount == 1 and audit is not None:
-                _record(connection, audit)
-            return cursor.rowcount == 1
-
-    def list_tenants(self) -> list[Tenant]:
-        return [_tenant(row) for row in self._all("SELECT * FROM tenants ORDER BY id")]
-
-    def create_application(
-        self, application: Application, *, audit: AuditEntry | None = None
-    ) -> None:
-        self._insert(
-            "INSERT INTO applications (id, name, created_at) VALUES (%s, %s, %s)",
-            (application.id, application.name, application.created_at),
-            what="application",
-            audit=audit,
-        )
-
-    def get_application(self, application_id: str) -> Application | None:
-        row = self._one("SELECT * FROM applications WHERE id = %s", (application_id,))
-        return _application(row) if row is not None else None
-
-    def list_applications(self) -> list[Application]:
-        return [_application(r) for r in self._all("SELECT * FROM applications ORDER BY id")]
-
-    def create_key(self, key: KeyRecord, *, audit: AuditEntry | None = None) -> None:
-        self._insert(*_key_insert(key), what="key", audit=audit)
-
-    def find_key(self, secret_hash: bytes) -> KeyRecord | None:
-        row = self._one("SELECT * FROM api_keys WHERE secret_hash = %s", (secret_hash,))
-        return _key(row) if row is not None else None
-
-    def get_key(self, key_id: str) -> KeyRecord | None:
-        row = self._one("SELECT * FROM api_keys WHERE id = %s", (key_id,))
-        return _key(row) if row is not None else None
-
-    def list_keys(self) -> list[KeyRecord]:
-        return [_key(row) for row in self._all("SELECT * FROM api_keys ORDER BY created_at, id")]
-
-    def revoke_key(
-        self,
-        key_id: str,
-        *,
-        at: datetime,
-        audit: AuditEntry | None = None,
-        keep_an_admin: bool = False,
-    ) -> bool:
-        with self._transaction() as connection:
-            if keep_an_admin:
-                # Every admin key's row, locked until commit: a concurrent revocation (or
-                # rotation) of an admin key waits, then this one reads the rows as it left them.
-                admins = connection.execute(
-                    "SELECT * FROM api_keys WHERE scopes LIKE %s ORDER BY id FOR UPDATE",
-                    (ADMIN_SCOPES_LIKE,),
-                ).fetchall()
-                refuse_last_admin(key_id, [_key(row) for row in admins], at)
-            cursor = connection.execute(
-                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, %s) WHERE id = %s",
-                (at, key_id),
-            )
-            if cursor.rowcount == 1 and audit is not None:
-                _record(connection, audit)
-            return cursor.rowcount == 1
-
-    def rotate_key(
-        self,
-        old_id: str,
-        *,
-        new: KeyRecord,
-        old_expires_at: datetime,
-        now: datetime,
-        audit: AuditEntry | None = None,
-    ) -> bool:
-        try:
-            with self._transaction() as connection:
-                # The UPDATE locks the old key's row, so a concurrent rotation waits and then
-                # finds replaced_by set: the chain cannot fork.
-                cursor = connection.execute(
-                    "UPDATE api_keys SET expires_at = %s, replaced_by = %s WHERE id = %s "
-                    "AND revoked_at IS NULL AND replaced_by IS NULL "
-                    "AND (expires_at IS NULL OR expires_at > %s)",
-                    (old_expires_at, new.id, old_id, now),
-                )
-                if cursor.rowcount != 1:
-                    raise _NotRotatable
-                connection.execute(*_key_insert(new))
-                if audit is not None:
-                    _record(connection, audit)
-        except _NotRotatable:
-            return False
-        return True
-
-    def touch_key(self, key_id: str, *, at: datetime, every: timedelta) -> None:
-        with self._connection() as connection:
-            connection.execute(
-                "UPDATE api_keys SET last_used_at = %s WHERE id = %s "
-                "AND (last_used_at IS NULL OR last_used_at <= %s)",
-                (at, key_id, at - every),
-            )
-
-    def count_keys(self) -> int:
-        row = self._one("SELECT count(*) AS n FROM api_keys", ())
-        return int(row["n"]) if row is not None else 0
-
-    def _one(self, sql: str, params: Sequence[object]) -> Row | None:
-        with self._connection() as connection:
-            return connection.execute(sql, params).fetchone()
-
-    def _all(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
-        with self._connection() as connection:
-            return connection.execute(sql, params).fetchall()
-
-    def _insert(
-        self,
-        sql: str,
-        params: Sequence[object],
-        *,
-        what: str,
-        audit: AuditEntry | None = None,
-    ) -> None:
-        try:
-            with self._transaction() as connection:
-                connection.execute(sql, params)
-                if audit is not None:
-                    _record(connection, audit)
-        except pg_errors.UniqueViolation as error:
-            raise AlreadyExists(f"A {what} with this id exists already.") from error
-
-    # --- audit log ------------------------------------------------------------------------
-
-    def record_audit(self, entry: AuditEntry) -> None:
-        with self._connection() as connection:
-            _record(connection, entry)
-
-    def list_audit(self, filters: AuditFilter, *, limit: int) -> list[AuditRecord]:
-        where, params = audit_where(filters, mark="%s", time=lambda t: t)
-        rows = self._all(
-            f"SELECT * FROM audit_log WHERE {where} ORDER BY seq DESC LIMIT %s",
-            (*params, limit),
-        )
-        return [_audit_record(row) for row in rows]
-
-
-class _NotRotatable(Exception):
-    """Rolls a rotation back when the old key cannot be rotated (see rotate_key)."""
-
-
-def _key_insert(key: KeyRecord) -> tuple[str, tuple[object, ...]]:
-    return (
-        "INSERT INTO api_keys (id, secret_hash, scopes, application, tenants, created_at, "
-        "expires_at, revoked_at, last_used_at, rotated_from, replaced_by) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (
-            key.id,
-            key.secret_hash,
-            json.dumps(list(key.scopes)),
-            key.application,
-            json.dumps(list(key.tenants)) if key.tenants is not None else None,
-            key.created_at,
-            key.expires_at,
-            key.revoked_at,
-            key.last_used_at,
-            key.rotated_from,
-            key.replaced_by,
-        ),
-    )
-
-
-def _record(connection: psycopg.Connection[Row], entry: AuditEntry) -> None:
-    """Append `entry` inside the caller's transaction (so it commits with the action)."""
-    connection.execute(
-        "INSERT INTO audit_log (at, actor, action, target, details, source, request_id) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (
-            entry.at,
-            entry.actor,
-            entry.action,
-            entry.target,
-            json.dumps(entry.details, sort_keys=True),
-            entry.source,
-            entry.request_id,
-        ),
-    )
-
-
-def _filter_sql(filters: ExportFilter) -> tuple[str, list[object]]:
-    return plan.filter_sql(
-        filters, mark="%s", any_tenant="tenant = ANY(%s)", tenants=list, time=lambda t: t
-    )

@@ -1,0 +1,85 @@
+"""Export: the one read path of Tally."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from tally.auth.service import Principal, Scope
+from tally.crypto.sealing import TenantCipher
+from tally.crypto.tenant_keys import TenantKeys
+from tally.errors import NotFound
+from tally.events.cursor import CursorCodec
+from tally.events.log import ExportFilter
+from tally.events.model import StoredEvent
+from tally.store.interface import EventLog
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    events: list[StoredEvent]
+    next_cursor: str
+    has_more: bool
+
+
+class ExportService:
+    def __init__(self, *, store: EventLog, cursors: CursorCodec, keys: TenantKeys) -> None:
+        self._store = store
+        self._cursors = cursors
+        self._keys = keys
+
+    def page(
+        self, principal: Principal, filters: ExportFilter, *, cursor: str | None, limit: int
+    ) -> Page:
+        """The next page after `cursor` (the start when None) of the events matching
+        `filters` that the principal may read.
+
+        Raises Forbidden without events:read or for a tenant outside the key's, InvalidInput
+        for a cursor that is empty, was altered or was issued for other filters.
+        """
+        principal.require(Scope.EVENTS_READ)
+        if filters.tenant is not None:
+            principal.require_tenant(filters.tenant)
+        scoped = replace(filters, tenants=principal.tenants)
+        digest = scoped.digest()
+        partitions = self._store.partitions
+        positions, start = (
+            self._cursors.decode(cursor, filter_digest=digest, partitions=partitions)
+            if cursor is not None
+            else ([0] * partitions, 0)
+        )
+        page = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
+        return Page(
+            events=self._opened(page.events),
+            next_cursor=self._cursors.encode(page.positions, page.start, digest),
+            has_more=page.has_more,
+        )
+
+    def get(self, principal: Principal, application: str, event_id: str) -> StoredEvent:
+        """Raises NotFound when there is no such event among those the key may read.
+
+        Another tenant's event is NotFound too, with the same message: a different answer
+        would tell a tenant-restricted key which ids other tenants' applications have used.
+        """
+        principal.require(Scope.EVENTS_READ)
+        event = self._store.get_event(application, event_id)
+        if event is None or not principal.may_serve(event.tenant):
+            raise NotFound("There is no event with this application and id.")
+        return self._opened([event])[0]
+
+    def _opened(self, events: list[StoredEvent]) -> list[StoredEvent]:
+        """`events` with their attributes opened, or marked shredded. Raises SealBroken for
+        a sealed value that is not its row's (tampering): no export rather than a wrong one.
+        """
+        ciphers = self._keys.ciphers_of({event.tenant for event in events})
+        return [_open(event, ciphers[event.tenant]) for event in events]
+
+
+def _open(event: StoredEvent, cipher: TenantCipher | None) -> StoredEvent:
+    if cipher is None:
+        event.shredded = True
+    else:
+        sealed = event.sealed
+        event.attributes_json = cipher.open(
+            application=event.application, event_id=event.id, sealed=sealed
+        )
+    return event

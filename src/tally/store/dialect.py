@@ -1,0 +1,233 @@
+"""What differs between SQLite and PostgreSQL in the SQL that is otherwise written once.
+
+The shared queries (store/sql.py) are written with `?` placeholders and ask the dialect for
+the few fragments and values that differ: binding a list, comparing with NULL, locking rows,
+exact aggregates, and how times, decimals and sealed bytes are kept. Only fixed fragments are
+ever put into SQL; every value is bound.
+
+Adding a dialect method is the way to keep a query single: a query that needs a new kind of
+value or fragment gets a method here on both dialects, never a second copy of the query.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Context, Decimal, Inexact, InvalidOperation
+from typing import Any, ClassVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import PoolTimeout
+
+from tally.events.model import format_decimal, format_time, parse_time
+
+Fragment = tuple[str, list[object]]
+"""A piece of SQL with `?` placeholders and the values they bind, in order."""
+
+
+class Dialect:
+    """The shared half: the methods whose SQL is the same and only the values differ."""
+
+    name: ClassVar[str]
+    # Errors that mean the database cannot be reached or used now (StoreUnavailable), and
+    # errors that mean a unique constraint refused an insert (AlreadyExists), and errors that
+    # mean the database role may not use a table (a deployment whose grants are missing).
+    unavailable: ClassVar[tuple[type[BaseException], ...]]
+    unique_violation: ClassVar[tuple[type[BaseException], ...]]
+    privilege: ClassVar[tuple[type[BaseException], ...]]
+    # Appended to a SELECT that must hold its rows until commit. Empty on SQLite, whose
+    # write transactions (BEGIN IMMEDIATE) hold the whole database.
+    for_update: ClassVar[str]
+    for_share: ClassVar[str]
+
+    def sql(self, text: str) -> str:
+        """`text` with the driver's placeholder for each `?`."""
+        return text
+
+    def in_list(self, column: str, values: Sequence[object]) -> Fragment:
+        """`column` is one of `values` (one bound parameter, however many values)."""
+        raise NotImplementedError
+
+    def in_pairs(self, columns: tuple[str, str], pairs: Sequence[tuple[str, str]]) -> Fragment:
+        """The row (columns) is one of `pairs` of text values."""
+        raise NotImplementedError
+
+    def same(self, column: str) -> str:
+        """`column` equals the bound value, NULL equal to NULL."""
+        raise NotImplementedError
+
+    # The prefix of the exact aggregates' names: sum, min and max are `{exact}sum` and so on.
+    exact: ClassVar[str]
+
+    def sum(self, expression: str) -> str:
+        """The exact sum of a decimal column or expression (NULL over no rows), read back with
+        `read_decimal`: never through floating point."""
+        return f"{self.exact}sum({expression})"
+
+    def min(self, expression: str) -> str:
+        """The least value of a decimal expression, compared as decimals (not as text)."""
+        return f"{self.exact}min({expression})"
+
+    def max(self, expression: str) -> str:
+        """The greatest value of a decimal expression, compared as decimals."""
+        return f"{self.exact}max({expression})"
+
+    def time(self, value: datetime) -> object:
+        return value
+
+    def time_or_none(self, value: datetime | None) -> object:
+        return self.time(value) if value is not None else None
+
+    def read_time(self, value: Any) -> datetime:
+        return value  # type: ignore[no-any-return]
+
+    def read_time_or_none(self, value: Any) -> datetime | None:
+        return self.read_time(value) if value is not None else None
+
+    def read_decimal(self, value: Any) -> Decimal:
+        return Decimal(value)
+
+    def read_decimal_or_none(self, value: Any) -> Decimal | None:
+        return self.read_decimal(value) if value is not None else None
+
+    def read_sealed(self, value: Any) -> bytes:
+        """An event's sealed attributes as kept in its `attributes` column."""
+        return bytes(value)
+
+    def read_digest(self, value: Any) -> bytes:
+        """An event's content digest as kept in its `digest` column."""
+        return bytes(value)
+
+
+class SQLiteDialect(Dialect):
+    """Times as fixed-width RFC 3339 text (text order is time order), decimals as canonical
+    text, lists bound as one JSON array read with json_each."""
+
+    name = "sqlite"
+    unavailable = (sqlite3.OperationalError,)
+    unique_violation = (sqlite3.IntegrityError,)
+    privilege = ()  # file permissions, not roles: an unreadable file is unavailable
+    for_update = ""
+    for_share = ""
+
+    def in_list(self, column: str, values: Sequence[object]) -> Fragment:
+        return f"{column} IN (SELECT value FROM json_each(?))", [json.dumps(list(values))]
+
+    def in_pairs(self, columns: tuple[str, str], pairs: Sequence[tuple[str, str]]) -> Fragment:
+        first, second = columns
+        return (
+            f"({first}, {second}) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))",
+            [json.dumps([list(pair) for pair in pairs])],
+        )
+
+    # SQLite keeps quantities as canonical decimal text, and its own sum/min/max would go
+    # through floating point (sum) or compare text ('10' < '9'): decimal_sum/min/max, registered
+    # on every connection the store opens (`register`), work on Decimals and answer canonical
+    # text.
+    exact = "decimal_"
+
+    @staticmethod
+    def register(connection: sqlite3.Connection) -> None:
+        """Define decimal_sum, decimal_min and decimal_max on `connection`."""
+        connection.create_aggregate("decimal_sum", 1, _DecimalSum)
+        connection.create_aggregate("decimal_min", 1, _DecimalMin)
+        connection.create_aggregate("decimal_max", 1, _DecimalMax)
+
+    def same(self, column: str) -> str:
+        # SQLite 3.38 (our minimum) has `IS` but not yet `IS NOT DISTINCT FROM` (3.39).
+        return f"{column} IS ?"
+
+    def time(self, value: datetime) -> object:
+        return format_time(value)
+
+    def read_time(self, value: Any) -> datetime:
+        return parse_time(value)
+
+    def read_sealed(self, value: Any) -> bytes:
+        # Plaintext JSON from before encryption at rest starts with '{'; base64 never does.
+        text = str(value)
+        return text.encode() if text.startswith("{") else base64.b64decode(text)
+
+    def read_digest(self, value: Any) -> bytes:
+        return bytes.fromhex(value)
+
+
+class PostgresDialect(Dialect):
+    """Native types (timestamptz, numeric, bytea); lists bound as arrays."""
+
+    name = "postgresql"
+    unavailable = (psycopg.OperationalError, PoolTimeout, pg_errors.AdminShutdown)
+    unique_violation = (pg_errors.UniqueViolation,)
+    privilege = (pg_errors.InsufficientPrivilege,)
+    for_update = " FOR UPDATE"
+    for_share = " FOR SHARE"
+
+    def sql(self, text: str) -> str:
+        # No query of Tally's uses a literal '?' or '%' (jsonb's '?' operators included).
+        return text.replace("?", "%s")
+
+    def in_list(self, column: str, values: Sequence[object]) -> Fragment:
+        return f"{column} = ANY(?)", [list(values)]
+
+    def in_pairs(self, columns: tuple[str, str], pairs: Sequence[tuple[str, str]]) -> Fragment:
+        first, second = columns
+        return (
+            f"({first}, {second}) IN (SELECT * FROM unnest(?::text[], ?::text[]))",
+            [[pair[0] for pair in pairs], [pair[1] for pair in pairs]],
+        )
+
+    def same(self, column: str) -> str:
+        return f"{column} IS NOT DISTINCT FROM ?"
+
+    # NUMERIC arithmetic is exact: sum over numeric(38, 18) is an unconstrained numeric.
+    exact = ""
+
+
+# Enough digits for any sum of NUMERIC(38, 18) values a store can hold (a sum of 10^60 of
+# them); Inexact is trapped, so a sum that would round fails loudly instead.
+_EXACT = Context(prec=120, traps=[Inexact, InvalidOperation])
+
+
+class _DecimalSum:
+    """SQLite aggregate: the exact sum of decimal texts, as canonical text (NULL for none)."""
+
+    def __init__(self) -> None:
+        self._total: Decimal | None = None
+
+    def step(self, value: Any) -> None:
+        if value is not None:
+            number = Decimal(value)
+            self._total = number if self._total is None else _EXACT.add(self._total, number)
+
+    def finalize(self) -> Any:  # str | None (typeshed's aggregate protocol says int)
+        return format_decimal(self._total) if self._total is not None else None
+
+
+class _DecimalMin:
+    """SQLite aggregate: the least decimal text, compared as decimals (NULL for none)."""
+
+    def __init__(self) -> None:
+        self._best: Decimal | None = None
+
+    def _better(self, number: Decimal, best: Decimal) -> bool:
+        return number < best
+
+    def step(self, value: Any) -> None:
+        if value is not None:
+            number = Decimal(value)
+            if self._best is None or self._better(number, self._best):
+                self._best = number
+
+    def finalize(self) -> Any:  # str | None (typeshed's aggregate protocol says int)
+        return format_decimal(self._best) if self._best is not None else None
+
+
+class _DecimalMax(_DecimalMin):
+    """SQLite aggregate: the greatest decimal text, compared as decimals (NULL for none)."""
+
+    def _better(self, number: Decimal, best: Decimal) -> bool:
+        return number > best
