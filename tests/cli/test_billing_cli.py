@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -27,6 +28,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
 from typer.testing import CliRunner, Result
 
@@ -35,6 +37,8 @@ from tally.cli.main import app
 from tally.client import Client, reconciliation_digest
 from tests.client.conftest import Deployment, deploy
 from tests.support.server import TALLY
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 NOW = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
 # Three UTC days inside the tenant's lateness window (72 h), none in the future.
@@ -265,9 +269,10 @@ def test_a_refused_key_is_an_error_that_never_shows_the_key(
 
 class Stub:
     """A local HTTP server answering GET `path` with `body` (a documented shape), and
-    keeping each request's query."""
+    keeping each request's query; other paths are forwarded to `upstream` (a real server)
+    when given."""
 
-    def __init__(self, answers: dict[str, tuple[int, Any]]) -> None:
+    def __init__(self, answers: dict[str, tuple[int, Any]], upstream: str | None = None) -> None:
         self.answers = answers
         self.queries: list[dict[str, list[str]]] = []
         stub = self
@@ -276,10 +281,17 @@ class Stub:
             def do_GET(self) -> None:
                 where = urlsplit(self.path)
                 stub.queries.append(parse_qs(where.query))
-                status, body = stub.answers.get(where.path, (404, {"title": "Not Found"}))
-                data = json.dumps(body).encode()
+                if upstream is not None and where.path not in stub.answers:
+                    names = ("authorization", "accept")
+                    headers = {k: v for k, v in self.headers.items() if k.lower() in names}
+                    answer = httpx.get(upstream + self.path, headers=headers, timeout=30)
+                    status, data = answer.status_code, answer.content
+                    kind = answer.headers["content-type"]
+                else:
+                    status, body = stub.answers.get(where.path, (404, {"title": "Not Found"}))
+                    data = json.dumps(body).encode()
+                    kind = "application/json" if status < 400 else "application/problem+json"
                 self.send_response(status)
-                kind = "application/json" if status < 400 else "application/problem+json"
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -301,7 +313,8 @@ def reconciliation_of(entries: list[dict[str, Any]], period: str, tz: str) -> di
     """STAND-IN for GET /v1/reconciliation until it lands: its documented rows, computed from
     the server's own export with the test's own grouping and `reconciliation_digest`."""
     zone = ZoneInfo(tz)
-    cancelled = {(e["application"], e["id"]) for e in entries if e.get("kind") == "cancellation"}
+    cancellations = [e for e in entries if e.get("kind") == "cancellation"]
+    cancelled = {(e["application"], e["id"]) for e in cancellations}
     groups: dict[tuple[str, str, datetime, datetime], list[dict[str, Any]]] = {}
     for entry in entries:
         if entry.get("kind", "event") != "event":
@@ -323,9 +336,13 @@ def reconciliation_of(entries: list[dict[str, Any]], period: str, tz: str) -> di
                 "period_end": end.isoformat(),
                 "count": len(live),
                 "sum": str(sum(Decimal(e["quantity"]) for e in live)),
-                "digest": reconciliation_digest(members),
+                # Every cancellation may go with a period's events: it applies to the one it names.
+                "digest": reconciliation_digest([*members, *cancellations]),
                 "last_received_at": max(e["received_at"] for e in members),
-                "cancelled": {"count": len(members) - len(live), "sum": "0"},
+                "cancelled": {
+                    "count": len(members) - len(live),
+                    "sum": str(sum(Decimal(e["quantity"]) for e in members if e not in live)),
+                },
                 "final": False,
                 "final_at": (end + timedelta(hours=72)).isoformat(),
             }
@@ -426,6 +443,40 @@ def test_a_csv_file_reconciles_and_a_repeated_or_missing_event_does_not(
         assert results[name].exit_code == 1, name
         (bad,) = [p for p in json.loads(results[name].stdout)["periods"] if p["status"] != "match"]
         assert "count" in bad["differs"] and "digest" in bad["differs"]
+
+
+def test_a_cancellation_applies_to_the_event_it_names_wherever_it_is(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """The file's cancellation (the server has none yet: written here in the documented shape)
+    takes its event out of count and sum into `cancelled`, and into the digest as cancelled."""
+    _, out = exported_once(deployment, tmp_path, 12)
+    entries = ndjson(out)
+    victim = entries[4]
+    cancellation = {
+        "kind": "cancellation",
+        "application": victim["application"],
+        "id": victim["id"],
+        "tenant": "acme",
+        "reason": "sent twice",
+        "received_at": victim["received_at"],
+        "cursor": "c-cancel",
+    }
+    with_it = tmp_path / "cancelled.ndjson"
+    with_it.write_text(out.read_text() + json.dumps(cancellation) + "\n")
+    figures = reconciliation_of([*entries, cancellation], "day", "Europe/Berlin")
+    stub = Stub({"/v1/reconciliation": (200, figures)})
+    try:
+        matching = reconcile(stub.url, with_it, "--json")
+        without = reconcile(stub.url, out, "--json")
+    finally:
+        stub.close()
+    assert matching.exit_code == 0, matching.output
+    (row,) = [p for p in json.loads(matching.stdout)["periods"] if p["tally"]["cancelled"]["count"]]
+    assert row["file"]["cancelled"] == {"count": 1, "sum": victim["quantity"]}
+    assert without.exit_code == 1
+    (bad,) = [p for p in json.loads(without.stdout)["periods"] if p["status"] != "match"]
+    assert bad["differs"] == ["count", "sum", "cancelled.count", "cancelled.sum", "digest"]
 
 
 def test_a_period_on_one_side_only_fails(exported: tuple[Path, dict[str, Any]]) -> None:
@@ -544,3 +595,30 @@ def test_usage_refused_by_tally_names_the_parameter_as_json() -> None:
     assert "window: must be minute, hour, day or month" in error["details"]
     assert "window: must be" in text.stderr
     assert "tly_u" not in result.output + text.output
+
+
+def test_the_readme_billing_example_runs_as_written(deployment: Deployment, tmp_path: Path) -> None:
+    """The README's block pasted into bash; only its URL changes: a stub that forwards the
+    export to the real server and answers usage and reconciliation (STAND-INS until those
+    routes land; then point it at the server itself)."""
+    text = README.read_text(encoding="utf-8").partition("\n#### Billing operators\n")[2]
+    found = re.search(r"^```sh\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
+    assert found, "no ```sh block under '#### Billing operators'"
+    report(deployment, 5)
+    usage_answer = {**USAGE, "rows": []}
+    stub = Stub(
+        {"/v1/usage": (200, usage_answer), "/v1/reconciliation": (200, {"rows": []})},
+        upstream=deployment.server.base_url,
+    )
+    script = found.group(1).replace("http://127.0.0.1:8000", stub.url)
+    env = {**os.environ, "READ": deployment.reader, "PATH": f"{TALLY.parent}:{os.environ['PATH']}"}
+    try:
+        run = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=tmp_path, env=env, capture_output=True, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        stub.close()
+    assert run.returncode == 0, run.stderr.decode()
+    assert [entry["tenant"] for entry in ndjson(tmp_path / "acme.ndjson")] == ["acme"] * 5
+    assert b"5 entries written" in run.stdout

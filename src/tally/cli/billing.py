@@ -762,7 +762,8 @@ class EntryFile:
                 for name in ("subject", "unit"):
                     entry.setdefault(name, None)
                 entry["shredded"] = row.get("shredded") == "true"
-                entry["cancelled"] = row.get("cancelled") == "true"
+                # `true`, or the JSON of a `{"at", "reason"}` object: cancelled either way.
+                entry["cancelled"] = row.get("cancelled") not in (None, "", "false", "null")
                 text = row.get("attributes") or ""
                 try:
                     attributes = json.loads(text, parse_float=Decimal) if text else None
