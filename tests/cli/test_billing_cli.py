@@ -189,6 +189,11 @@ def test_follow_polls_until_sigterm_then_prints_the_totals(
         while (not out.exists() or out.read_bytes().count(b"\n") < 7) and process.poll() is None:
             assert time.monotonic() < deadline, "the new events never came"
             time.sleep(0.05)
+        # A second export into the same file while the first runs would interleave them.
+        second = cli("export", "--url", deployment.server.base_url, "--out", str(out),
+                     "--follow", "--interval", "0.2", "--json", key=deployment.reader)  # fmt: skip
+        assert second.exit_code == 1
+        assert json.loads(second.stdout)["error"]["code"] == "conflict"
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=30)
     finally:
@@ -234,12 +239,22 @@ def test_an_export_refuses_to_resume_with_other_filters_or_over_a_foreign_file(
     )  # fmt: skip
     assert other.exit_code == 2
     assert json.loads(other.stdout)["error"]["code"] == "invalid-input"
+    # The cursor file of another output: refused before anything of this one is cut.
+    other_out = tmp_path / "other.ndjson"
+    other_out.write_bytes(
+        b"".join(reversed(out.read_bytes().splitlines(keepends=True))) + b"more\n"
+    )
+    (tmp_path / "other.ndjson.cursor").write_bytes((tmp_path / "export.ndjson.cursor").read_bytes())
+    mixed = cli("export", "--url", url, "--out", str(other_out), "--json", key=deployment.reader)
+    assert mixed.exit_code == 2, mixed.output
+    assert "does not end where" in json.loads(mixed.stdout)["error"]["message"]
+    assert other_out.read_bytes().endswith(b"more\n")
     foreign = tmp_path / "notes.ndjson"
     foreign.write_text("mine\n")
-    refused = cli("export", "--url", url, "--out", str(foreign), key=deployment.reader)
+    refused = cli("export", "--url", url, "--out", str(foreign), "--json", key=deployment.reader)
     assert refused.exit_code == 2
     assert foreign.read_text() == "mine\n"
-    assert "cursor file" in refused.stderr
+    assert "does not exist" in json.loads(refused.stdout)["error"]["message"]
 
 
 def test_a_refused_key_is_an_error_that_never_shows_the_key(

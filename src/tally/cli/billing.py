@@ -8,6 +8,7 @@ they see is exactly what the API gives a billing system.
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import signal
@@ -211,7 +212,8 @@ class Checkpoint:
         rename, the previous checkpoint is back, which names an earlier entry whose bytes are
         on disk too; resuming from it truncates the output to it and fetches again from there.
         """
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # One name: a kill leaves at most this one file, which the next save replaces.
+        temporary = path.with_name(f".{path.name}.tmp")
         with temporary.open("w", encoding="utf-8") as file:
             file.write(json.dumps(self.as_json()) + "\n")
             file.flush()
@@ -336,38 +338,60 @@ class ExportFile:
         self.cursor_path = cursor_path
         self.form = form
         self.dropped = 0  # bytes of a torn tail dropped by open()
-        if cursor_path.exists():
+        resuming = cursor_path.exists()
+        if resuming:
             self.checkpoint = Checkpoint.load(cursor_path)
             self._check_resumable(filters)
-            self._file: BinaryIO = out_path.open("r+b")
-            self._file.seek(0, os.SEEK_END)
-            size = self._file.tell()
-            if size < self.checkpoint.offset:
-                raise CommandError(
-                    "invalid-input",
-                    f"{out_path} is shorter than {cursor_path} says it was written: "
-                    "entries it counts are gone, so it cannot be resumed without a gap.",
-                    exit_code=2,
-                )
-            self.dropped = size - self.checkpoint.offset
-            self._file.truncate(self.checkpoint.offset)
-            self._check_tail()
-            self._file.seek(self.checkpoint.offset)
+        elif out_path.exists() and out_path.stat().st_size > 0:
+            raise CommandError(
+                "invalid-input",
+                f"{out_path} already holds data but {cursor_path} does not exist: "
+                "give the cursor file it was written with, or another --out.",
+                exit_code=2,
+            )
         else:
-            if out_path.exists() and out_path.stat().st_size > 0:
-                raise CommandError(
-                    "invalid-input",
-                    f"{out_path} already holds data but {cursor_path} does not exist: "
-                    "give the cursor file it was written with, or another --out.",
-                    exit_code=2,
-                )
             self.checkpoint = Checkpoint(format=form, filters=filters)
-            # The cursor file first: from now on every restart knows where the output starts.
-            self.checkpoint.save(cursor_path)
-            self._file = out_path.open("wb")
-        if self.checkpoint.offset == 0 and form == "csv":
-            self._append(_csv_header())
-            self.checkpoint.save(cursor_path)
+        # Opened without truncating: nothing is cut before the checks below have passed.
+        self._file: BinaryIO = out_path.open("r+b" if out_path.exists() else "w+b")
+        try:
+            self._lock()
+            if resuming:
+                self._cut_to_checkpoint()
+            else:
+                # The cursor file first: from now on every restart knows where the output
+                # starts.
+                self.checkpoint.save(cursor_path)
+            if self.checkpoint.offset == 0 and form == "csv":
+                self._append(_csv_header())
+                self.checkpoint.save(cursor_path)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _lock(self) -> None:
+        """Hold the output for this process: a second export into it (a cron job and a
+        person, say) would interleave entries and checkpoints. Released when it closes."""
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CommandError(
+                "conflict", f"Another tally export is writing {self.path}.", exit_code=1
+            ) from None
+
+    def _cut_to_checkpoint(self) -> None:
+        """Truncate the output to the cursor file's offset, once sure it is this output's."""
+        size = self._file.seek(0, os.SEEK_END)
+        if size < self.checkpoint.offset:
+            raise CommandError(
+                "invalid-input",
+                f"{self.path} is shorter than {self.cursor_path} says it was written: "
+                "entries it counts are gone, so it cannot be resumed without a gap.",
+                exit_code=2,
+            )
+        self._check_tail()
+        self.dropped = size - self.checkpoint.offset
+        self._file.truncate(self.checkpoint.offset)
+        self._file.seek(self.checkpoint.offset)
 
     def _check_resumable(self, filters: dict[str, str]) -> None:
         saved = self.checkpoint
