@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pty
 import random
 import re
 import signal
@@ -20,6 +21,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -492,6 +494,53 @@ def test_a_cancellation_applies_to_the_event_it_names_wherever_it_is(
     assert without.exit_code == 1
     (bad,) = [p for p in json.loads(without.stdout)["periods"] if p["status"] != "match"]
     assert bad["differs"] == ["count", "sum", "cancelled.count", "cancelled.sum", "digest"]
+
+
+def test_json_pages_saved_one_to_a_line_reconcile(
+    deployment: Deployment, exported: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    pages, cursor = [], None
+    while True:
+        params = {"limit": 7} | ({"cursor": cursor} if cursor else {})
+        page = httpx.get(f"{deployment.server.base_url}/v1/events", params=params,
+                         headers={"Authorization": f"Bearer {deployment.reader}"})  # fmt: skip
+        pages.append(page.text.strip() + "\n")
+        cursor = page.json()["next_cursor"]
+        if not page.json()["has_more"]:
+            break
+    path = tmp_path / "pages.json"
+    path.write_text("".join(pages))
+    stub = Stub({"/v1/reconciliation": (200, exported[1])})
+    try:
+        result = reconcile(stub.url, path, "--json")
+    finally:
+        stub.close()
+    assert result.exit_code == 0, result.output
+    assert sum(p["file"]["count"] for p in json.loads(result.stdout)["periods"]) == 30
+
+
+def test_the_live_count_shows_on_a_terminal_only(deployment: Deployment, tmp_path: Path) -> None:
+    report(deployment, 20)
+    command = [str(TALLY), "export", "--url", deployment.server.base_url, "--limit", "3"]
+    env = {**os.environ, "TALLY_KEY": deployment.reader, "COLUMNS": "100"}
+    leader, follower = pty.openpty()
+    with subprocess.Popen(
+        [*command, "--out", str(tmp_path / "a.ndjson")], env=env, stdout=follower, stderr=follower
+    ) as process:
+        os.close(follower)
+        shown = b""
+        with suppress(OSError):  # EIO once the process has exited and closed the terminal
+            while chunk := os.read(leader, 65536):
+                shown += chunk
+        process.wait(timeout=60)
+    os.close(leader)
+    assert process.returncode == 0, shown.decode(errors="replace")
+    assert b"entries written \x1b" in shown  # the live line, styled
+    assert b"20 entries written to" in shown
+    piped = subprocess.run([*command, "--out", str(tmp_path / "b.ndjson")], env=env,
+                           capture_output=True, timeout=60, check=False)  # fmt: skip
+    assert piped.returncode == 0
+    assert b"\x1b" not in piped.stdout and b"20 entries written to" in piped.stdout
 
 
 def test_a_period_on_one_side_only_fails(exported: tuple[Path, dict[str, Any]]) -> None:

@@ -705,9 +705,10 @@ class Figures:
 
 class EntryFile:
     """The entries of a file `tally export` wrote (or the server's NDJSON/CSV export saved
-    as is): NDJSON when its name ends in .ndjson, .jsonl or .json, CSV for .csv, else by its
-    first character. The export's end line (`{"next_cursor", "has_more"}`) and CSV end row
-    (`kind` = `end`) are left out, and so is each entry's `cursor`: they are not entries."""
+    as is, or its JSON pages one to a line): NDJSON when its name ends in .ndjson, .jsonl or
+    .json, CSV for .csv, else by its first character. The export's end line
+    (`{"next_cursor", "has_more"}`) and CSV end row (`kind` = `end`) are left out, and so is
+    each entry's `cursor`: they are not entries."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -762,6 +763,11 @@ class EntryFile:
             if not isinstance(entry, dict):
                 raise self.bad(number, "not a JSON object")
             if "next_cursor" in entry and "id" not in entry:
+                # The stream's end line, or a JSON page of the export saved one to a line.
+                for item in entry.get("events") or []:
+                    if not isinstance(item, dict):
+                        raise self.bad(number, "an item of its events is not an object")
+                    yield number, item
                 continue
             entry.pop("cursor", None)
             yield number, entry
