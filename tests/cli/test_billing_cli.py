@@ -285,11 +285,11 @@ def test_a_refused_key_is_an_error_that_never_shows_the_key(
 
 
 class Stub:
-    """A local HTTP server answering GET `path` with `body` (a documented shape), and
-    keeping each request's query; other paths are forwarded to `upstream` (a real server)
-    when given."""
+    """A local HTTP server answering GET `path` with `(status, body)` (a documented shape) or
+    with the NDJSON bytes a function of the query gives, and keeping each request's query;
+    other paths are forwarded to `upstream` (a real server) when given."""
 
-    def __init__(self, answers: dict[str, tuple[int, Any]], upstream: str | None = None) -> None:
+    def __init__(self, answers: dict[str, Any], upstream: str | None = None) -> None:
         self.answers = answers
         self.queries: list[dict[str, list[str]]] = []
         stub = self
@@ -304,6 +304,9 @@ class Stub:
                     answer = httpx.get(upstream + self.path, headers=headers, timeout=30)
                     status, data = answer.status_code, answer.content
                     kind = answer.headers["content-type"]
+                elif callable(stub.answers.get(where.path)):
+                    status, kind = 200, "application/x-ndjson"
+                    data = stub.answers[where.path](parse_qs(where.query))
                 else:
                     status, body = stub.answers.get(where.path, (404, {"title": "Not Found"}))
                     data = json.dumps(body).encode()
@@ -324,6 +327,61 @@ class Stub:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def test_an_export_from_the_ndjson_stream_resumes_from_the_lines_cursor(tmp_path: Path) -> None:
+    """STAND-IN for the server's NDJSON stream until it lands: its documented lines (each
+    entry with `kind` and `cursor`, a cancellation among them, then the end line)."""
+    entries: list[dict[str, Any]] = [
+        {"kind": "event", "id": f"e{n}", "application": "vm", "tenant": "acme", "type": "t",
+         "quantity": "0.1", "time": "2026-03-01T10:00:00.000000Z", "subject": None,
+         "unit": None, "region": "local", "received_at": "2026-03-01T10:00:01.000000Z",
+         "attributes": {"n": n}}
+        for n in range(6)
+    ]  # fmt: skip
+    cancellation = {"kind": "cancellation", "application": "vm", "id": "e1", "tenant": "acme",
+                    "reason": 'twice, "really"', "received_at": "2026-03-01T11:00:00Z"}  # fmt: skip
+    entries.insert(4, cancellation)
+    served = {"upto": 5}
+
+    def stream(query: dict[str, list[str]]) -> bytes:
+        start = int(query.get("cursor", ["c0"])[0][1:])
+        upto = served["upto"]
+        lines = [{**e, "cursor": f"c{n + 1}"} for n, e in enumerate(entries) if start <= n < upto]
+        end = {"next_cursor": f"c{max(start, upto)}", "has_more": False}
+        return "".join(json.dumps(line) + "\n" for line in [*lines, end]).encode()
+
+    stub = Stub({"/v1/events": stream})
+    out = tmp_path / "stream.csv"
+    command = ("export", "--url", stub.url, "--format", "csv", "--out", str(out), "--json")
+    try:
+        first = cli(*command, key="tly_s")
+        served["upto"] = len(entries)
+        second = cli(*command, key="tly_s")
+    finally:
+        stub.close()
+    assert first.exit_code == second.exit_code == 0, first.output + second.output
+    assert json.loads(second.stdout)["totals"] == {
+        "entries": 7, "events": 6, "cancellations": 1, "sums": {"t": "0.6"},
+    }  # fmt: skip
+    assert [q.get("cursor") for q in stub.queries] == [None, ["c5"]]
+    with out.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["kind"], row["id"], row["cursor"]) for row in rows] == [
+        (e["kind"], e["id"], f"c{n + 1}") for n, e in enumerate(entries)
+    ]
+    assert rows[4]["reason"] == 'twice, "really"' and rows[4]["quantity"] == ""
+    # The CSV, its cancellation row included, reconciles with figures from the same entries.
+    figures = reconciliation_of(entries, "day", "UTC")
+    assert figures["rows"][0]["cancelled"]["count"] == 1
+    again = Stub({"/v1/reconciliation": (200, figures)})
+    try:
+        day = ("--from", "2026-03-01T00:00:00Z", "--to", "2026-03-02T00:00:00Z")
+        checked = cli("reconcile", "--url", again.url, "--verify", str(out), *day, key="tly_s")
+    finally:
+        again.close()
+    assert checked.exit_code == 0, checked.output
+    assert "1 period, 1 matching." in checked.stdout
 
 
 def reconciliation_of(entries: list[dict[str, Any]], period: str, tz: str) -> dict[str, Any]:

@@ -968,10 +968,11 @@ def reconcile(
     else:
         if rows:
             out.print(table_of(rows, ["period", "tenant", "type", "count", "sum", "result"])())
-        summary = f"{len(periods)} periods, {len(periods) - len(bad)} match"
-        out.print(
-            f"{summary}." if not bad else f"{summary}; {len(bad)} do not: see above (file/Tally)."
-        )
+        plural = "" if len(periods) == 1 else "s"
+        summary = f"{len(periods)} period{plural}, {len(periods) - len(bad)} matching"
+        if bad:
+            summary += f", {len(bad)} not (figures as file/Tally above)"
+        out.print(f"{summary}.")
     if bad:
         raise typer.Exit(1)
 
