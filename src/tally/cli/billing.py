@@ -635,9 +635,12 @@ def usage(
         for line in csv_lines(columns, rows):
             sys.stdout.write(line.decode())
         return
-    if not answer.get("window"):
-        columns = [c for c in columns if c not in ("window_start", "window_end")] or columns
-    emit(answer, as_json=as_json, table=table_of(rows, columns))
+    # For people, a window is named by its start (its end follows from --window), which
+    # keeps the table within 80 columns; JSON and CSV keep both.
+    for row in rows:
+        row["window"] = row.pop("window_start")
+    shown = ["window", *keys, "value"] if answer.get("window") else [*keys, "value"]
+    emit(answer, as_json=as_json, table=table_of(rows, shown))
 
 
 # --- tally reconcile ---------------------------------------------------------------------------
@@ -952,7 +955,7 @@ def reconcile(
     }
     rows = [
         {
-            "period": p["period_start"],
+            "period": _period_label(p["period_start"], period),
             "tenant": p["tenant"],
             "type": p["type"],
             "count": f"{p['file']['count']}/{p['tally']['count']}",
@@ -967,7 +970,10 @@ def reconcile(
         emit(report, as_json=True)
     else:
         if rows:
-            out.print(table_of(rows, ["period", "tenant", "type", "count", "sum", "result"])())
+            columns = ["period", "type", "count", "sum", "result"]
+            if tenant is None:
+                columns.insert(1, "tenant")
+            out.print(table_of(rows, columns)())
         plural = "" if len(periods) == 1 else "s"
         summary = f"{len(periods)} period{plural}, {len(periods) - len(bad)} matching"
         if bad:
@@ -975,6 +981,16 @@ def reconcile(
         out.print(f"{summary}.")
     if bad:
         raise typer.Exit(1)
+
+
+def _period_label(start: str, period: str) -> str:
+    """A period by its local start, as short as names it: 2026-03 for a month, 2026-03-01
+    for a day, 2026-03-01T10:00+01:00 for an hour (a zone's repeated hour needs the offset)."""
+    if period == "month":
+        return start[:7]
+    if period == "day":
+        return start[:10]
+    return start[:16] + start[19:]
 
 
 def _verdict(period: Mapping[str, Any]) -> str:
