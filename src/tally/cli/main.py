@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from tally.bootstrap import admin_key_directory, check_keyring, create_secret_file
-from tally.cli import audit, crypto, keys
+from tally.cli import audit, billing, crypto, keys
 from tally.cli.common import (
     JsonOption,
     TallyGroup,
@@ -54,6 +54,7 @@ app.add_typer(audit.app, name="audit")
 app.add_typer(crypto.app, name="keyring")
 app.command("reencrypt")(crypto.reencrypt)
 tenants_app.command("shred")(crypto.shred)
+billing.register(app)
 
 
 def _print_version(wanted: bool) -> None:
