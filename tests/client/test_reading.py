@@ -221,3 +221,24 @@ def test_reconciliation_digest_is_the_servers_own() -> None:
         }
     ]
     assert reconciliation_digest(entries) == digest.reconciliation_digest(entries)
+
+
+def test_numeric_attributes_come_back_exactly_and_keep_their_digest(
+    deployment: Deployment,
+) -> None:
+    # A float would read 12345678901234567890.5 as 1.2345678901234567e+19: the copy's digest
+    # would then differ from Tally's for an event nobody changed.
+    url = deployment.server.base_url
+    exact = Decimal("12345678901234567890.5")
+    with Client(url, deployment.writer) as writer, Client(url, deployment.reader) as reader:
+        writer.report(Event(tenant="acme", type="t", quantity=1, attributes={"big": exact}))
+        assert writer.flush().acknowledged == 1
+        [(entry, _)] = list(reader.export(tenant="acme"))
+    assert entry["attributes"] == {"big": exact}
+    raw = httpx.get(
+        f"{url}/v1/events?tenant=acme", headers={"Authorization": f"Bearer {deployment.reader}"}
+    )
+    [as_sent] = json.loads(raw.content, parse_float=Decimal)["events"]
+    as_float = {**as_sent, "attributes": {"big": float(exact)}}
+    assert reconciliation_digest([entry]) == reconciliation_digest([as_sent])
+    assert reconciliation_digest([entry]) != reconciliation_digest([as_float])

@@ -21,6 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 from tally.errors import FieldError, NotAcceptable
+from tally.events.jsontext import exact_json
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
@@ -92,15 +93,25 @@ def _json_default(value: object) -> str:
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
-def json_text(value: object) -> str:
-    """Compact JSON, UTF-8 as is, Decimals as exact strings."""
+def json_text(value: object, *, decimals_as_numbers: bool = False) -> str:
+    """Compact JSON, UTF-8 as is. Decimals are exact strings (a figure Tally computed, such
+    as a sum), or with `decimals_as_numbers` the exact numbers they were parsed from (a value
+    a client sent, read back with `parse_float=Decimal`, such as a numeric attribute)."""
+    if decimals_as_numbers:
+        return exact_json(value)
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
 
 
-def ndjson_lines(documents: Iterable[Mapping[str, Any] | str]) -> Iterator[bytes]:
+def ndjson_lines(
+    documents: Iterable[Mapping[str, Any] | str], *, decimals_as_numbers: bool = False
+) -> Iterator[bytes]:
     """One line per document; a str is taken as JSON text already (never re-parsed)."""
     for document in documents:
-        text = document if isinstance(document, str) else json_text(document)
+        text = (
+            document
+            if isinstance(document, str)
+            else json_text(document, decimals_as_numbers=decimals_as_numbers)
+        )
         yield (text + "\n").encode()
 
 
@@ -111,7 +122,8 @@ def _cell(value: object) -> str:
         return value
     if isinstance(value, bool | int | Decimal):
         return json_text(value).strip('"')
-    return json_text(value)
+    # A JSON column (attributes) keeps numbers as numbers.
+    return json_text(value, decimals_as_numbers=True)
 
 
 def csv_lines(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Iterator[bytes]:

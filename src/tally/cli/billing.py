@@ -243,7 +243,7 @@ class Checkpoint:
 def _encode(entry: Mapping[str, Any], cursor: str, form: str) -> bytes:
     """One entry as a line of the output, carrying the cursor that resumes after it."""
     if form == "ndjson":
-        return b"".join(ndjson_lines([{**entry, "cursor": cursor}]))
+        return b"".join(ndjson_lines([{**entry, "cursor": cursor}], decimals_as_numbers=True))
     row = {**entry, "kind": entry.get("kind", "event"), "cursor": cursor}
     lines = csv_lines(CSV_COLUMNS, [row])
     next(lines)  # the header, written once at the start of the file

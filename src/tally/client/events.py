@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import secrets
 import time as clock
 from collections.abc import Mapping
@@ -11,6 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
+
+from tally.events.jsontext import exact_json
 
 AttributeValue = str | int | float | bool
 
@@ -69,8 +70,6 @@ def exact_quantity(value: object) -> str | object:
 
 
 def _json_default(value: object) -> object:
-    if isinstance(value, Decimal):
-        return format(value, "f")
     if isinstance(value, datetime):
         return rfc3339(value)
     raise TypeError(f"{type(value).__name__} cannot be sent as JSON")
@@ -101,7 +100,6 @@ def encode(event: Event | Mapping[str, Any]) -> tuple[dict[str, Any], bytes]:
         wire["time"] = rfc3339(moment)
     if isinstance(wire.get("attributes"), Mapping):
         wire["attributes"] = dict(wire["attributes"])
-    body = json.dumps(
-        wire, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_json_default
-    ).encode()
+    # Numeric attributes go out as the exact numbers they are (never through a float).
+    body = exact_json(wire, default=_json_default).encode()
     return wire, body

@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
@@ -136,7 +137,9 @@ class Export(Iterator[tuple[Entry, str]]):
                     lines = self._stream(response, skip)
                 else:
                     response.read()
-                    lines = self._page(response.json(), server_cursor, skip)
+                    lines = self._page(
+                        json.loads(response.content, parse_float=Decimal), server_cursor, skip
+                    )
                 before = self.cursor
                 done = yield from lines
             finally:
@@ -166,7 +169,7 @@ class Export(Iterator[tuple[Entry, str]]):
             for line in response.iter_lines():
                 if not line.strip():
                     continue
-                item = json.loads(line)
+                item = json.loads(line, parse_float=Decimal)
                 if "next_cursor" in item and "cursor" not in item:
                     self.cursor = item["next_cursor"]
                     self._ended = True
