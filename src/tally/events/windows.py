@@ -81,7 +81,7 @@ def periods(
         raise _refuse("from", "must not be after to")
     found: list[tuple[datetime, datetime]] = []
     cursor = period_start(start, period, tz)
-    while cursor < end:
+    while cursor < end and start < end:
         following = _next(cursor, period, tz)
         if len(found) == MAX_PERIODS:
             raise _refuse("period", f"gives more than {MAX_PERIODS} periods in this range")
