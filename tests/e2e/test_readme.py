@@ -13,29 +13,19 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from tests.support.readme import readme_block
 from tests.support.server import Server
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 SCRIPT_TIMEOUT = 60
 
 
 def worked_example() -> str:
-    """The first ```sh block after the heading '## A worked example'."""
-    text = README.read_text(encoding="utf-8")
-    _, heading, after = text.partition("\n## A worked example\n")
-    assert heading, "README.md has no '## A worked example' section"
-    found = re.search(r"^```sh\n(.*?)^```", after, re.DOTALL | re.MULTILINE)
-    assert found, "no ```sh block after '## A worked example'"
-    return found.group(1)
+    return readme_block("## A worked example", "sh")
 
 
 def reconciling() -> str:
-    """The ```sh block of '## Reconciling', which continues the worked example's shell."""
-    _, heading, after = README.read_text(encoding="utf-8").partition("\n## Reconciling\n")
-    assert heading, "README.md has no '## Reconciling' section"
-    found = re.search(r"^```sh\n(.*?)^```", after, re.DOTALL | re.MULTILINE)
-    assert found, "no ```sh block after '## Reconciling'"
-    return found.group(1)
+    """The block of '## Reconciling', which continues the worked example's shell."""
+    return readme_block("## Reconciling", "sh")
 
 
 def json_documents(text: str) -> list[Any]:
