@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -28,10 +28,13 @@ from tally.auth.service import Scope
 from tally.bootstrap import Services, build
 from tally.client import reconciliation_digest
 from tally.events.digest import DigestAccumulator
+from tally.events.log import ExportFilter, PeriodFigures
+from tally.events.validation import validate_event
 from tally.registry.models import ApplicationIn, KeyIn, TenantIn
 from tally.services.reconciliation import ReconciliationService
 from tally.settings import Settings
 from tally.store.interface import EventStore
+from tally.store.sqlite import SQLiteStore
 from tests.api.helpers import Clock, assert_problem, auth, parameters, post_events
 from tests.conftest import open_store
 
@@ -405,3 +408,57 @@ def test_the_digest_of_a_row_is_the_accumulator_of_its_events(recon: Recon) -> N
         accumulator.add(entry, cancelled=False)
 
     assert row["digest"] == accumulator.hexdigest()
+
+
+class ArrivingStore(SQLiteStore):
+    """A real SQLite store in which an event arrives right after the figures are read, before
+    the digests are (`arrivals` times): the race between the two reads, made certain."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.arrive: Callable[[int], None] = lambda _: None
+        self.arrivals = 0
+        self.reads = 0
+
+    def period_figures(
+        self, filters: ExportFilter, periods: Sequence[tuple[datetime, datetime]]
+    ) -> list[PeriodFigures]:
+        figures = super().period_figures(filters, periods)
+        self.reads += 1
+        if self.reads <= self.arrivals:
+            self.arrive(self.reads)
+        return figures
+
+
+@pytest.mark.parametrize(("arrivals", "status"), [(1, 200), (2, 200), (3, 503)])
+def test_figures_and_digests_are_read_again_until_they_saw_the_same_events(
+    tmp_path: Path, keyring_file: Path, arrivals: int, status: int
+) -> None:
+    store = ArrivingStore(tmp_path / "tally.db")
+    store.migrate()
+    settings = Settings(database_url=f"sqlite:///{store.path}", keyring=str(keyring_file))
+    app = recon_app(settings, store)
+    recon = next(app)
+    try:
+        recon.report(ev("r0", "2026-03-29T01:00:00Z"))
+        writer = recon.services.authenticator.authenticate(f"Bearer {recon.writer}")
+
+        def arrive(n: int) -> None:
+            draft = validate_event(ev(f"r{n}", "2026-03-29T02:00:00Z"))
+            report = recon.services.ingest.ingest(writer, [draft], [f"r{n}"])
+            assert report.results[0].status == "accepted"
+
+        store.arrive, store.arrivals = arrive, arrivals
+        days = {"from": "2026-03-29T00:00:00Z", "to": "2026-03-30T00:00:00Z", "period": "day"}
+        response = recon.client.get("/v1/reconciliation", params=days, headers=auth(recon.usage))
+
+        assert response.status_code == status, response.text
+        if status == 503:
+            assert_problem(response, 503, "ERR-SYS-503")
+            return
+        (row,) = response.json()["rows"]
+        assert row["count"] == 1 + arrivals
+        assert row["digest"] == reconciliation_digest(recon.exported(row))
+    finally:
+        app.close()
+        store.close()
