@@ -462,3 +462,16 @@ def test_figures_and_digests_are_read_again_until_they_saw_the_same_events(
     finally:
         app.close()
         store.close()
+
+
+def test_events_at_the_same_instant_are_each_counted_once_across_digest_pages(
+    recon: Recon,
+) -> None:
+    # Pages of two: the walk resumes inside a run of equal times, by application and id.
+    recon.report(*(ev(f"same-{i}", "2026-03-29T12:00:00Z", str(i)) for i in range(5)))
+    days = {"from": "2026-03-29T00:00:00Z", "to": "2026-03-30T00:00:00Z", "period": "day"}
+
+    (row,) = recon.rows(**days)
+
+    assert (row["count"], row["sum"]) == (5, "10")
+    assert row["digest"] == reconciliation_digest(recon.exported(row))

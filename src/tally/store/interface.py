@@ -99,14 +99,17 @@ class EventLog(Protocol):
 
     def read_in_time_order(
         self,
-        filters: ExportFilter,
+        tenant: str,
         *,
-        after: tuple[str, str, datetime, str, str] | None,
+        time_from: datetime,
+        time_to: datetime,
+        after: tuple[datetime, str, str] | None,
         limit: int,
     ) -> list[tuple[StoredEvent, bool]]:
-        """Up to `limit` events matching `filters` in (tenant, type, time, application, id)
-        order after the key `after` (None: from the first), each with whether it is
-        cancelled; attributes still sealed. One page of a walk in bounded memory."""
+        """Up to `limit` of the tenant's events with `time_from <= time < time_to`, in
+        (time, application, id) order after the key `after` (None: from the first), each with
+        whether it is cancelled; attributes still sealed. One page of a walk in bounded
+        memory, along the (tenant, time) index."""
 
 
 class DataKeys(Protocol):

@@ -37,8 +37,8 @@ EVENT_COLUMNS = (
     "application, id, tenant, type, quantity, time, subject, unit, attributes, region, received_at"
 )
 
-# Where an event's position in time order resumes: (tenant, type, time, application, id).
-TimeKey = tuple[str, str, datetime, str, str]
+# Where a tenant's events in time order resume: (time, application, id).
+TimeKey = tuple[datetime, str, str]
 
 
 def cancelled(event: str) -> str:
@@ -296,18 +296,25 @@ class SQLStore:
         ]
 
     def read_in_time_order(
-        self, filters: ExportFilter, *, after: TimeKey | None, limit: int
+        self,
+        tenant: str,
+        *,
+        time_from: datetime,
+        time_to: datetime,
+        after: TimeKey | None,
+        limit: int,
     ) -> list[tuple[StoredEvent, bool]]:
         d = self.dialect
-        where, params = plan.filter_sql(filters, d)
+        # `time >= ?` first, then the row comparison: the range walks events_tenant_time.
+        since, params = "time >= ?", [d.time(time_from)]
         if after is not None:
-            tenant, type_, time, application, event_id = after
-            where += " AND (tenant, type, time, application, id) > (?, ?, ?, ?, ?)"
-            params += [tenant, type_, d.time(time), application, event_id]
+            time, application, event_id = after
+            since = "time >= ? AND (time, application, id) > (?, ?, ?)"
+            params = [d.time(time), d.time(time), application, event_id]
         rows = self._all(
             f"SELECT {EVENT_COLUMNS}, {cancelled('e')} AS cancelled FROM events e "
-            f"WHERE TRUE{where} ORDER BY tenant, type, time, application, id LIMIT ?",
-            [*params, limit],
+            f"WHERE tenant = ? AND time < ? AND {since} ORDER BY time, application, id LIMIT ?",
+            [tenant, d.time(time_to), *params, limit],
         )
         return [(self._event(row), bool(row["cancelled"])) for row in rows]
 
