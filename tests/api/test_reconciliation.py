@@ -326,6 +326,12 @@ def test_without_a_tenant_a_key_gets_every_tenant_it_may_read(recon: Recon) -> N
     assert_problem(refused, 403, "ERR-AUTH-403")
 
 
+def test_the_last_periods_of_the_calendar_answer(recon: Recon) -> None:
+    end = {"from": "9999-12-01T00:00:00Z", "to": "9999-12-31T22:00:00Z", "period": "month"}
+
+    assert recon.rows(**{**BERLIN_DAYS, **end}) == []
+
+
 def test_an_empty_range_or_period_has_no_rows(recon: Recon) -> None:
     recon.report(*BERLIN_EVENTS)
     instant = "2026-03-29T00:00:00Z"
@@ -377,6 +383,7 @@ def test_csv_has_one_column_per_field_and_the_same_figures(recon: Recon) -> None
         ({"from": "2026-03-28"}, "from"),
         ({"to": "yesterday"}, "to"),
         ({"from": "2025-01-01T00:00:00Z", "period": "hour"}, "period"),  # > 10,000 periods
+        ({"to": "9999-12-31T23:30:00Z"}, "to"),  # year 10000 in Berlin
         ({"tenant": ""}, "tenant"),
         ({"limit": "5"}, "limit"),  # not a parameter of this route
     ],

@@ -91,6 +91,19 @@ def test_a_zone_with_a_half_hour_offset_keeps_its_own_hour_marks() -> None:
             ),
             "period",
         ),
+        (
+            lambda: periods(local("2026-01-01T00:00Z"), local("9999-12-31T23:30Z"), "day", BERLIN),
+            "to",
+        ),
+        (
+            lambda: periods(
+                local("0001-01-01T00:30Z"),
+                local("0001-01-02T00:00Z"),
+                "day",
+                zone("America/New_York"),
+            ),
+            "from",
+        ),
         (lambda: zone("Mars/Olympus_Mons"), "tz"),
         (lambda: zone("../../etc/passwd"), "tz"),
         (lambda: zone(""), "tz"),
@@ -108,3 +121,10 @@ def test_exactly_the_maximum_number_of_periods_is_allowed() -> None:
         len(periods(start, start + timedelta(hours=MAX_PERIODS), "hour", zone("UTC")))
         == MAX_PERIODS
     )
+
+
+def test_a_period_that_would_end_after_the_year_9999_is_cut_at_the_range() -> None:
+    start, end = local("9999-12-01T00:00Z"), local("9999-12-31T22:00Z")
+
+    assert periods(start, end, "month", BERLIN) == [(start, end)]
+    assert periods(start, end, "day", zone("UTC"))[-1] == (local("9999-12-31T00:00Z"), end)

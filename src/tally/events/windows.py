@@ -17,6 +17,7 @@ PERIODS = ("hour", "day", "month")
 MAX_PERIODS = 10_000
 # IANA names are ASCII letters, digits and `/_+-`; anything else (a path, `..`) is refused
 # before it reaches the zone database.
+_LAST = datetime.max.replace(tzinfo=UTC)
 _ZONE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9/_+-]{0,63}")
 
 
@@ -72,17 +73,31 @@ def periods(
     """The `period`s of `tz` that meet `[start, end)`, each cut to that range, as UTC
     `(period_start, period_end)` pairs in order. An empty range has none.
 
-    Raises InvalidInput naming `period` for an unknown period or more than MAX_PERIODS, and
-    naming `from` when `start` is after `end`.
+    Raises InvalidInput naming `period` for an unknown period or more than MAX_PERIODS,
+    naming `from` when `start` is after `end`, and naming `from` or `to` for an instant whose
+    time in `tz` falls outside the years 1-9999.
     """
     if period not in PERIODS:
         raise _refuse("period", f"must be one of {', '.join(PERIODS)}")
     if start > end:
         raise _refuse("from", "must not be after to")
+    for parameter, instant in (("from", start), ("to", end)):
+        try:
+            instant.astimezone(tz)
+        except (OverflowError, ValueError):
+            # 9999-12-31T23:30Z is in year 10000 in Berlin: no calendar period holds it.
+            detail = "is beyond the calendar's years 1-9999 in this time zone"
+            raise _refuse(parameter, detail) from None
     found: list[tuple[datetime, datetime]] = []
-    cursor = period_start(start, period, tz)
+    try:
+        cursor = period_start(start, period, tz)
+    except (OverflowError, ValueError):
+        raise _refuse("from", "is in a period that starts before the year 1") from None
     while cursor < end and start < end:
-        following = _next(cursor, period, tz)
+        try:
+            following = _next(cursor, period, tz)
+        except (OverflowError, ValueError):
+            following = _LAST  # the period runs past year 9999: `end` cuts it
         if len(found) == MAX_PERIODS:
             raise _refuse("period", f"gives more than {MAX_PERIODS} periods in this range")
         found.append((max(cursor, start), min(following, end)))

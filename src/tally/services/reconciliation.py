@@ -12,7 +12,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -51,8 +51,12 @@ class ReconciliationRow:
 def final_at(period_end: datetime, lateness_hours: int) -> datetime:
     """When a period ending at `period_end` becomes final for a tenant with this lateness
     window: from then on ingest refuses every event that would fall in it (ingest refuses
-    times before `now - lateness`), and cancellations of its events are refused too."""
-    return period_end + timedelta(hours=lateness_hours)
+    times before `now - lateness`), and cancellations of its events are refused too. A period
+    ending within the window of the year 9999's end is final at the calendar's last instant."""
+    try:
+        return period_end + timedelta(hours=lateness_hours)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=UTC)
 
 
 def digest_fields(event: StoredEvent) -> dict[str, Any]:
