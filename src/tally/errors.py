@@ -49,6 +49,11 @@ class Conflict(InvalidInput):
     """The identity is taken by different content (ERR-VAL-409, HTTP 409)."""
 
 
+class PeriodFinal(Conflict):
+    """The change would alter a final period's figures, which never change (ERR-VAL-409,
+    HTTP 409, type /problems/period-final; docs/reconciliation.md)."""
+
+
 class AlreadyExists(Conflict):
     """A tenant, application or key with this id exists already."""
 

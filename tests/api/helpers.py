@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +16,16 @@ JSON = "application/json"
 CLOUDEVENT = "application/cloudevents+json"
 CLOUDEVENT_BATCH = "application/cloudevents-batch+json"
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "code", "request_id"}
+
+
+@dataclass
+class Clock:
+    """The time an app built with `clock=` sees (ingest, finality, keys); tests move it."""
+
+    now: datetime
+
+    def __call__(self) -> datetime:
+        return self.now
 
 
 def auth(key: str) -> dict[str, str]:

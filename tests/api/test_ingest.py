@@ -23,6 +23,7 @@ from tally.store.sqlite import SQLiteStore
 from tests.api.helpers import (
     CLOUDEVENT,
     CLOUDEVENT_BATCH,
+    Clock,
     assert_problem,
     at,
     auth,
@@ -316,16 +317,6 @@ def test_cloudevent_batch_must_be_an_array(client: TestClient, world: World) -> 
 
 
 # --- retries judged by identity before time and shred ----------------------------------------
-
-
-@dataclass
-class Clock:
-    """The time the ingest service sees; tests move it."""
-
-    now: datetime
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @dataclass

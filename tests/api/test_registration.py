@@ -271,18 +271,18 @@ def test_a_tenant_is_read_and_patched_by_merge(client: TestClient, world: World)
     renamed = client.patch("/v1/tenants/globex", json={"name": "Globex Corp."}, headers=admin)
     assert renamed.status_code == 200, renamed.text
     assert (renamed.json()["name"], renamed.json()["lateness_hours"]) == ("Globex Corp.", 24)
-    widened = client.patch("/v1/tenants/globex", json={"lateness_hours": 48}, headers=admin)
-    assert (widened.json()["name"], widened.json()["lateness_hours"]) == ("Globex Corp.", 48)
+    narrowed = client.patch("/v1/tenants/globex", json={"lateness_hours": 12}, headers=admin)
+    assert (narrowed.json()["name"], narrowed.json()["lateness_hours"]) == ("Globex Corp.", 12)
     cleared = client.patch("/v1/tenants/globex", json={"name": None}, headers=admin).json()
-    assert (cleared["name"], cleared["lateness_hours"]) == (None, 48)
+    assert (cleared["name"], cleared["lateness_hours"]) == (None, 12)
     assert client.get("/v1/tenants/globex", headers=admin).json() == cleared
     unchanged = client.patch("/v1/tenants/globex", json={}, headers=admin)
     assert unchanged.json() == cleared
 
     updates = client.get("/v1/audit", params={"action": "tenant.update"}, headers=admin).json()
     assert [(e["target"], e["details"]) for e in updates["entries"]] == [
-        ("globex", {"old_lateness_hours": 48, "new_lateness_hours": 48, "name_changed": True}),
-        ("globex", {"old_lateness_hours": 24, "new_lateness_hours": 48, "name_changed": False}),
+        ("globex", {"old_lateness_hours": 12, "new_lateness_hours": 12, "name_changed": True}),
+        ("globex", {"old_lateness_hours": 24, "new_lateness_hours": 12, "name_changed": False}),
         ("globex", {"old_lateness_hours": 24, "new_lateness_hours": 24, "name_changed": True}),
     ]
     assert "Globex" not in str(updates)  # the name is free text: not in the log
@@ -309,6 +309,22 @@ def test_an_invalid_tenant_patch_is_a_400_and_changes_nothing(
     response = client.patch("/v1/tenants/globex", json=patch, headers=admin)
     assert pointer in pointers(assert_problem(response, 400, "ERR-VAL-400"))
     assert client.get("/v1/tenants/globex", headers=admin).json() == before
+
+
+def test_a_longer_window_is_refused_as_it_would_reopen_final_periods(
+    client: TestClient, world: World
+) -> None:
+    admin = auth(world.admin)
+    before = client.get("/v1/tenants/globex", headers=admin).json()
+    response = client.patch(
+        "/v1/tenants/globex", json={"name": "G", "lateness_hours": 25}, headers=admin
+    )
+    problem = assert_problem(response, 409, "ERR-VAL-409")
+    assert problem["type"] == "/problems/period-final"
+    assert pointers(problem) == ["/lateness_hours"]
+    assert client.get("/v1/tenants/globex", headers=admin).json() == before  # name kept too
+    updates = client.get("/v1/audit", params={"action": "tenant.update"}, headers=admin).json()
+    assert updates["entries"] == []
 
 
 def test_patching_an_unknown_tenant_is_a_404(client: TestClient, world: World) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tally.client import Client, Event, TallyError, reconciliation_digest
-from tests.client.conftest import Deployment
+from tests.client.conftest import Deployment, call
 
 
 def report(client: Client, count: int) -> list[str]:
@@ -242,3 +242,34 @@ def test_numeric_attributes_come_back_exactly_and_keep_their_digest(
     as_float = {**as_sent, "attributes": {"big": float(exact)}}
     assert reconciliation_digest([entry]) == reconciliation_digest([as_sent])
     assert reconciliation_digest([entry]) != reconciliation_digest([as_float])
+
+
+def test_a_billing_system_proves_its_copy_with_the_sdk(deployment: Deployment) -> None:
+    server = deployment.server
+    made = call(server, "POST", "/v1/keys", server.admin_key, json={"scopes": ["usage:read"]})
+    assert made.status_code == 201, made.text
+    url, now = server.base_url, datetime.now(UTC)
+    with (
+        Client(url, deployment.writer) as writer,
+        Client(url, deployment.reader) as reader,
+        Client(url, made.json()["key"]) as billing,
+    ):
+        report(writer, 7)
+        answer = billing.reconciliation(
+            tenant="acme", from_=now - timedelta(days=1), to=now + timedelta(days=1), period="day"
+        )
+        rows = answer["rows"]
+        assert sum(row["count"] for row in rows) == 7
+        for row in rows:
+            copy = [
+                entry
+                for entry, _ in reader.export(
+                    tenant="acme",
+                    type=row["type"],
+                    time_from=row["period_start"],
+                    time_to=row["period_end"],
+                )
+            ]
+            assert reconciliation_digest(copy) == row["digest"]
+            altered = [{**copy[0], "quantity": "2.51"}, *copy[1:]]
+            assert reconciliation_digest(altered) != row["digest"]

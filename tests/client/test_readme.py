@@ -9,17 +9,11 @@ import sys
 from pathlib import Path
 
 from tests.client.conftest import Deployment
-
-README = Path(__file__).resolve().parents[2] / "README.md"
+from tests.support.readme import readme_block
 
 
 def sdk_example() -> str:
-    """The first ```python block after the heading '## Client SDK'."""
-    _, heading, after = README.read_text(encoding="utf-8").partition("\n## Client SDK\n")
-    assert heading, "README.md has no '## Client SDK' section"
-    found = re.search(r"^```python\n(.*?)^```", after, re.DOTALL | re.MULTILINE)
-    assert found, "no ```python block after '## Client SDK'"
-    return found.group(1)
+    return readme_block("## Client SDK", "python")
 
 
 def test_the_sdk_example_reports_hands_back_and_resumes(

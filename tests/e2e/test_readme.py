@@ -5,26 +5,27 @@ Only the two things a reader fills in change: the admin key the server printed a
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from tests.support.readme import readme_block
 from tests.support.server import Server
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 SCRIPT_TIMEOUT = 60
 
 
 def worked_example() -> str:
-    """The first ```sh block after the heading '## A worked example'."""
-    text = README.read_text(encoding="utf-8")
-    _, heading, after = text.partition("\n## A worked example\n")
-    assert heading, "README.md has no '## A worked example' section"
-    found = re.search(r"^```sh\n(.*?)^```", after, re.DOTALL | re.MULTILINE)
-    assert found, "no ```sh block after '## A worked example'"
-    return found.group(1)
+    return readme_block("## A worked example", "sh")
+
+
+def reconciling() -> str:
+    """The block of '## Reconciling', which continues the worked example's shell."""
+    return readme_block("## Reconciling", "sh")
 
 
 def json_documents(text: str) -> list[Any]:
@@ -47,13 +48,11 @@ def test_the_example_is_a_script_with_the_placeholders_this_test_fills() -> None
     assert "http://127.0.0.1:8000" in script
 
 
-def test_the_worked_example_runs_as_written(tally_server: Server, tmp_path: Path) -> None:
-    script = worked_example()
-    script = re.sub(
-        r"^export ADMIN=\S+$", f"export ADMIN={tally_server.admin_key}", script, flags=re.M
-    )
-    script = script.replace("127.0.0.1:8000", f"127.0.0.1:{tally_server.port}")
-    assert tally_server.admin_key in script
+def run_example(server: Server, tmp_path: Path, script: str) -> str:
+    """`script` (README blocks) against `server`, with its admin key and port; its stdout."""
+    script = re.sub(r"^export ADMIN=\S+$", f"export ADMIN={server.admin_key}", script, flags=re.M)
+    script = script.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
+    assert server.admin_key in script
     assert ":8000" not in script
     path = tmp_path / "worked_example.sh"
     path.write_text(script, encoding="utf-8")
@@ -68,14 +67,41 @@ def test_the_worked_example_runs_as_written(tally_server: Server, tmp_path: Path
         cwd=tmp_path,
         check=False,
     )
-    assert ran.returncode == 0, f"{ran.stdout}\n{ran.stderr}\n{tally_server.logs()}"
+    assert ran.returncode == 0, f"{ran.stdout}\n{ran.stderr}\n{server.logs()}"
+    return ran.stdout
+
+
+def test_the_reconciling_example_runs_after_the_worked_example(
+    tally_server: Server, tmp_path: Path
+) -> None:
+    stdout = run_example(tally_server, tmp_path, worked_example() + reconciling())
+
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('{"rows"'))
+    (row,) = json.loads(lines[start])["rows"]
+    assert (row["tenant"], row["type"], row["count"], row["sum"]) == (
+        "acme",
+        "compute.vcpu_seconds",
+        2,
+        "0.3",
+    )
+    assert row["digest"].startswith("sha256-adhash4096:")
+    assert row["final"] is False
+    table = list(csv.DictReader(io.StringIO("\n".join(lines[start + 1 :]))))
+    assert [(r["tenant"], r["count"], r["sum"], r["digest"]) for r in table] == [
+        ("acme", "2", "0.3", row["digest"])
+    ]
+
+
+def test_the_worked_example_runs_as_written(tally_server: Server, tmp_path: Path) -> None:
+    stdout = run_example(tally_server, tmp_path, worked_example())
 
     # Each curl's output ends with a newline: one document per line, none run into the next
     # (or into the shell's prompt).
-    assert ran.stdout.endswith("\n")
-    lines = [line for line in ran.stdout.splitlines() if line.strip()]
-    assert [json.loads(line) for line in lines] == json_documents(ran.stdout)
-    tenant, application, batch, first, second = json_documents(ran.stdout)
+    assert stdout.endswith("\n")
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert [json.loads(line) for line in lines] == json_documents(stdout)
+    tenant, application, batch, first, second = json_documents(stdout)
     assert tenant["id"] == "acme"
     assert tenant["name"] == "Acme Corp"
     assert application["id"] == "vm-service"

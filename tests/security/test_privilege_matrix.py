@@ -42,6 +42,12 @@ CALLERS = (
 )
 
 _ids = itertools.count()
+# The day before and the day after now, for the reconciliation routes.
+_NOW = datetime.now(UTC)
+_DAY = (
+    f"from={(_NOW - timedelta(days=1)).strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    f"&to={(_NOW + timedelta(days=1)).strftime('%Y-%m-%dT%H:%M:%SZ')}&period=day"
+)
 
 
 def _new_event(_: Matrix) -> dict[str, Any]:
@@ -69,6 +75,7 @@ MATRIX: dict[str, tuple[Callable[[Matrix], dict[str, Any]] | None, str]] = {
     "POST /v1/keys":                          (lambda m: {"json": {"scopes": ["events:read"]}}, "401  401  401  401  401  201  403  403  403"),  # noqa: E501
     "DELETE /v1/keys/{key_id}":               (lambda m: {"path": f"/v1/keys/{m.spare_ids[0]}"}, "401  401  401  401  401  204  403  403  403"),  # noqa: E501
     "POST /v1/keys/{key_id}/rotate":          (lambda m: {"path": f"/v1/keys/{m.spare_ids[1]}/rotate", "json": {"grace_seconds": 0}}, "401  401  401  401  401  201  403  403  403"),  # noqa: E501
+    "GET /v1/reconciliation":                 (lambda m: {"path": f"/v1/reconciliation?{_DAY}"}, "401  401  401  401  401  403  403  403  200"),  # noqa: E501
     "GET /v1/audit":                          (None,                                    "401  401  401  401  401  200  403  403  403"),  # noqa: E501
     "GET /healthz":                           (None,                                    "200  200  200  200  200  200  200  200  200"),  # noqa: E501
     "GET /readyz":                            (None,                                    "200  200  200  200  200  200  200  200  200"),  # noqa: E501
@@ -87,6 +94,8 @@ TENANT_CASES: list[tuple[str, str, str, dict[str, Any] | None, int]] = [
     ("acme_reader", "GET", "/v1/events/vm/evt-acme", None, 200),
     ("acme_writer", "POST", "/v1/events", event("evt-tenant-1", tenant="globex"), 403),
     ("acme_writer", "POST", "/v1/events", event("evt-tenant-2", tenant="acme"), 200),
+    ("acme_usage", "GET", f"/v1/reconciliation?tenant=globex&{_DAY}", None, 403),
+    ("acme_usage", "GET", f"/v1/reconciliation?tenant=acme&{_DAY}", None, 200),
 ]
 # fmt: on
 
@@ -139,6 +148,7 @@ def matrix(settings: Settings, store: EventStore) -> Iterator[Matrix]:
         "usage": key(Scope.USAGE_READ),
         "acme_reader": key(Scope.EVENTS_READ, tenants=["acme"]),
         "acme_writer": key(Scope.EVENTS_WRITE, application="vm", tenants=["acme"]),
+        "acme_usage": key(Scope.USAGE_READ, tenants=["acme"]),
     }
     app = create_app(services=services)
     with TestClient(app, raise_server_exceptions=False) as client:
@@ -236,3 +246,15 @@ def test_a_tenant_restricted_export_without_a_filter_holds_only_its_tenants(
 
     assert response.status_code == 200
     assert {e["tenant"] for e in response.json()["events"]} == {"acme"}
+
+
+def test_a_tenant_restricted_reconciliation_without_a_filter_holds_only_its_tenants(
+    matrix: Matrix,
+) -> None:
+    response = matrix.client.get(
+        f"/v1/reconciliation?{_DAY}",
+        headers={"Authorization": f"Bearer {matrix.keys['acme_usage']}"},
+    )
+
+    assert response.status_code == 200, response.text
+    assert {row["tenant"] for row in response.json()["rows"]} == {"acme"}

@@ -110,7 +110,11 @@ def get_tenant(tenant_id: str, _: AdminDep, services: ServicesDep) -> TenantOut:
     "/v1/tenants/{tenant_id}",
     responses=responses(
         (404, "No such tenant (ERR-RES-404)"),
-        (409, "The tenant kept changing while this update was made; look at it again"),
+        (
+            409,
+            "A longer lateness window, which would re-open final periods (period-final); or "
+            "the tenant kept changing while this update was made",
+        ),
         _UNSUPPORTED,
     ),
     openapi_extra=body_doc(TenantPatch),
@@ -123,7 +127,9 @@ def update_tenant(
 ) -> TenantOut:
     """A JSON merge patch of `name` and `lateness_hours`: fields left out stay, `"name":
     null` removes the name. A new lateness window applies to events sent from now on; the
-    events stored stay. Recorded in the audit log as `tenant.update`."""
+    events stored stay. The window can be shortened, never lengthened: a longer one would let
+    events into final periods (409 period-final). Recorded in the audit log as
+    `tenant.update`."""
     return services.registry.update_tenant(tenant_id, patch, actor=who)
 
 

@@ -68,3 +68,19 @@ class Totals:
 def partition_of(tenant: str, partitions: int) -> int:
     """The export-log partition of a tenant: stable across processes, versions and hosts."""
     return int.from_bytes(hashlib.sha256(tenant.encode()).digest()[:4], "big") % partitions
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodFigures:
+    """What the database counts of one (tenant, type, period): the events not cancelled
+    (`count`, exact `sum`) and the cancelled ones apart, and the latest `received_at` of
+    them all. Only (tenant, type, period) that hold an event have figures."""
+
+    tenant: str
+    type: str
+    period: int  # the index of the period in the list the query was given
+    count: int
+    sum: Decimal
+    cancelled_count: int
+    cancelled_sum: Decimal
+    last_received_at: datetime

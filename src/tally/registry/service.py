@@ -15,7 +15,7 @@ from tally.auth import keys
 from tally.auth.records import KeyRecord
 from tally.auth.service import Scope
 from tally.crypto.records import DataKey
-from tally.errors import Conflict, FieldError, InvalidInput, NotFound
+from tally.errors import Conflict, FieldError, InvalidInput, NotFound, PeriodFinal
 from tally.events.model import format_time
 from tally.registry.audit import SYSTEM, Actor, AuditFilter, DenialLog, JsonValue
 from tally.registry.models import (
@@ -121,7 +121,8 @@ class Registry:
         so the log says only that it changed). A window changed applies to events sent from
         now on: stored events stay, whatever their time.
 
-        Raises NotFound if there is no such tenant; Conflict if it kept changing under us.
+        Raises NotFound if there is no such tenant; PeriodFinal for a longer window (it would
+        re-open final periods); Conflict if it kept changing under us.
         """
         for _ in range(3):  # a concurrent update moved it between our read and our write
             old = self.store.get_tenants([tenant_id]).get(tenant_id)
@@ -130,6 +131,13 @@ class Registry:
             new = replace(old, **patch.model_dump(exclude_unset=True))
             if new == old:
                 return self.get_tenant(tenant_id)
+            if new.lateness_hours > old.lateness_hours:
+                raise PeriodFinal(
+                    "A tenant's lateness window can be shortened, never lengthened: a longer "
+                    "one would let events into periods that are final already, whose figures "
+                    "never change (docs/reconciliation.md).",
+                    [FieldError("/lateness_hours", f"must be at most {old.lateness_hours}")],
+                )
             details: dict[str, JsonValue] = {
                 "old_lateness_hours": old.lateness_hours,
                 "new_lateness_hours": new.lateness_hours,

@@ -67,11 +67,15 @@ class ExportService:
         return self._opened([event])[0]
 
     def _opened(self, events: list[StoredEvent]) -> list[StoredEvent]:
-        """`events` with their attributes opened, or marked shredded. Raises SealBroken for
-        a sealed value that is not its row's (tampering): no export rather than a wrong one.
-        """
-        ciphers = self._keys.ciphers_of({event.tenant for event in events})
-        return [_open(event, ciphers[event.tenant]) for event in events]
+        return opened(self._keys, events)
+
+
+def opened(keys: TenantKeys, events: list[StoredEvent]) -> list[StoredEvent]:
+    """`events` with their attributes opened, or marked shredded: what every reader of
+    events is given (the export, the reconciliation digest). Raises SealBroken for a sealed
+    value that is not its row's (tampering): no answer rather than a wrong one."""
+    ciphers = keys.ciphers_of({event.tenant for event in events})
+    return [_open(event, ciphers[event.tenant]) for event in events]
 
 
 def _open(event: StoredEvent, cipher: TenantCipher | None) -> StoredEvent:

@@ -60,6 +60,11 @@ class Dialect:
         """`column` equals the bound value, NULL equal to NULL."""
         raise NotImplementedError
 
+    def ranges(self, bounds: Sequence[tuple[datetime, datetime]]) -> Fragment:
+        """A subquery of one row per `(start, end)` pair of times: columns `n` (its index in
+        `bounds`, from 0), `range_start` and `range_end`, comparable with a time column."""
+        raise NotImplementedError
+
     # The prefix of the exact aggregates' names: sum, min and max are `{exact}sum` and so on.
     exact: ClassVar[str]
 
@@ -137,6 +142,15 @@ class SQLiteDialect(Dialect):
         connection.create_aggregate("decimal_min", 1, _DecimalMin)
         connection.create_aggregate("decimal_max", 1, _DecimalMax)
 
+    def ranges(self, bounds: Sequence[tuple[datetime, datetime]]) -> Fragment:
+        # json_each's `key` is the array index; times as the same fixed-width text as the
+        # time columns, so text order is time order.
+        return (
+            "SELECT key AS n, value ->> 0 AS range_start, value ->> 1 AS range_end "
+            "FROM json_each(?)",
+            [json.dumps([[format_time(s), format_time(e)] for s, e in bounds])],
+        )
+
     def same(self, column: str) -> str:
         # SQLite 3.38 (our minimum) has `IS` but not yet `IS NOT DISTINCT FROM` (3.39).
         return f"{column} IS ?"
@@ -182,6 +196,14 @@ class PostgresDialect(Dialect):
 
     def same(self, column: str) -> str:
         return f"{column} IS NOT DISTINCT FROM ?"
+
+    def ranges(self, bounds: Sequence[tuple[datetime, datetime]]) -> Fragment:
+        return (
+            "SELECT (n - 1) AS n, range_start, range_end FROM "
+            "unnest(?::timestamptz[], ?::timestamptz[]) WITH ORDINALITY "
+            "AS r(range_start, range_end, n)",
+            [[s for s, _ in bounds], [e for _, e in bounds]],
+        )
 
     # NUMERIC arithmetic is exact: sum over numeric(38, 18) is an unconstrained numeric.
     exact = ""

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from tally.auth.records import KeyRecord
 from tally.crypto.records import DataKey
-from tally.events.log import ExportFilter, ExportPage, Totals
+from tally.events.log import ExportFilter, ExportPage, PeriodFigures, Totals
 from tally.events.model import NewEvent, Outcome, StoredEvent
 from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
 from tally.registry.records import Application, Tenant
@@ -88,6 +88,28 @@ class EventLog(Protocol):
         """Count, exact sum, least and greatest quantity of the events matching `filters`,
         computed by the database in one query (never through floating point). Usage and
         reconciliation figures build on the same filter and the same aggregates."""
+
+    def period_figures(
+        self, filters: ExportFilter, periods: Sequence[tuple[datetime, datetime]]
+    ) -> list[PeriodFigures]:
+        """The figures of each (tenant, type, period) among `periods` (half-open UTC ranges,
+        `PeriodFigures.period` their index) that holds an event matching `filters`, in one
+        grouped query, ordered by tenant, type and period. Cancelled events are counted and
+        summed apart."""
+
+    def read_in_time_order(
+        self,
+        tenant: str,
+        *,
+        time_from: datetime,
+        time_to: datetime,
+        after: tuple[datetime, str, str] | None,
+        limit: int,
+    ) -> list[tuple[StoredEvent, bool]]:
+        """Up to `limit` of the tenant's events with `time_from <= time < time_to`, in
+        (time, application, id) order after the key `after` (None: from the first), each with
+        whether it is cancelled; attributes still sealed. One page of a walk in bounded
+        memory, along the (tenant, time) index."""
 
 
 class DataKeys(Protocol):
@@ -221,6 +243,11 @@ class AuditLog(Protocol):
 class IngestStore(EventLog, DataKeys, Protocol):
     """What services/ingest.py uses: the tenants' keys to seal with, the events to judge
     against (the append itself goes through store/groupcommit.py)."""
+
+
+class ReconciliationStore(EventLog, DataKeys, Registrations, Protocol):
+    """What services/reconciliation.py uses: the events, their tenants' keys (to open
+    attributes for the digest) and lateness windows."""
 
 
 class TenantKeyStore(DataKeys, AuditLog, Protocol):

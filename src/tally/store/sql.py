@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from tally.auth.records import ADMIN_SCOPES_LIKE, KeyRecord, refuse_last_admin
 from tally.crypto.records import DataKey
 from tally.errors import AlreadyExists
-from tally.events.log import ExportFilter, ExportPage, Totals
+from tally.events.log import ExportFilter, ExportPage, PeriodFigures, Totals
 from tally.events.model import NewEvent, StoredEvent
 from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
 from tally.registry.records import Application, Tenant
@@ -36,6 +36,20 @@ from tally.store.dialect import Dialect
 EVENT_COLUMNS = (
     "application, id, tenant, type, quantity, time, subject, unit, attributes, region, received_at"
 )
+
+# Where a tenant's events in time order resume: (time, application, id).
+TimeKey = tuple[datetime, str, str]
+
+
+def cancelled(event: str) -> str:
+    """SQL that is true when the row `event` (an alias of `events`) is a cancelled event.
+
+    The one place reconciliation (and usage) learn which events are cancelled: every figure
+    that leaves cancelled events out, or counts them apart, and each event's cancellation
+    state in the digest come from this fragment. Until the cancellations table exists no
+    event is cancelled, so it is FALSE.
+    """
+    return "FALSE"
 
 
 class Row(Protocol):
@@ -246,6 +260,63 @@ class SQLStore:
             min=d.read_decimal_or_none(row["least"]),
             max=d.read_decimal_or_none(row["greatest"]),
         )
+
+    def period_figures(
+        self, filters: ExportFilter, periods: Sequence[tuple[datetime, datetime]]
+    ) -> list[PeriodFigures]:
+        d = self.dialect
+        ranges, params = d.ranges(periods)
+        where, filtered = plan.filter_sql(filters, d)
+        gone = cancelled("e")
+        rows = self._all(
+            "SELECT e.tenant, e.type, r.n, "
+            f"sum(CASE WHEN {gone} THEN 0 ELSE 1 END) AS live, "
+            f"{d.sum(f'CASE WHEN {gone} THEN NULL ELSE e.quantity END')} AS live_sum, "
+            f"sum(CASE WHEN {gone} THEN 1 ELSE 0 END) AS gone, "
+            f"{d.sum(f'CASE WHEN {gone} THEN e.quantity END')} AS gone_sum, "
+            "max(e.received_at) AS last_received_at "
+            f"FROM events e JOIN ({ranges}) r "
+            "ON e.time >= r.range_start AND e.time < r.range_end "
+            f"WHERE TRUE{where} GROUP BY e.tenant, e.type, r.n ORDER BY e.tenant, e.type, r.n",
+            [*params, *filtered],
+        )
+        zero = d.read_decimal("0")
+        return [
+            PeriodFigures(
+                tenant=row["tenant"],
+                type=row["type"],
+                period=int(row["n"]),
+                count=int(row["live"]),
+                sum=d.read_decimal_or_none(row["live_sum"]) or zero,
+                cancelled_count=int(row["gone"]),
+                cancelled_sum=d.read_decimal_or_none(row["gone_sum"]) or zero,
+                last_received_at=d.read_time(row["last_received_at"]),
+            )
+            for row in rows
+        ]
+
+    def read_in_time_order(
+        self,
+        tenant: str,
+        *,
+        time_from: datetime,
+        time_to: datetime,
+        after: TimeKey | None,
+        limit: int,
+    ) -> list[tuple[StoredEvent, bool]]:
+        d = self.dialect
+        # `time >= ?` first, then the row comparison: the range walks events_tenant_time.
+        since, params = "time >= ?", [d.time(time_from)]
+        if after is not None:
+            time, application, event_id = after
+            since = "time >= ? AND (time, application, id) > (?, ?, ?)"
+            params = [d.time(time), d.time(time), application, event_id]
+        rows = self._all(
+            f"SELECT {EVENT_COLUMNS}, {cancelled('e')} AS cancelled FROM events e "
+            f"WHERE tenant = ? AND time < ? AND {since} ORDER BY time, application, id LIMIT ?",
+            [tenant, d.time(time_to), *params, limit],
+        )
+        return [(self._event(row), bool(row["cancelled"])) for row in rows]
 
     def find_events(
         self, keys: Sequence[tuple[str, str]]
