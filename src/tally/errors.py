@@ -49,6 +49,11 @@ class Conflict(InvalidInput):
     """The identity is taken by different content (ERR-VAL-409, HTTP 409)."""
 
 
+class PeriodFinal(Conflict):
+    """The change would alter a period that is final already (ERR-VAL-409, HTTP 409, type
+    /problems/period-final): its figures never change any more."""
+
+
 class AlreadyExists(Conflict):
     """A tenant, application or key with this id exists already."""
 

@@ -22,6 +22,7 @@ from tally.errors import (
     InvalidInput,
     NotAcceptable,
     NotFound,
+    PeriodFinal,
     RateLimited,
     StoreUnavailable,
     TallyError,
@@ -77,6 +78,7 @@ class Problem(BaseModel):
 _KINDS: list[tuple[type[TallyError], int, str, str, str]] = [
     (NotAcceptable, 406, "ERR-VAL-400", "not-acceptable", "Not acceptable"),
     (UnsupportedMediaType, 415, "ERR-VAL-400", "unsupported-media-type", "Unsupported media type"),
+    (PeriodFinal, 409, "ERR-VAL-409", "period-final", "Period final"),
     (Conflict, 409, "ERR-VAL-409", "conflict", "Conflict"),
     (InvalidInput, 400, "ERR-VAL-400", "invalid-input", "Invalid input"),
     (Unauthenticated, 401, "ERR-AUTH-401", "invalid-credentials", "Invalid credentials"),

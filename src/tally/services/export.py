@@ -9,14 +9,14 @@ from tally.crypto.sealing import TenantCipher
 from tally.crypto.tenant_keys import TenantKeys
 from tally.errors import NotFound
 from tally.events.cursor import CursorCodec
-from tally.events.log import ExportFilter
-from tally.events.model import StoredEvent
+from tally.events.log import Entry, ExportFilter
+from tally.events.model import Cancellation, StoredEvent
 from tally.store.interface import EventLog
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    events: list[StoredEvent]
+    events: list[Entry]
     next_cursor: str
     has_more: bool
 
@@ -64,14 +64,36 @@ class ExportService:
         event = self._store.get_event(application, event_id)
         if event is None or not principal.may_serve(event.tenant):
             raise NotFound("There is no event with this application and id.")
-        return self._opened([event])[0]
+        event.cancelled = self._store.get_cancellation(application, event_id)
+        entries: list[Entry] = [event] if event.cancelled is None else [event, event.cancelled]
+        self._opened(entries)
+        return event
 
-    def _opened(self, events: list[StoredEvent]) -> list[StoredEvent]:
-        """`events` with their attributes opened, or marked shredded. Raises SealBroken for
-        a sealed value that is not its row's (tampering): no export rather than a wrong one.
-        """
-        ciphers = self._keys.ciphers_of({event.tenant for event in events})
-        return [_open(event, ciphers[event.tenant]) for event in events]
+    def _opened(self, entries: list[Entry]) -> list[Entry]:
+        """`entries` with their attributes and reasons opened, or marked shredded. Raises
+        SealBroken for a sealed value that is not its row's (tampering): no export rather
+        than a wrong one."""
+        ciphers = self._keys.ciphers_of({entry.tenant for entry in entries})
+        for entry in entries:
+            cipher = ciphers[entry.tenant]
+            if isinstance(entry, Cancellation):
+                open_reason(entry, cipher)
+            else:
+                _open(entry, cipher)
+        return entries
+
+
+def open_reason(cancellation: Cancellation, cipher: TenantCipher | None) -> Cancellation:
+    """`cancellation` with its reason opened in place, or marked shredded."""
+    if cipher is None:
+        cancellation.shredded = True
+    else:
+        cancellation.reason = cipher.open_reason(
+            application=cancellation.application,
+            event_id=cancellation.id,
+            sealed=cancellation.sealed_reason,
+        )
+    return cancellation
 
 
 def _open(event: StoredEvent, cipher: TenantCipher | None) -> StoredEvent:
