@@ -16,7 +16,7 @@ both kinds and a reader sees events and cancellations in commit order.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
@@ -77,6 +77,9 @@ class ExportPage:
     positions: list[int]
     start: int  # the partition the next page begins with (round-robin; see store/plan.py)
     has_more: bool
+    # Each entry's offset in its tenant's partition, parallel to `events`: what a cursor
+    # after any one entry is made of (services/export.py).
+    offsets: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -163,12 +163,8 @@ class StoredEvent:
     # log a cancellation is an entry of its own, after the event.
     cancelled: Cancellation | None = None
 
-    def to_json(self) -> str:
-        """The export representation. Attributes are spliced in as opened: never re-parsed.
-
-        A shredded tenant's event keeps its identity, time and quantity, with `attributes`
-        null and `"shredded": true`, so a billing system sees why instead of an error.
-        """
+    def fields(self) -> dict[str, Any]:
+        """Every field of the export representation but the attributes (and `shredded`)."""
         head: dict[str, Any] = {
             "kind": "event",
             "id": self.id,
@@ -187,7 +183,15 @@ class StoredEvent:
                 "at": format_time(self.cancelled.received_at),
                 "reason": self.cancelled.reason,
             }
-        body = json.dumps(head, ensure_ascii=False, separators=(",", ":"))
+        return head
+
+    def to_json(self) -> str:
+        """The export representation. Attributes are spliced in as opened: never re-parsed.
+
+        A shredded tenant's event keeps its identity, time and quantity, with `attributes`
+        null and `"shredded": true`, so a billing system sees why instead of an error.
+        """
+        body = json.dumps(self.fields(), ensure_ascii=False, separators=(",", ":"))
         if self.shredded:
             return f'{body[:-1]},"attributes":null,"shredded":true}}'
         if self.attributes_json is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from tally.auth.service import Principal, Scope
@@ -9,7 +10,7 @@ from tally.crypto.sealing import TenantCipher
 from tally.crypto.tenant_keys import TenantKeys
 from tally.errors import NotFound
 from tally.events.cursor import CursorCodec
-from tally.events.log import Entry, ExportFilter
+from tally.events.log import Entry, ExportFilter, ExportPage, partition_of
 from tally.events.model import Cancellation, StoredEvent
 from tally.store.interface import EventLog
 
@@ -21,6 +22,11 @@ class Page:
     has_more: bool
 
 
+Streamed = tuple[Entry | None, str]
+"""An entry of a stream and the cursor that resumes right after it; the last item, with no
+entry, carries the cursor to poll with once the stream has reached the end of the log."""
+
+
 class ExportService:
     def __init__(self, *, store: EventLog, cursors: CursorCodec, keys: TenantKeys) -> None:
         self._store = store
@@ -30,12 +36,72 @@ class ExportService:
     def page(
         self, principal: Principal, filters: ExportFilter, *, cursor: str | None, limit: int
     ) -> Page:
-        """The next page after `cursor` (the start when None) of the events matching
+        """The next page after `cursor` (the start when None) of the entries matching
         `filters` that the principal may read.
 
         Raises Forbidden without events:read or for a tenant outside the key's, InvalidInput
         for a cursor that is empty, was altered or was issued for other filters.
         """
+        scoped, digest, positions, start = self._begin(principal, filters, cursor)
+        page = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
+        return Page(
+            events=self._opened(page.events),
+            next_cursor=self._cursors.encode(page.positions, page.start, digest),
+            has_more=page.has_more,
+        )
+
+    def stream(
+        self, principal: Principal, filters: ExportFilter, *, cursor: str | None, limit: int
+    ) -> Iterator[Streamed]:
+        """Every entry after `cursor` matching `filters`, each with the cursor that resumes
+        after it, read `limit` at a time, each page in a short snapshot of its own (never
+        one long transaction), so memory stays bounded by a page whatever the volume; then
+        `(None, cursor to poll with)`.
+
+        Raises as `page` does, and StoreUnavailable, before it returns: the checks and the
+        first read happen now, so a refusal is an answer of its own and not a cut stream.
+        Later failures raise from the iterator.
+        """
+        scoped, digest, positions, start = self._begin(principal, filters, cursor)
+        first = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
+        return self._follow(scoped, digest, positions, first, limit)
+
+    def _follow(
+        self,
+        filters: ExportFilter,
+        digest: bytes,
+        positions: list[int],
+        page: ExportPage,
+        limit: int,
+    ) -> Iterator[Streamed]:
+        partitions = len(positions)
+        while True:
+            entries = self._opened(page.events)
+            # The cursor after an entry: every position as before the page, the entry's own
+            # partition moved to its offset (partitions are read in order, so an entry's
+            # predecessors in the page are at or below these). After the page's last entry,
+            # the page's own positions, which also move partitions read to their end.
+            after = list(positions)
+            last = len(entries) - 1
+            for index, (entry, offset) in enumerate(zip(entries, page.offsets, strict=True)):
+                partition = partition_of(entry.tenant, partitions)
+                after[partition] = offset
+                if index == last:
+                    yield entry, self._cursors.encode(page.positions, page.start, digest)
+                else:
+                    yield entry, self._cursors.encode(after, partition, digest)
+            positions = page.positions
+            if not page.has_more:
+                yield None, self._cursors.encode(page.positions, page.start, digest)
+                return
+            page = self._store.read(
+                positions=positions, start=page.start, filters=filters, limit=limit
+            )
+
+    def _begin(
+        self, principal: Principal, filters: ExportFilter, cursor: str | None
+    ) -> tuple[ExportFilter, bytes, list[int], int]:
+        """(the filters under the key's restriction, their digest, positions, start)."""
         principal.require(Scope.EVENTS_READ)
         if filters.tenant is not None:
             principal.require_tenant(filters.tenant)
@@ -47,12 +113,7 @@ class ExportService:
             if cursor is not None
             else ([0] * partitions, 0)
         )
-        page = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
-        return Page(
-            events=self._opened(page.events),
-            next_cursor=self._cursors.encode(page.positions, page.start, digest),
-            has_more=page.has_more,
-        )
+        return scoped, digest, positions, start
 
     def get(self, principal: Principal, application: str, event_id: str) -> StoredEvent:
         """Raises NotFound when there is no such event among those the key may read.

@@ -93,6 +93,7 @@ def read_page(
     per-partition positions alone.
     """
     found: list[Entry] = []
+    offsets: list[int] = []
     moved = list(positions)
     for partition in sorted(wanted, key=lambda p: (p < start, p)):
         room = limit - len(found)
@@ -101,12 +102,13 @@ def read_page(
         for offset, event in rows[:room]:
             moved[partition] = offset
             found.append(event)
+            offsets.append(offset)
         if len(rows) > room:
             served = room > 0
             following = (partition + 1) % len(positions) if served else partition
-            return ExportPage(events=found, positions=moved, start=following, has_more=True)
+            return ExportPage(found, moved, following, has_more=True, offsets=offsets)
         moved[partition] = max(moved[partition], heads[partition])
-    return ExportPage(events=found, positions=moved, start=start, has_more=False)
+    return ExportPage(found, moved, start, has_more=False, offsets=offsets)
 
 
 def filter_sql(
