@@ -64,7 +64,7 @@ class ExportService:
         """
         scoped, digest, positions, start = self._begin(principal, filters, cursor)
         first = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
-        return self._follow(scoped, digest, positions, first, limit)
+        return self._follow(scoped, digest, positions, first, self._opened(first.events), limit)
 
     def _follow(
         self,
@@ -72,11 +72,11 @@ class ExportService:
         digest: bytes,
         positions: list[int],
         page: ExportPage,
+        entries: list[Entry],
         limit: int,
     ) -> Iterator[Streamed]:
         partitions = len(positions)
         while True:
-            entries = self._opened(page.events)
             # The cursor after an entry: every position as before the page, the entry's own
             # partition moved to its offset (partitions are read in order, so an entry's
             # predecessors in the page are at or below these). After the page's last entry,
@@ -97,6 +97,7 @@ class ExportService:
             page = self._store.read(
                 positions=positions, start=page.start, filters=filters, limit=limit
             )
+            entries = self._opened(page.events)
 
     def _begin(
         self, principal: Principal, filters: ExportFilter, cursor: str | None
