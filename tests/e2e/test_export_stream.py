@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tally.client import Client
 from tests.client.conftest import call, register
 from tests.support.server import Server
 
@@ -143,3 +144,28 @@ def test_the_server_streams_more_than_it_could_hold_in_flat_memory(
     assert size > 50 * 1024 * 1024
     growth_mib = (peak - baseline) / 1024
     assert growth_mib < 25, f"the server grew by {growth_mib:.0f} MiB while streaming"
+
+
+def test_the_sdk_reads_the_stream_of_events_and_cancellations_and_resumes_from_any_entry(
+    tally_server: Server,
+) -> None:
+    writer, reader = register(tally_server)
+    seed(tally_server, writer, 30, batch=30)
+    for i in range(0, 30, 4):
+        made = call(
+            tally_server, "POST", f"/v1/events/vm/s-{i:06d}/cancel", writer, json={"reason": "r"}
+        )
+        assert made.status_code == 200, made.text
+    with Client(tally_server.base_url, reader) as client:
+        pairs = list(client.export(limit=7))
+        assert len(pairs) == 30 + 8
+        kinds = [(entry["kind"], entry["id"]) for entry, _ in pairs]
+        assert kinds.index(("cancellation", "s-000004")) > kinds.index(("event", "s-000004"))
+        assert all("cursor" not in entry for entry, _ in pairs)
+        for position in (0, 9, 20, 36):
+            rest = [(e["kind"], e["id"]) for e, _ in client.export(pairs[position][1], limit=7)]
+            assert rest == kinds[position + 1 :], position
+        only = list(
+            client.export(kind="cancellation", received_from=datetime(2000, 1, 1, tzinfo=UTC))
+        )
+        assert [entry["id"] for entry, _ in only] == [f"s-{i:06d}" for i in range(0, 30, 4)]
