@@ -188,3 +188,16 @@ def test_a_shredded_tenants_event_is_not_cancelled(
     # The cancellation made before stays, its reason unreadable like the attributes.
     (entry,) = export_all(client, world.reader, kind="cancellation")
     assert entry["reason"] is None and entry["shredded"] is True
+
+
+def test_an_id_with_a_slash_or_ending_in_cancel_is_cancelled_by_its_whole_id(
+    client: TestClient, world: World
+) -> None:
+    sent(client, world, "a/b")
+    sent(client, world, "x/cancel")
+    assert cancel(client, world.writer, "a%2Fb", {"reason": "r"}).json()["id"] == "a/b"
+    assert cancel(client, world.writer, "x/cancel", {"reason": "r"}).json()["id"] == "x/cancel"
+    assert {e["id"] for e in export_all(client, world.reader, kind="cancellation")} == {
+        "a/b",
+        "x/cancel",
+    }
