@@ -64,12 +64,16 @@ class ExportService:
         """
         scoped, digest, positions, start = self._begin(principal, filters, cursor)
         first = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
-        return self._follow(scoped, digest, positions, first, self._opened(first.events), limit)
+        entries = self._opened(first.events)
+        return self._follow(
+            scoped, digest, positions=positions, page=first, entries=entries, limit=limit
+        )
 
     def _follow(
         self,
         filters: ExportFilter,
         digest: bytes,
+        *,
         positions: list[int],
         page: ExportPage,
         entries: list[Entry],
