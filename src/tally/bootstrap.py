@@ -23,6 +23,7 @@ from tally.ratelimit.interface import Limiter
 from tally.ratelimit.policy import RateGuard, RatePolicy
 from tally.ratelimit.redis_limiter import RedisLimiter
 from tally.registry.service import Registry
+from tally.services.cancel import CancelService
 from tally.services.export import ExportService
 from tally.services.ingest import IngestService
 from tally.services.reconciliation import ReconciliationService
@@ -148,6 +149,7 @@ class Services:
     ingest: IngestService
     export: ExportService
     reconciliation: ReconciliationService
+    cancel: CancelService
     keys: TenantKeys
     rate_limits: RateGuard
 
@@ -209,6 +211,7 @@ def build(
         ingest=IngestService(store=store, committer=committer, keys=keys, clock=clock),
         export=ExportService(store=store, cursors=CursorCodec(store.secret("cursor")), keys=keys),
         reconciliation=ReconciliationService(store=store, keys=keys, clock=clock),
+        cancel=CancelService(store=store, keys=keys, clock=clock),
         keys=keys,
         rate_limits=RateGuard(
             open_limiter(settings) if limiter is None else limiter,

@@ -80,6 +80,7 @@ def test_exported_events_carry_every_field(client: TestClient, world: World) -> 
     assert post_events(client, world.writer, sent).status_code == 200
     (got,) = page(client, world.reader)["events"]
     assert set(got) == {
+        "kind",
         "id",
         "application",
         "tenant",

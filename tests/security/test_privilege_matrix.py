@@ -65,6 +65,7 @@ MATRIX: dict[str, tuple[Callable[[Matrix], dict[str, Any]] | None, str]] = {
     "POST /v1/events":                        (_new_event,                              "401  401  401  401  401  403  200  403  403"),  # noqa: E501
     "GET /v1/events":                         (None,                                    "401  401  401  401  401  403  403  200  403"),  # noqa: E501
     "GET /v1/events/{application}/{event_id}": (lambda m: {"path": "/v1/events/vm/evt-acme"}, "401  401  401  401  401  403  403  200  403"),  # noqa: E501
+    "POST /v1/events/{application}/{event_id}/cancel": (lambda m: {"path": "/v1/events/vm/evt-acme/cancel", "json": {"reason": "matrix"}}, "401  401  401  401  401  200  200  403  403"),  # noqa: E501
     "GET /v1/tenants":                        (None,                                    "401  401  401  401  401  200  403  403  403"),  # noqa: E501
     "POST /v1/tenants":                       (_new_id,                                 "401  401  401  401  401  201  403  403  403"),  # noqa: E501
     "GET /v1/tenants/{tenant_id}":            (lambda m: {"path": "/v1/tenants/acme"},  "401  401  401  401  401  200  403  403  403"),  # noqa: E501
@@ -96,6 +97,8 @@ TENANT_CASES: list[tuple[str, str, str, dict[str, Any] | None, int]] = [
     ("acme_writer", "POST", "/v1/events", event("evt-tenant-2", tenant="acme"), 200),
     ("acme_usage", "GET", f"/v1/reconciliation?tenant=globex&{_DAY}", None, 403),
     ("acme_usage", "GET", f"/v1/reconciliation?tenant=acme&{_DAY}", None, 200),
+    ("acme_writer", "POST", "/v1/events/vm/evt-globex/cancel", {"reason": "x"}, 404),
+    ("acme_writer", "POST", "/v1/events/vm/evt-acme/cancel", {"reason": "x"}, 200),
 ]
 # fmt: on
 

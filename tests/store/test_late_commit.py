@@ -19,6 +19,7 @@ from tally.events.log import ExportFilter, partition_of
 from tally.events.model import Outcome
 from tally.store.postgres import PostgresStore
 from tests.conftest import empty_postgres
+from tests.store.test_cancellations import cancellation
 from tests.store.test_conformance import NOW, new_event
 
 HOLD_LOCK = 4242
@@ -141,3 +142,53 @@ def test_filtered_reader_also_receives_the_late_event(
     assert [e.id for e in first.events] == ["before"]
     second = store.read(positions=first.positions, start=first.start, filters=acme, limit=10)
     assert [e.id for e in second.events] == ["held-2"]
+
+
+def test_a_late_committing_cancellation_is_not_skipped_and_keeps_commit_order(
+    held_store: PostgresStore, postgres_url: str
+) -> None:
+    """A cancellation takes its offset from the events' counter under the same lock: while it
+    is held open, a later event of its partition waits behind it, and a reader that paged to
+    the end meanwhile receives the cancellation, then that event, when it resumes."""
+    store = held_store
+    store.append([new_event("held-3", tenant="acme")], received_at=NOW)  # no hold on insert
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute(
+            "CREATE TRIGGER test_hold_cancellation AFTER INSERT ON cancellations "
+            "FOR EACH ROW EXECUTE FUNCTION test_hold_open()"
+        )
+    try:
+        with psycopg.connect(postgres_url, autocommit=True) as holder:
+            first = store.read(
+                positions=[0] * store.partitions, start=0, filters=ExportFilter(), limit=100
+            )
+            holder.execute("SELECT pg_advisory_lock(%s)", (HOLD_LOCK,))
+            held = threading.Thread(target=store.cancel, args=(cancellation("held-3"),))
+            held.start()
+            _wait_for(lambda: _waiting_backends(postgres_url) >= 1, "the cancellation to block")
+            later = threading.Thread(
+                target=store.append,
+                args=([new_event("after", tenant="acme")],),
+                kwargs={"received_at": NOW},
+            )
+            later.start()
+            _wait_for(lambda: _waiting_backends(postgres_url) >= 2, "the event to queue")
+            middle = store.read(
+                positions=first.positions, start=first.start, filters=ExportFilter(), limit=100
+            )
+            holder.execute("SELECT pg_advisory_unlock(%s)", (HOLD_LOCK,))
+        held.join(10)
+        later.join(10)
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as connection:
+            connection.execute("DROP TRIGGER test_hold_cancellation ON cancellations")
+
+    assert [e.id for e in first.events] == ["held-3"]
+    assert middle.events == []
+    last = store.read(
+        positions=middle.positions, start=middle.start, filters=ExportFilter(), limit=100
+    )
+    assert [(type(e).__name__, e.id) for e in last.events] == [
+        ("Cancellation", "held-3"),
+        ("StoredEvent", "after"),
+    ]

@@ -13,9 +13,10 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel
 from starlette.status import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
-from tally.api.deps import AdminDep, ServicesDep, known_query_only
+from tally.api.deps import AdminDep, ServicesDep, admin, known_query_only
 from tally.api.events import JSON, media_type, read_body
 from tally.api.problems import request_id_of, responses
+from tally.auth.service import Principal
 from tally.events.validation import parse_model
 from tally.registry.audit import Actor
 from tally.registry.models import (
@@ -44,18 +45,18 @@ BODY_MODELS: tuple[type[BaseModel], ...] = (TenantIn, TenantPatch, ApplicationIn
 M = TypeVar("M", bound=BaseModel)
 
 
-def body(model: type[M]) -> Callable[..., Awaitable[M]]:
-    """A dependency that reads an admin route's body as `model`, once the caller is known to
-    be an admin (AdminDep runs first): an unauthenticated or unauthorised request is a 401 or
-    403 whatever its body, which is not even read. Then 415 unless it is application/json
-    (UTF-8), and 400 with pointers unless `parse_json` (strict: no duplicate keys) and the
-    model accept it.
+def body(model: type[M], caller: Callable[..., Principal] = admin) -> Callable[..., Awaitable[M]]:
+    """A dependency that reads a route's body as `model`, once `caller` (a dependency: an
+    admin by default, `principal` for any authenticated key) has run: an unauthenticated or
+    unauthorised request is a 401 or 403 whatever its body, which is not even read. Then 415
+    unless it is application/json (UTF-8), and 400 with pointers unless `parse_json`
+    (strict: no duplicate keys) and the model accept it.
 
     Declared as a dependency, not as a body parameter, because FastAPI reads and judges a
     body parameter before any dependency runs. `body_doc` describes it in the OpenAPI.
     """
 
-    async def parsed(request: Request, _: AdminDep) -> M:
+    async def parsed(request: Request, _: Principal = Depends(caller)) -> M:  # noqa: B008
         media_type(request, (JSON,))
         return parse_model(model, await read_body(request))
 

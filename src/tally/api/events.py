@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote_to_bytes
 
+import structlog
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from tally.api.deps import PrincipalDep, ServicesDep, known_query_only
 from tally.api.problems import field_errors, responses
+from tally.api.render import CSV, NDJSON, csv_lines, ndjson_lines, negotiate
 from tally.api.schemas import INGEST_ANSWER, ExportedEvent, ExportPageOut, ingest_body_schema
 from tally.auth.service import Principal, Scope
 from tally.bootstrap import Services
@@ -26,7 +28,8 @@ from tally.errors import (
     InvalidInput,
     UnsupportedMediaType,
 )
-from tally.events.log import ExportFilter
+from tally.events.log import Entry, ExportFilter
+from tally.events.model import Cancellation, StoredEvent
 from tally.events.validation import (
     CloudEventIn,
     EventDraft,
@@ -44,7 +47,10 @@ from tally.events.validation import (
 )
 from tally.ratelimit.http import note_of
 from tally.ratelimit.policy import RateNote
+from tally.services.export import Streamed
 from tally.services.ingest import Candidate, IngestReport
+
+log = structlog.get_logger(__name__)
 
 router = APIRouter(tags=["events"], dependencies=[Depends(known_query_only)])
 
@@ -324,35 +330,121 @@ async def post_events(request: Request, principal: PrincipalDep, services: Servi
     return Response(json.dumps({"id": result.id, "status": result.status}), media_type=JSON)
 
 
+_FORMATS = (JSON, NDJSON, CSV)
+
+# The CSV columns of an export stream: every field of both kinds of entry (a field the kind
+# lacks is empty), `attributes` as JSON text, and the cursor that resumes after the row.
+CSV_COLUMNS = (
+    "kind",
+    "application",
+    "id",
+    "tenant",
+    "type",
+    "quantity",
+    "time",
+    "subject",
+    "unit",
+    "region",
+    "received_at",
+    "reason",
+    "shredded",
+    "attributes",
+    "cursor",
+)
+
+
+def _range(low: object, high: object, names: tuple[str, str]) -> None:
+    if low is not None and high is not None and low > high:  # type: ignore[operator]
+        raise InvalidInput(
+            f"{names[0]} is after {names[1]}.",
+            [FieldError("", f"must not be after {names[1]}", parameter=names[0])],
+        )
+
+
+def _ndjson_line(entry: Entry | None, cursor: str) -> str:
+    if entry is None:
+        return json.dumps({"next_cursor": cursor, "has_more": False})
+    return f'{entry.to_json()[:-1]},"cursor":{json.dumps(cursor)}}}'
+
+
+def _csv_row(entry: Entry | None, cursor: str) -> dict[str, Any]:
+    if entry is None:
+        return {"kind": "end", "cursor": cursor}
+    row = entry.to_dict() if isinstance(entry, Cancellation) else entry.fields()
+    if isinstance(entry, StoredEvent):
+        row["attributes"] = entry.attributes_json  # JSON text as stored; empty if shredded
+        row["shredded"] = True if entry.shredded else None
+    row["cursor"] = cursor
+    return row
+
+
+def _cut_when_failing(entries: Iterator[Streamed]) -> Iterator[Streamed]:
+    """`entries` until one fails to read: then the stream ends there, without its end line
+    or row, which is how a reader tells a cut stream from a finished one (the status line,
+    200, went out with the first byte). The failure is logged like any other."""
+    try:
+        yield from entries
+    except Exception as error:  # noqa: BLE001 - every failure ends the stream the same way
+        log.error("export_stream_cut", error_type=type(error).__name__)
+
+
 @router.get(
     "/v1/events",
     name="list_events",
-    summary="Export events, page by page, with a cursor",
+    summary="Export events and cancellations: pages with a cursor, or one NDJSON or CSV stream",
     response_model=ExportPageOut,
+    responses={
+        200: {
+            "description": (
+                "JSON: one page. `application/x-ndjson`: every entry from the cursor on, "
+                "one per line with the `cursor` that resumes after it, then an end line "
+                '`{"next_cursor", "has_more": false}`. `text/csv`: a header, a row per '
+                "entry with its `cursor`, then a row of kind `end` with the cursor to poll "
+                "with. A stream without its end line or row was cut: resume from the last "
+                "complete one's cursor."
+            ),
+            "content": {
+                NDJSON: {"schema": {"type": "string"}},
+                CSV: {"schema": {"type": "string"}},
+            },
+        },
+        **responses((406, "Accept names none of application/json, NDJSON or CSV")),
+    },
 )
 def get_events(
     *,
+    request: Request,
     principal: PrincipalDep,
     services: ServicesDep,
     cursor: Annotated[
         str | None,
         Query(min_length=1, max_length=2048, description="From next_cursor; omit to start"),
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    limit: Annotated[
+        int, Query(ge=1, le=10_000, description="A page's size; in a stream, each read's")
+    ] = 1000,
     tenant: Annotated[Name | None, Query()] = None,
     application: Annotated[Name | None, Query()] = None,
     type: Annotated[EventType | None, Query()] = None,
     subject: Annotated[Text | None, Query()] = None,
     time_from: Annotated[Rfc3339 | None, Query(description="Event time >= this")] = None,
     time_to: Annotated[Rfc3339 | None, Query(description="Event time < this")] = None,
+    received_from: Annotated[
+        Rfc3339 | None, Query(description="The entry's received_at >= this")
+    ] = None,
+    received_to: Annotated[
+        Rfc3339 | None, Query(description="The entry's received_at < this")
+    ] = None,
+    kind: Annotated[
+        Literal["event", "cancellation"] | None, Query(description="Only entries of this kind")
+    ] = None,
 ) -> Response:
-    """Every committed event matching the filters, exactly once, to a reader that follows
-    `next_cursor`: until `has_more` is false, then by polling with the last cursor."""
-    if time_from is not None and time_to is not None and time_from > time_to:
-        raise InvalidInput(
-            "time_from is after time_to.",
-            [FieldError("", "must not be after time_to", parameter="time_from")],
-        )
+    """Every committed entry matching the filters, exactly once, to a reader that follows
+    `next_cursor`: until `has_more` is false, then by polling with the last cursor. A
+    cancellation matches the event filters through the event it cancels."""
+    form = negotiate(request.headers.get("accept"), _FORMATS)
+    _range(time_from, time_to, ("time_from", "time_to"))
+    _range(received_from, received_to, ("received_from", "received_to"))
     filters = ExportFilter(
         tenant=tenant,
         application=application,
@@ -360,11 +452,23 @@ def get_events(
         subject=subject,
         time_from=time_from,
         time_to=time_to,
+        kind=kind,
+        received_from=received_from,
+        received_to=received_to,
     )
-    page = services.export.page(principal, filters, cursor=cursor, limit=limit)
-    events = ",".join(event.to_json() for event in page.events)
-    tail = json.dumps({"next_cursor": page.next_cursor, "has_more": page.has_more})
-    return Response(f'{{"events":[{events}],{tail[1:]}', media_type=JSON)
+    if form == JSON:
+        page = services.export.page(principal, filters, cursor=cursor, limit=limit)
+        events = ",".join(entry.to_json() for entry in page.events)
+        tail = json.dumps({"next_cursor": page.next_cursor, "has_more": page.has_more})
+        return Response(f'{{"events":[{events}],{tail[1:]}', media_type=JSON)
+    entries = _cut_when_failing(
+        services.export.stream(principal, filters, cursor=cursor, limit=limit)
+    )
+    if form == NDJSON:
+        body = ndjson_lines(_ndjson_line(entry, after) for entry, after in entries)
+    else:
+        body = csv_lines(CSV_COLUMNS, (_csv_row(entry, after) for entry, after in entries))
+    return StreamingResponse(body, media_type=form)
 
 
 @router.get(

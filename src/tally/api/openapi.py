@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from tally.api.admin import BODY_MODELS
 from tally.api.problems import PROBLEM_JSON, Problem
-from tally.api.schemas import CLOUDEVENT_BATCH_SCHEMA, BatchIn, BatchOut, SingleOut
+from tally.api.schemas import CLOUDEVENT_BATCH_SCHEMA, BatchIn, BatchOut, CancelIn, SingleOut
 from tally.events.validation import CloudEventIn, EventIn
 
 # Described in components although no route names them as a FastAPI model: the ingest body
@@ -45,6 +45,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     SingleOut,
     BatchOut,
     Problem,
+    CancelIn,
     *BODY_MODELS,
 )
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tally.api.problems import Omitted, left_out
-from tally.events.validation import EventIn
+from tally.events.validation import EventIn, Text
 
 
 class BatchIn(BaseModel):
@@ -40,7 +40,21 @@ class SingleOut(BaseModel):
     status: Literal["accepted", "duplicate"]
 
 
+class CancelIn(BaseModel):
+    """The body of POST /v1/events/{application}/{id}/cancel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Text = Field(description="Why the event is withdrawn; sealed at rest, exported")
+
+
+class CancelledOut(BaseModel):
+    at: str = Field(description="RFC 3339, UTC: when the cancellation was received")
+    reason: str | None = Field(description="null only when the tenant was shredded")
+
+
 class ExportedEvent(BaseModel):
+    kind: Literal["event"] = Field(description="An export entry's kind")
     id: str
     application: str
     tenant: str
@@ -61,10 +75,35 @@ class ExportedEvent(BaseModel):
             "counts, its attributes can never be read again"
         ),
     )
+    cancelled: CancelledOut | Omitted = Field(
+        default=None,
+        description=(
+            "On GET /v1/events/{application}/{id} of a cancelled event only; in the export "
+            "the cancellation is an entry of its own"
+        ),
+        json_schema_extra=left_out,
+    )
+
+
+class Cancellation(BaseModel):
+    """The cancellation of an event: an export-log entry of its own, after the event."""
+
+    kind: Literal["cancellation"] = Field(description="An export entry's kind")
+    application: str
+    id: str = Field(description="The cancelled event's id")
+    tenant: str
+    reason: str | None = Field(description="As sent; null only when the tenant was shredded")
+    received_at: str = Field(description="RFC 3339, UTC: when Tally received the cancellation")
+    shredded: bool = Field(
+        default=False,
+        description="Present (true) only when the tenant's data key was destroyed",
+    )
 
 
 class ExportPageOut(BaseModel):
-    events: list[ExportedEvent]
+    events: list[ExportedEvent | Cancellation] = Field(
+        description="The entries, both kinds (`kind`), in log order within each tenant"
+    )
     next_cursor: str = Field(description="Opaque; pass back as `cursor` with the same filters")
     has_more: bool
 

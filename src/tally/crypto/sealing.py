@@ -104,7 +104,7 @@ def unwrap(master: MasterKey, *, tenant: str, wrapped: bytes) -> bytes:
 class TenantCipher:
     """One tenant's data key at work: seals and opens its attributes, keys its digests."""
 
-    __slots__ = ("_aead", "_mac_key", "_prefix", "tenant")
+    __slots__ = ("_aead", "_mac_key", "_prefix", "_reason_prefix", "tenant")
 
     def __init__(self, tenant: str, data_key: bytes) -> None:
         self.tenant = tenant
@@ -112,6 +112,9 @@ class TenantCipher:
         # Length-prefixed parts concatenate: the tenant's half of the associated data is
         # encoded once, not once per event.
         self._prefix = _associated("tally/attributes", tenant)
+        # A cancellation reason has associated data of its own kind: sealed reason bytes
+        # copied into an event's attributes (or back) do not open there.
+        self._reason_prefix = _associated("tally/cancellation-reason", tenant)
         self._mac_key = HKDF(
             algorithm=hashes.SHA256(), length=32, salt=None, info=b"tally/content-digest/v1"
         ).derive(data_key)
@@ -128,6 +131,16 @@ class TenantCipher:
             return sealed.decode()
         associated = self._prefix + _associated(application, event_id)
         return _open(self._aead, sealed, associated, "attribute set").decode()
+
+    def seal_reason(self, *, application: str, event_id: str, reason: str) -> bytes:
+        """A cancellation's reason, sealed for the cancellation of this event only."""
+        associated = self._reason_prefix + _associated(application, event_id)
+        return _seal(self._aead, reason.encode(), associated)
+
+    def open_reason(self, *, application: str, event_id: str, sealed: bytes) -> str:
+        """Raises SealBroken for a value that is not this event's cancellation reason."""
+        associated = self._reason_prefix + _associated(application, event_id)
+        return _open(self._aead, sealed, associated, "cancellation reason").decode()
 
     def digest(self, content: bytes) -> bytes:
         return hmac.new(self._mac_key, content, sha256).digest()

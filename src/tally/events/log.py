@@ -7,21 +7,35 @@ handed out in commit order: once a reader sees offset n, every offset below n th
 exist is already visible to it. A reader's position is therefore one offset per partition, and
 reading `offset > position` never skips an event, however late its transaction committed.
 Offsets are data, so they survive backup, restore and failover unchanged.
+
+A cancellation is an entry of its own in the same log: it takes the next offset of its event's
+partition from the same counter, under the same lock, so one position per partition covers
+both kinds and a reader sees events and cancellations in commit order.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
-from tally.events.model import StoredEvent
+from tally.events.model import Cancellation, StoredEvent
+
+KINDS = ("event", "cancellation")
+"""The kinds of export-log entry: an event, and the cancellation of one (appended later)."""
+
+Entry = StoredEvent | Cancellation
 
 
 @dataclass(frozen=True, slots=True)
 class ExportFilter:
-    """What a reader asked for. `tenants` is the key's restriction, if any (None: all)."""
+    """What a reader asked for. `tenants` is the key's restriction, if any (None: all).
+
+    `kind` keeps one kind of entry (None: both). A cancellation matches the event filters
+    (`type`, `subject`, `time_*`) through the event it cancels; `received_*` is the entry's
+    own `received_at` (a cancellation's is when it was made).
+    """
 
     tenant: str | None = None
     application: str | None = None
@@ -30,6 +44,9 @@ class ExportFilter:
     time_from: datetime | None = None
     time_to: datetime | None = None
     tenants: tuple[str, ...] | None = None
+    kind: str | None = None
+    received_from: datetime | None = None
+    received_to: datetime | None = None
 
     def digest(self) -> bytes:
         """Identifies the filter, so a cursor cannot be replayed under another one."""
@@ -42,16 +59,27 @@ class ExportFilter:
             self.time_to.isoformat() if self.time_to else None,
             ",".join(sorted(self.tenants)) if self.tenants is not None else None,
         ]
+        later = [
+            self.kind,
+            self.received_from.isoformat() if self.received_from else None,
+            self.received_to.isoformat() if self.received_to else None,
+        ]
+        # Only when set: a cursor issued before these filters existed keeps its digest.
+        if any(part is not None for part in later):
+            parts.extend(later)
         text = "\x1f".join("\x00" if part is None else part for part in parts)
         return hashlib.sha256(text.encode()).digest()[:12]
 
 
 @dataclass(slots=True)
 class ExportPage:
-    events: list[StoredEvent]
+    events: list[Entry]  # both kinds, in log order within each partition
     positions: list[int]
     start: int  # the partition the next page begins with (round-robin; see store/plan.py)
     has_more: bool
+    # Each entry's offset in its tenant's partition, parallel to `events`: what a cursor
+    # after any one entry is made of (services/export.py).
+    offsets: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

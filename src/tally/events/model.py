@@ -159,14 +159,14 @@ class StoredEvent:
     # be, because the tenant's data key was destroyed.
     attributes_json: str | None = field(default=None, repr=False)
     shredded: bool = False
+    # Set only where one event is shown (GET /v1/events/{application}/{id}): in the export
+    # log a cancellation is an entry of its own, after the event.
+    cancelled: Cancellation | None = None
 
-    def to_json(self) -> str:
-        """The export representation. Attributes are spliced in as opened: never re-parsed.
-
-        A shredded tenant's event keeps its identity, time and quantity, with `attributes`
-        null and `"shredded": true`, so a billing system sees why instead of an error.
-        """
-        head = {
+    def fields(self) -> dict[str, Any]:
+        """Every field of the export representation but the attributes (and `shredded`)."""
+        head: dict[str, Any] = {
+            "kind": "event",
             "id": self.id,
             "application": self.application,
             "tenant": self.tenant,
@@ -178,7 +178,20 @@ class StoredEvent:
             "region": self.region,
             "received_at": format_time(self.received_at),
         }
-        body = json.dumps(head, ensure_ascii=False, separators=(",", ":"))
+        if self.cancelled is not None:
+            head["cancelled"] = {
+                "at": format_time(self.cancelled.received_at),
+                "reason": self.cancelled.reason,
+            }
+        return head
+
+    def to_json(self) -> str:
+        """The export representation. Attributes are spliced in as opened: never re-parsed.
+
+        A shredded tenant's event keeps its identity, time and quantity, with `attributes`
+        null and `"shredded": true`, so a billing system sees why instead of an error.
+        """
+        body = json.dumps(self.fields(), ensure_ascii=False, separators=(",", ":"))
         if self.shredded:
             return f'{body[:-1]},"attributes":null,"shredded":true}}'
         if self.attributes_json is None:
@@ -188,3 +201,44 @@ class StoredEvent:
     @property
     def attributes(self) -> dict[str, str | bool | Decimal] | None:
         return None if self.attributes_json is None else parse_attributes(self.attributes_json)
+
+
+@dataclass(slots=True)
+class Cancellation:
+    """The cancellation of an event: an export-log entry of its own, appended once per event.
+
+    `sealed_reason` is the reason sealed under the tenant's data key (crypto/sealing.py);
+    `reason` is set once it is opened (services/cancel.py, services/export.py), and stays None
+    with `shredded` when it never can be, because the tenant's data key was destroyed.
+    """
+
+    application: str
+    id: str
+    tenant: str
+    sealed_reason: bytes = field(repr=False)
+    received_at: datetime
+    reason: str | None = field(default=None, repr=False)
+    shredded: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.application, self.id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The export representation (the reason must be opened, or the tenant shredded)."""
+        if self.reason is None and not self.shredded:
+            raise ValueError("the reason of this cancellation was not opened")
+        body: dict[str, Any] = {
+            "kind": "cancellation",
+            "application": self.application,
+            "id": self.id,
+            "tenant": self.tenant,
+            "reason": self.reason,
+            "received_at": format_time(self.received_at),
+        }
+        if self.shredded:
+            body["shredded"] = True
+        return body
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))

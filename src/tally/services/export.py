@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from tally.auth.service import Principal, Scope
 from tally.crypto.sealing import TenantCipher
 from tally.crypto.tenant_keys import TenantKeys
 from tally.errors import NotFound
 from tally.events.cursor import CursorCodec
-from tally.events.log import ExportFilter
-from tally.events.model import StoredEvent
+from tally.events.log import Entry, ExportFilter, ExportPage, partition_of
+from tally.events.model import Cancellation, StoredEvent
 from tally.store.interface import EventLog
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    events: list[StoredEvent]
+    events: list[Entry]
     next_cursor: str
     has_more: bool
+
+
+Streamed = tuple[Entry | None, str]
+"""An entry of a stream and the cursor that resumes right after it; the last item, with no
+entry, carries the cursor to poll with once the stream has reached the end of the log."""
+
+
+E = TypeVar("E", bound=Entry)
 
 
 class ExportService:
@@ -30,12 +40,77 @@ class ExportService:
     def page(
         self, principal: Principal, filters: ExportFilter, *, cursor: str | None, limit: int
     ) -> Page:
-        """The next page after `cursor` (the start when None) of the events matching
+        """The next page after `cursor` (the start when None) of the entries matching
         `filters` that the principal may read.
 
         Raises Forbidden without events:read or for a tenant outside the key's, InvalidInput
         for a cursor that is empty, was altered or was issued for other filters.
         """
+        scoped, digest, positions, start = self._begin(principal, filters, cursor)
+        page = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
+        return Page(
+            events=self._opened(page.events),
+            next_cursor=self._cursors.encode(page.positions, page.start, digest),
+            has_more=page.has_more,
+        )
+
+    def stream(
+        self, principal: Principal, filters: ExportFilter, *, cursor: str | None, limit: int
+    ) -> Iterator[Streamed]:
+        """Every entry after `cursor` matching `filters`, each with the cursor that resumes
+        after it, read `limit` at a time, each page in a short snapshot of its own (never
+        one long transaction), so memory stays bounded by a page whatever the volume; then
+        `(None, cursor to poll with)`.
+
+        Raises as `page` does, and StoreUnavailable, before it returns: the checks and the
+        first read happen now, so a refusal is an answer of its own and not a cut stream.
+        Later failures raise from the iterator.
+        """
+        scoped, digest, positions, start = self._begin(principal, filters, cursor)
+        first = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
+        entries = self._opened(first.events)
+        return self._follow(
+            scoped, digest, positions=positions, page=first, entries=entries, limit=limit
+        )
+
+    def _follow(
+        self,
+        filters: ExportFilter,
+        digest: bytes,
+        *,
+        positions: list[int],
+        page: ExportPage,
+        entries: list[Entry],
+        limit: int,
+    ) -> Iterator[Streamed]:
+        partitions = len(positions)
+        while True:
+            # The cursor after an entry: every position as before the page, the entry's own
+            # partition moved to its offset (partitions are read in order, so an entry's
+            # predecessors in the page are at or below these). After the page's last entry,
+            # the page's own positions, which also move partitions read to their end.
+            after = list(positions)
+            last = len(entries) - 1
+            for index, (entry, offset) in enumerate(zip(entries, page.offsets, strict=True)):
+                partition = partition_of(entry.tenant, partitions)
+                after[partition] = offset
+                if index == last:
+                    yield entry, self._cursors.encode(page.positions, page.start, digest)
+                else:
+                    yield entry, self._cursors.encode(after, partition, digest)
+            positions = page.positions
+            if not page.has_more:
+                yield None, self._cursors.encode(page.positions, page.start, digest)
+                return
+            page = self._store.read(
+                positions=positions, start=page.start, filters=filters, limit=limit
+            )
+            entries = self._opened(page.events)
+
+    def _begin(
+        self, principal: Principal, filters: ExportFilter, cursor: str | None
+    ) -> tuple[ExportFilter, bytes, list[int], int]:
+        """(the filters under the key's restriction, their digest, positions, start)."""
         principal.require(Scope.EVENTS_READ)
         if filters.tenant is not None:
             principal.require_tenant(filters.tenant)
@@ -47,12 +122,7 @@ class ExportService:
             if cursor is not None
             else ([0] * partitions, 0)
         )
-        page = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
-        return Page(
-            events=self._opened(page.events),
-            next_cursor=self._cursors.encode(page.positions, page.start, digest),
-            has_more=page.has_more,
-        )
+        return scoped, digest, positions, start
 
     def get(self, principal: Principal, application: str, event_id: str) -> StoredEvent:
         """Raises NotFound when there is no such event among those the key may read.
@@ -64,18 +134,40 @@ class ExportService:
         event = self._store.get_event(application, event_id)
         if event is None or not principal.may_serve(event.tenant):
             raise NotFound("There is no event with this application and id.")
-        return self._opened([event])[0]
+        event.cancelled = self._store.get_cancellation(application, event_id)
+        entries: list[Entry] = [event] if event.cancelled is None else [event, event.cancelled]
+        self._opened(entries)
+        return event
 
-    def _opened(self, events: list[StoredEvent]) -> list[StoredEvent]:
-        return opened(self._keys, events)
+    def _opened(self, entries: list[Entry]) -> list[Entry]:
+        return opened(self._keys, entries)
 
 
-def opened(keys: TenantKeys, events: list[StoredEvent]) -> list[StoredEvent]:
-    """`events` with their attributes opened, or marked shredded: what every reader of
-    events is given (the export, the reconciliation digest). Raises SealBroken for a sealed
-    value that is not its row's (tampering): no answer rather than a wrong one."""
-    ciphers = keys.ciphers_of({event.tenant for event in events})
-    return [_open(event, ciphers[event.tenant]) for event in events]
+def opened(keys: TenantKeys, entries: list[E]) -> list[E]:
+    """`entries` with their attributes and reasons opened, or marked shredded: what every
+    reader of the log is given (the export, the reconciliation digest). Raises SealBroken for
+    a sealed value that is not its row's (tampering): no answer rather than a wrong one."""
+    ciphers = keys.ciphers_of({entry.tenant for entry in entries})
+    for entry in entries:
+        cipher = ciphers[entry.tenant]
+        if isinstance(entry, Cancellation):
+            open_reason(entry, cipher)
+        else:
+            _open(entry, cipher)
+    return entries
+
+
+def open_reason(cancellation: Cancellation, cipher: TenantCipher | None) -> Cancellation:
+    """`cancellation` with its reason opened in place, or marked shredded."""
+    if cipher is None:
+        cancellation.shredded = True
+    else:
+        cancellation.reason = cipher.open_reason(
+            application=cancellation.application,
+            event_id=cancellation.id,
+            sealed=cancellation.sealed_reason,
+        )
+    return cancellation
 
 
 def _open(event: StoredEvent, cipher: TenantCipher | None) -> StoredEvent:

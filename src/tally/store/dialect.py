@@ -99,8 +99,13 @@ class Dialect:
     def read_decimal_or_none(self, value: Any) -> Decimal | None:
         return self.read_decimal(value) if value is not None else None
 
+    def sealed(self, value: bytes) -> object:
+        """Sealed bytes (attributes, a cancellation's reason) as a sealed column keeps them."""
+        return value
+
     def read_sealed(self, value: Any) -> bytes:
-        """An event's sealed attributes as kept in its `attributes` column."""
+        """Sealed bytes as kept in a sealed column (an event's `attributes`, a
+        cancellation's `reason`)."""
         return bytes(value)
 
     def read_digest(self, value: Any) -> bytes:
@@ -160,6 +165,9 @@ class SQLiteDialect(Dialect):
 
     def read_time(self, value: Any) -> datetime:
         return parse_time(value)
+
+    def sealed(self, value: bytes) -> object:
+        return base64.b64encode(value).decode()
 
     def read_sealed(self, value: Any) -> bytes:
         # Plaintext JSON from before encryption at rest starts with '{'; base64 never does.

@@ -35,6 +35,8 @@ SERVICE_PRIVILEGES: Mapping[str, frozenset[str]] = {
     "log_partitions": frozenset({"SELECT", "UPDATE"}),
     # Append-only: never UPDATE, DELETE or TRUNCATE.
     "events": frozenset({"SELECT", "INSERT"}),
+    # Append-only, like events: an event's cancellation is never changed or withdrawn.
+    "cancellations": frozenset({"SELECT", "INSERT"}),
     # Append-only, like events.
     "audit_log": frozenset({"SELECT", "INSERT"}),
     # Each tenant's wrapped data key: created on first use, rewrapped, shredded (an UPDATE,

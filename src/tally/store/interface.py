@@ -22,7 +22,7 @@ from typing import Protocol
 from tally.auth.records import KeyRecord
 from tally.crypto.records import DataKey
 from tally.events.log import ExportFilter, ExportPage, PeriodFigures, Totals
-from tally.events.model import NewEvent, Outcome, StoredEvent
+from tally.events.model import Cancellation, NewEvent, Outcome, StoredEvent
 from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
 from tally.registry.records import Application, Tenant
 
@@ -68,8 +68,9 @@ class EventLog(Protocol):
     def read(
         self, *, positions: Sequence[int], start: int, filters: ExportFilter, limit: int
     ) -> ExportPage:
-        """Up to `limit` events after `positions` matching `filters`, from one snapshot,
-        reading partitions round-robin from `start`.
+        """Up to `limit` entries (events and cancellations, in log order within each
+        partition) after `positions` matching `filters`, from one snapshot, reading
+        partitions round-robin from `start`.
 
         The returned positions resume exactly after the last event returned; partitions read
         to their end move to the snapshot's end, so filtered polling stays cheap.
@@ -77,6 +78,20 @@ class EventLog(Protocol):
 
     def get_event(self, application: str, event_id: str) -> StoredEvent | None:
         """Returns None if no event has this identity."""
+
+    def cancel(self, cancellation: Cancellation) -> tuple[Cancellation, bool]:
+        """Append the cancellation of a stored event (its reason already sealed) as an
+        export-log entry: the next offset of the event's partition, from the same counter and
+        under the same lock as `append`, in one durable transaction. (stored, True) when it
+        was appended now; (the one stored before, False), appending nothing, when the event
+        is cancelled already. Nothing is ever updated: one cancellation per event, for good.
+
+        The event must exist (the caller reads it first; events are never deleted), else the
+        foreign key refuses the insert.
+        """
+
+    def get_cancellation(self, application: str, event_id: str) -> Cancellation | None:
+        """The event's cancellation (reason still sealed); None if it is not cancelled."""
 
     def find_events(
         self, keys: Sequence[tuple[str, str]]

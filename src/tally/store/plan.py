@@ -7,9 +7,10 @@ the events it marks ACCEPTED, and numbers them with `number` from its partitions
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 
-from tally.events.log import ExportFilter, ExportPage, partition_of
-from tally.events.model import NewEvent, Outcome, StoredEvent
+from tally.events.log import Entry, ExportFilter, ExportPage, partition_of
+from tally.events.model import NewEvent, Outcome
 from tally.store.dialect import Dialect, Fragment
 
 
@@ -60,7 +61,13 @@ def wanted_partitions(filters: ExportFilter, partitions: int) -> list[int]:
     return list(range(partitions))
 
 
-Fetch = Callable[[int, int, int], list[tuple[int, StoredEvent]]]
+Fetch = Callable[[int, int, int], list[tuple[int, Entry]]]
+
+
+def merged(*runs: list[tuple[int, Entry]], limit: int) -> list[tuple[int, Entry]]:
+    """The first `limit` of several runs of (offset, entry), each in offset order, in offset
+    order: one partition's events and cancellations, read by one query each."""
+    return sorted((item for run in runs for item in run), key=lambda item: item[0])[:limit]
 
 
 def read_page(
@@ -74,17 +81,19 @@ def read_page(
 ) -> ExportPage:
     """One export page, read partition by partition inside one snapshot.
 
-    `fetch(partition, after, n)` returns up to n matching (offset, event) pairs with offset >
-    after, in offset order; `heads` are the partitions' last offsets in the same snapshot. A
-    partition read to its end moves to its head: nothing below the head can appear later,
-    because offsets are handed out in commit order (events/log.py).
+    `fetch(partition, after, n)` returns up to n matching (offset, entry) pairs with offset >
+    after, in offset order (events and cancellations share a partition's offsets); `heads`
+    are the partitions' last offsets in the same snapshot. A partition read to its end moves
+    to its head: nothing below the head can appear later, because offsets are handed out in
+    commit order (events/log.py).
 
     Partitions are read round-robin from `start`, and a full page hands the next page the
     partition after the one it stopped in: a busy tenant's partition cannot starve the others
     of a reader that is behind. The order is only about fairness; exactly-once rests on the
     per-partition positions alone.
     """
-    found: list[StoredEvent] = []
+    found: list[Entry] = []
+    offsets: list[int] = []
     moved = list(positions)
     for partition in sorted(wanted, key=lambda p: (p < start, p)):
         room = limit - len(found)
@@ -93,38 +102,83 @@ def read_page(
         for offset, event in rows[:room]:
             moved[partition] = offset
             found.append(event)
+            offsets.append(offset)
         if len(rows) > room:
             served = room > 0
             following = (partition + 1) % len(positions) if served else partition
-            return ExportPage(events=found, positions=moved, start=following, has_more=True)
+            return ExportPage(found, moved, following, has_more=True, offsets=offsets)
         moved[partition] = max(moved[partition], heads[partition])
-    return ExportPage(events=found, positions=moved, start=start, has_more=False)
+    return ExportPage(found, moved, start, has_more=False, offsets=offsets)
 
 
-def filter_sql(filters: ExportFilter, dialect: Dialect) -> Fragment:
+def filter_sql(
+    filters: ExportFilter, dialect: Dialect, *, event: str = "", received: str = "received_at"
+) -> Fragment:
     """The WHERE fragment (each clause prefixed ' AND ') and bound values for a filter.
 
-    Only fixed fragments are ever put into SQL; every value is bound, through the dialect.
+    `event` is the alias of the events table in the query (empty: unqualified), whose columns
+    the event filters compare; `received` is the column `received_from`/`received_to` compare
+    (an entry's own: a cancellation's when reading cancellations). `kind` is the caller's to
+    apply (it chooses which tables are read). Only fixed fragments are ever put into SQL;
+    every value is bound, through the dialect.
     """
+    column = f"{event}." if event else ""
     clauses: list[str] = []
     params: list[object] = []
-    for column, value in (
+    for name, value in (
         ("tenant", filters.tenant),
         ("application", filters.application),
         ("type", filters.type),
         ("subject", filters.subject),
     ):
         if value is not None:
-            clauses.append(f"{column} = ?")
+            clauses.append(f"{column}{name} = ?")
             params.append(value)
-    if filters.time_from is not None:
-        clauses.append("time >= ?")
-        params.append(dialect.time(filters.time_from))
-    if filters.time_to is not None:
-        clauses.append("time < ?")
-        params.append(dialect.time(filters.time_to))
+    for clause, moment in (
+        (f"{column}time >= ?", filters.time_from),
+        (f"{column}time < ?", filters.time_to),
+        (f"{received} >= ?", filters.received_from),
+        (f"{received} < ?", filters.received_to),
+    ):
+        if moment is not None:
+            clauses.append(clause)
+            params.append(dialect.time(moment))
     if filters.tenants is not None:
-        among, values = dialect.in_list("tenant", filters.tenants)
+        among, values = dialect.in_list(f"{column}tenant", filters.tenants)
         clauses.append(among)
         params.extend(values)
     return "".join(f" AND {clause}" for clause in clauses), params
+
+
+def not_cancelled(event: str, dialect: Dialect, *, as_of: datetime | None = None) -> Fragment:
+    """The predicate "the event aliased `event` is not cancelled" (at `as_of`: by a
+    cancellation received before it; None: by any), with its bound values.
+
+    The one way usage and reconciliation leave cancelled events out, written once for every
+    dialect (the primary key of `cancellations` answers it). For example:
+
+        keep, values = plan.not_cancelled("e", self.dialect)
+        session.all(f"SELECT ... FROM events e WHERE {keep}{where} ...", [*values, *params])
+    """
+    return _cancellation_exists(event, dialect, as_of, negate=True)
+
+
+def cancelled(event: str, dialect: Dialect, *, as_of: datetime | None = None) -> Fragment:
+    """The predicate "the event aliased `event` is cancelled" (at `as_of`): the complement
+    of `not_cancelled`, for figures that report cancelled events on their own."""
+    return _cancellation_exists(event, dialect, as_of, negate=False)
+
+
+def _cancellation_exists(
+    event: str, dialect: Dialect, as_of: datetime | None, *, negate: bool
+) -> Fragment:
+    # The subquery's alias is one no caller's query uses for a table of its own.
+    sql = (
+        "EXISTS (SELECT 1 FROM cancellations cancelled_ "
+        f"WHERE cancelled_.application = {event}.application AND cancelled_.id = {event}.id"
+    )
+    params: list[object] = []
+    if as_of is not None:
+        sql += " AND cancelled_.received_at < ?"
+        params.append(dialect.time(as_of))
+    return (f"NOT {sql})" if negate else f"{sql})"), params

@@ -25,8 +25,8 @@ from typing import Any, Protocol
 from tally.auth.records import ADMIN_SCOPES_LIKE, KeyRecord, refuse_last_admin
 from tally.crypto.records import DataKey
 from tally.errors import AlreadyExists
-from tally.events.log import ExportFilter, ExportPage, PeriodFigures, Totals
-from tally.events.model import NewEvent, StoredEvent
+from tally.events.log import Entry, ExportFilter, ExportPage, PeriodFigures, Totals, partition_of
+from tally.events.model import Cancellation, NewEvent, StoredEvent
 from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
 from tally.registry.records import Application, Tenant
 from tally.store import plan
@@ -36,20 +36,15 @@ from tally.store.dialect import Dialect
 EVENT_COLUMNS = (
     "application, id, tenant, type, quantity, time, subject, unit, attributes, region, received_at"
 )
+CANCELLATION_COLUMNS = "application, id, tenant, reason, received_at"
+
+
+def _qualified(columns: str, alias: str) -> str:
+    return ", ".join(f"{alias}.{column.strip()}" for column in columns.split(","))
+
 
 # Where a tenant's events in time order resume: (time, application, id).
 TimeKey = tuple[datetime, str, str]
-
-
-def cancelled(event: str) -> str:
-    """SQL that is true when the row `event` (an alias of `events`) is a cancelled event.
-
-    The one place reconciliation (and usage) learn which events are cancelled: every figure
-    that leaves cancelled events out, or counts them apart, and each event's cancellation
-    state in the digest come from this fragment. Until the cancellations table exists no
-    event is cancelled, so it is FALSE.
-    """
-    return "FALSE"
 
 
 class Row(Protocol):
@@ -148,6 +143,15 @@ class SQLStore:
             received_at=d.read_time(row["received_at"]),
         )
 
+    def _cancellation(self, row: Row) -> Cancellation:
+        return Cancellation(
+            application=row["application"],
+            id=row["id"],
+            tenant=row["tenant"],
+            sealed_reason=self.dialect.read_sealed(row["reason"]),
+            received_at=self.dialect.read_time(row["received_at"]),
+        )
+
     def _data_key(self, row: Row, *, created_at: str = "created_at") -> DataKey:
         return DataKey(
             tenant=row["tenant"],
@@ -214,16 +218,33 @@ class SQLStore:
     def read(
         self, *, positions: Sequence[int], start: int, filters: ExportFilter, limit: int
     ) -> ExportPage:
-        where, params = plan.filter_sql(filters, self.dialect)
-        sql = (
-            f"SELECT log_offset, {EVENT_COLUMNS} FROM events "
-            f"WHERE partition = ? AND log_offset > ?{where} ORDER BY log_offset LIMIT ?"
+        d = self.dialect
+        # Events and cancellations share each partition's offsets: one query per kind, merged
+        # by offset. A cancellation matches the event filters through the event it cancels.
+        where, params = plan.filter_sql(filters, d, event="e", received="e.received_at")
+        events_sql = (
+            f"SELECT e.log_offset, {_qualified(EVENT_COLUMNS, 'e')} FROM events e "
+            f"WHERE e.partition = ? AND e.log_offset > ?{where} ORDER BY e.log_offset LIMIT ?"
         )
+        c_where, c_params = plan.filter_sql(filters, d, event="e", received="c.received_at")
+        cancellations_sql = (
+            f"SELECT c.log_offset, {_qualified(CANCELLATION_COLUMNS, 'c')} FROM cancellations c "
+            "JOIN events e ON e.application = c.application AND e.id = c.id "
+            f"WHERE c.partition = ? AND c.log_offset > ?{c_where} ORDER BY c.log_offset LIMIT ?"
+        )
+        kinds = {filters.kind} if filters.kind is not None else {"event", "cancellation"}
         with self._read(snapshot=True) as session:
 
-            def fetch(partition: int, after: int, count: int) -> list[tuple[int, StoredEvent]]:
-                rows = session.all(sql, (partition, after, *params, count))
-                return [(row["log_offset"], self._event(row)) for row in rows]
+            def fetch(partition: int, after: int, count: int) -> list[tuple[int, Entry]]:
+                events: list[tuple[int, Entry]] = []
+                cancellations: list[tuple[int, Entry]] = []
+                if "event" in kinds:
+                    rows = session.all(events_sql, (partition, after, *params, count))
+                    events = [(row["log_offset"], self._event(row)) for row in rows]
+                if "cancellation" in kinds:
+                    rows = session.all(cancellations_sql, (partition, after, *c_params, count))
+                    cancellations = [(row["log_offset"], self._cancellation(row)) for row in rows]
+                return plan.merged(events, cancellations, limit=count)
 
             heads = {
                 row["partition"]: row["last_offset"]
@@ -237,6 +258,52 @@ class SQLStore:
                 wanted=plan.wanted_partitions(filters, self.partitions),
                 limit=limit,
             )
+
+    def cancel(self, cancellation: Cancellation) -> tuple[Cancellation, bool]:
+        d = self.dialect
+        partition = partition_of(cancellation.tenant, self.partitions)
+        with self._write() as session:
+            # The append's discipline: the partition's counter row is locked first and held
+            # until commit (FOR UPDATE; on SQLite the write transaction holds the database),
+            # so offsets follow commit order across both kinds of entry. Once it is held, no
+            # other cancellation of this event (same tenant, same partition) can be running.
+            counter = session.one(
+                f"SELECT last_offset FROM log_partitions WHERE partition = ?{d.for_update}",
+                (partition,),
+            )
+            assert counter is not None  # noqa: S101 - every partition has its counter row
+            stored = session.one(
+                f"SELECT {CANCELLATION_COLUMNS} FROM cancellations WHERE application = ? "
+                "AND id = ?",
+                cancellation.key,
+            )
+            if stored is not None:
+                return self._cancellation(stored), False
+            offset = int(counter["last_offset"]) + 1
+            session.run(
+                "INSERT INTO cancellations (partition, log_offset, application, id, tenant, "
+                "reason, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    partition,
+                    offset,
+                    cancellation.application,
+                    cancellation.id,
+                    cancellation.tenant,
+                    d.sealed(cancellation.sealed_reason),
+                    d.time(cancellation.received_at),
+                ),
+            )
+            session.run(
+                "UPDATE log_partitions SET last_offset = ? WHERE partition = ?", (offset, partition)
+            )
+        return cancellation, True
+
+    def get_cancellation(self, application: str, event_id: str) -> Cancellation | None:
+        row = self._one(
+            f"SELECT {CANCELLATION_COLUMNS} FROM cancellations WHERE application = ? AND id = ?",
+            (application, event_id),
+        )
+        return self._cancellation(row) if row is not None else None
 
     def get_event(self, application: str, event_id: str) -> StoredEvent | None:
         row = self._one(
@@ -267,7 +334,7 @@ class SQLStore:
         d = self.dialect
         ranges, params = d.ranges(periods)
         where, filtered = plan.filter_sql(filters, d)
-        gone = cancelled("e")
+        gone, _ = plan.cancelled("e", self.dialect)
         rows = self._all(
             "SELECT e.tenant, e.type, r.n, "
             f"sum(CASE WHEN {gone} THEN 0 ELSE 1 END) AS live, "
@@ -311,8 +378,9 @@ class SQLStore:
             time, application, event_id = after
             since = "time >= ? AND (time, application, id) > (?, ?, ?)"
             params = [d.time(time), d.time(time), application, event_id]
+        gone, _ = plan.cancelled("e", d)
         rows = self._all(
-            f"SELECT {EVENT_COLUMNS}, {cancelled('e')} AS cancelled FROM events e "
+            f"SELECT {EVENT_COLUMNS}, {gone} AS cancelled FROM events e "
             f"WHERE tenant = ? AND time < ? AND {since} ORDER BY time, application, id LIMIT ?",
             [tenant, d.time(time_to), *params, limit],
         )
