@@ -25,6 +25,7 @@ from tally.ratelimit.redis_limiter import RedisLimiter
 from tally.registry.service import Registry
 from tally.services.export import ExportService
 from tally.services.ingest import IngestService
+from tally.services.usage import UsageService
 from tally.settings import Settings
 from tally.store import grants
 from tally.store.groupcommit import GroupCommitter
@@ -146,6 +147,7 @@ class Services:
     registry: Registry
     ingest: IngestService
     export: ExportService
+    usage: UsageService
     keys: TenantKeys
     rate_limits: RateGuard
 
@@ -206,6 +208,7 @@ def build(
         registry=Registry(store=store, region=settings.region, clock=clock),
         ingest=IngestService(store=store, committer=committer, keys=keys, clock=clock),
         export=ExportService(store=store, cursors=CursorCodec(store.secret("cursor")), keys=keys),
+        usage=UsageService(store=store, keys=keys, clock=clock),
         keys=keys,
         rate_limits=RateGuard(
             open_limiter(settings) if limiter is None else limiter,

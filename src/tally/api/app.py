@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from tally import __doc__ as summary
-from tally.api import admin, docs, events, health, openapi, problems
+from tally.api import admin, docs, events, health, openapi, problems, usage
 from tally.api.encoding import ContentDecoding
 from tally.api.middleware import RequestContext
 from tally.bootstrap import Services, build
@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     )
     if services is not None:
         app.state.services = services
-    routers = (events.router, admin.router, health.router, docs.router)
+    routers = (events.router, usage.router, admin.router, health.router, docs.router)
     problems.install(app, [route for router in routers for route in router.routes])
     for router in routers:
         app.include_router(router)

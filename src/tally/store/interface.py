@@ -23,8 +23,10 @@ from tally.auth.records import KeyRecord
 from tally.crypto.records import DataKey
 from tally.events.log import ExportFilter, ExportPage, Totals
 from tally.events.model import NewEvent, Outcome, StoredEvent
+from tally.events.usage import Meter, UsageQuery, UsageRow
 from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
 from tally.registry.records import Application, Tenant
+from tally.store.usage import KeyTokens, Label
 
 
 class Lifecycle(Protocol):
@@ -88,6 +90,28 @@ class EventLog(Protocol):
         """Count, exact sum, least and greatest quantity of the events matching `filters`,
         computed by the database in one query (never through floating point). Usage and
         reconciliation figures build on the same filter and the same aggregates."""
+
+    def usage(self, query: UsageQuery, *, key_tokens: KeyTokens, label: Label) -> list[UsageRow]:
+        """The aggregate of each window and group of `query` that holds matching events
+        (store/usage.py), computed by the database inside one snapshot, in no set order.
+        Attribute groups go through `key_tokens` and `label` (see their types): an event
+        whose tenant has no key token, or that lacks the attribute, groups as None. Raises
+        StoreUnavailable."""
+
+
+class Meters(Protocol):
+    """Saved usage queries (services/usage.py), each audited with its change."""
+
+    def create_meter(self, meter: Meter, *, audit: AuditEntry | None = None) -> None:
+        """Raises AlreadyExists when the id is taken."""
+
+    def get_meter(self, meter_id: str) -> Meter | None: ...
+
+    def list_meters(self) -> list[Meter]:
+        """Every meter, by id."""
+
+    def delete_meter(self, meter_id: str, *, audit: AuditEntry | None = None) -> bool:
+        """False (and nothing recorded) when there was no such meter."""
 
 
 class DataKeys(Protocol):
@@ -231,5 +255,9 @@ class RegistryStore(Registrations, DataKeys, AuditLog, Protocol):
     """What registry/service.py uses: registrations, a tenant's key state, the audit log."""
 
 
-class EventStore(Lifecycle, EventLog, DataKeys, Registrations, AuditLog, Protocol):
+class UsageStore(EventLog, DataKeys, Registrations, Meters, AuditLog, Protocol):
+    """What services/usage.py needs."""
+
+
+class EventStore(Lifecycle, EventLog, DataKeys, Registrations, AuditLog, Meters, Protocol):
     """Every contract at once: what a store object implements and what start-up opens."""

@@ -101,11 +101,13 @@ def read_page(
     return ExportPage(events=found, positions=moved, start=start, has_more=False)
 
 
-def filter_sql(filters: ExportFilter, dialect: Dialect) -> Fragment:
-    """The WHERE fragment (each clause prefixed ' AND ') and bound values for a filter.
+def filter_sql(filters: ExportFilter, dialect: Dialect, *, table: str = "") -> Fragment:
+    """The WHERE fragment (each clause prefixed ' AND ') and bound values for a filter; with
+    `table`, the columns are that table's (`e` for `e.tenant`), for a query that joins.
 
     Only fixed fragments are ever put into SQL; every value is bound, through the dialect.
     """
+    qualified = f"{table}." if table else ""
     clauses: list[str] = []
     params: list[object] = []
     for column, value in (
@@ -115,16 +117,16 @@ def filter_sql(filters: ExportFilter, dialect: Dialect) -> Fragment:
         ("subject", filters.subject),
     ):
         if value is not None:
-            clauses.append(f"{column} = ?")
+            clauses.append(f"{qualified}{column} = ?")
             params.append(value)
     if filters.time_from is not None:
-        clauses.append("time >= ?")
+        clauses.append(f"{qualified}time >= ?")
         params.append(dialect.time(filters.time_from))
     if filters.time_to is not None:
-        clauses.append("time < ?")
+        clauses.append(f"{qualified}time < ?")
         params.append(dialect.time(filters.time_to))
     if filters.tenants is not None:
-        among, values = dialect.in_list("tenant", filters.tenants)
+        among, values = dialect.in_list(f"{qualified}tenant", filters.tenants)
         clauses.append(among)
         params.extend(values)
     return "".join(f" AND {clause}" for clause in clauses), params
