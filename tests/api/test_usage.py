@@ -5,6 +5,7 @@ tokens, CSV, tenant restrictions and bad input."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,10 @@ from fastapi.testclient import TestClient
 from tally.api.app import create_app
 from tally.auth.service import Scope
 from tally.bootstrap import Services, build
+from tally.events.validation import EventIn
 from tally.registry.models import ApplicationIn, KeyIn, TenantIn
+from tally.services.ingest import seal_event
+from tally.services.usage import backfill_tokens
 from tally.settings import Settings
 from tally.store.interface import EventStore
 from tests.api.helpers import assert_problem, auth, parameters, pointers, post_events
@@ -341,3 +345,42 @@ def test_windows_are_cut_to_the_range(u: Usage) -> None:
     assert [(r["window_start"], r["window_end"], r["value"]) for r in found["rows"]] == [
         ("2026-03-01T10:10:00+00:00", "2026-03-01T10:20:00+00:00", "1")
     ]
+
+
+def test_reindex_gives_old_events_their_tokens_once(u: Usage) -> None:
+    at(u.clock, datetime(2026, 3, 2, tzinfo=UTC))
+    store, keys = u.services.store, u.services.keys
+    cipher = keys.ciphers_of(["acme"])["acme"]
+    assert cipher is not None
+    # Events as stored before migration 0006: sealed attributes, no tokens, no dictionary.
+    old = [
+        dataclasses.replace(
+            seal_event(
+                EventIn.model_validate(
+                    ev("2026-03-01T10:00:00Z", q, attributes={"sku": s})
+                ).draft(),
+                application="vm",
+                region="eu-west",
+                cipher=cipher,
+            ),
+            attribute_tokens=None,
+            dictionary=(),
+        )
+        for q, s in (("1", "std"), ("2", "gpu"), ("4", "std"))
+    ]
+    store.append(old, received_at=u.clock())
+    span = {"from": "2026-03-01T00:00:00Z", "to": "2026-03-02T00:00:00Z"}
+    before = u.get(**span, group_by="attributes.sku")
+    assert [(r["group"]["attributes.sku"], r["value"]) for r in before["rows"]] == [(None, "7")]
+
+    assert list(backfill_tokens(store, keys, batch=2)) == [2, 1]
+    assert list(backfill_tokens(store, keys, batch=2)) == []  # resumable: nothing left
+
+    after = u.get(**span, group_by="attributes.sku")
+    assert [(r["group"]["attributes.sku"], r["value"]) for r in after["rows"]] == [
+        ("gpu", "2"),
+        ("std", "5"),
+    ]
+    # Still append-only: tokens once set (and every other column) never change.
+    with pytest.raises(Exception, match="append-only"), store._write() as session:  # type: ignore[attr-defined]
+        session.run("UPDATE events SET attribute_tokens = '{}'")

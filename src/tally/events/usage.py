@@ -64,3 +64,15 @@ class Meter:
     id: str
     spec: str
     created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TokenFill:
+    """The attribute tokens of an event stored before they existed (`tally reindex`), and
+    the sealed dictionary entries (value token, sealed value) that go with them."""
+
+    application: str
+    id: str
+    tenant: str
+    attribute_tokens: str
+    dictionary: tuple[tuple[str, bytes], ...]

@@ -32,13 +32,15 @@ from tally.events.usage import (
     UNIQUE_FIELDS,
     WINDOWS,
     Meter,
+    TokenFill,
     UsageQuery,
     UsageRow,
     attribute_key,
 )
 from tally.events.validation import MAX_ATTRIBUTE_KEY, EventType, Name, Text
 from tally.registry.audit import Actor
-from tally.store.interface import UsageStore
+from tally.services.ingest import attribute_tokens
+from tally.store.interface import ReindexStore, UsageStore
 
 MAX_WINDOWS = 10_000
 MAX_GROUP_BY = 8
@@ -363,6 +365,38 @@ class UsageService:
         if meter is None:
             raise NotFound("There is no meter with this id.")
         return meter
+
+
+def backfill_tokens(store: ReindexStore, keys: TenantKeys, *, batch: int) -> Iterator[int]:
+    """Give the events stored before attribute tokens existed their tokens, `batch` events
+    at a time, opening each one once; yields how many each round filled. Resumable: what a
+    round filled has committed, and a run starts again from the events still without.
+
+    A shredded tenant's events are left without: their attributes can never be opened, so
+    they group as null, as every attribute of a shredded tenant does."""
+    after = (-1, 0)
+    while found := store.events_without_tokens(after=after, limit=batch):
+        after = found[-1][:2]
+        ciphers = keys.ciphers_of({event.tenant for _, _, event in found})
+        fills = []
+        for _, _, event in found:
+            cipher = ciphers.get(event.tenant)
+            if cipher is None:
+                continue
+            opened = cipher.open(
+                application=event.application, event_id=event.id, sealed=event.sealed
+            )
+            tokens, dictionary = attribute_tokens(cipher, parse_attributes(opened))
+            fills.append(
+                TokenFill(
+                    application=event.application,
+                    id=event.id,
+                    tenant=event.tenant,
+                    attribute_tokens=tokens,
+                    dictionary=dictionary,
+                )
+            )
+        yield store.add_attribute_tokens(fills)
 
 
 def _require_meter_reader(principal: Principal) -> None:

@@ -23,7 +23,7 @@ from tally.auth.records import KeyRecord
 from tally.crypto.records import DataKey
 from tally.events.log import ExportFilter, ExportPage, Totals
 from tally.events.model import NewEvent, Outcome, StoredEvent
-from tally.events.usage import Meter, UsageQuery, UsageRow
+from tally.events.usage import Meter, TokenFill, UsageQuery, UsageRow
 from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
 from tally.registry.records import Application, Tenant
 from tally.store.usage import KeyTokens, Label
@@ -97,6 +97,20 @@ class EventLog(Protocol):
         Attribute groups go through `key_tokens` and `label` (see their types): an event
         whose tenant has no key token, or that lacks the attribute, groups as None. Raises
         StoreUnavailable."""
+
+
+class TokenBackfill(Protocol):
+    """Attribute tokens for the events stored before migration 0006 (`tally reindex`)."""
+
+    def events_without_tokens(
+        self, *, after: tuple[int, int], limit: int
+    ) -> list[tuple[int, int, StoredEvent]]:
+        """Up to `limit` events without attribute tokens after the log position `after`
+        (partition, offset), in log order, each with its position."""
+
+    def add_attribute_tokens(self, fills: Sequence[TokenFill]) -> int:
+        """Set each event's tokens (only where none are set) and add their dictionary
+        entries, in one transaction; how many events were filled."""
 
 
 class Meters(Protocol):
@@ -259,5 +273,11 @@ class UsageStore(EventLog, DataKeys, Registrations, Meters, AuditLog, Protocol):
     """What services/usage.py needs."""
 
 
-class EventStore(Lifecycle, EventLog, DataKeys, Registrations, AuditLog, Meters, Protocol):
+class ReindexStore(TokenBackfill, DataKeys, Protocol):
+    """What the backfill of attribute tokens needs."""
+
+
+class EventStore(
+    Lifecycle, EventLog, DataKeys, Registrations, AuditLog, Meters, TokenBackfill, Protocol
+):
     """Every contract at once: what a store object implements and what start-up opens."""

@@ -27,7 +27,7 @@ from tally.crypto.records import DataKey
 from tally.errors import AlreadyExists
 from tally.events.log import ExportFilter, ExportPage, Totals
 from tally.events.model import NewEvent, StoredEvent
-from tally.events.usage import Meter, UsageQuery, UsageRow
+from tally.events.usage import Meter, TokenFill, UsageQuery, UsageRow
 from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
 from tally.registry.records import Application, Tenant
 from tally.store import plan
@@ -200,8 +200,8 @@ class SQLStore:
             (row["application"], row["id"]): self.dialect.read_digest(row["digest"]) for row in rows
         }
 
-    def _add_values(self, session: Session, events: Sequence[NewEvent]) -> None:
-        """Insert the sealed dictionary entries `events` carry, in the append's transaction
+    def _add_values(self, session: Session, events: Sequence[NewEvent | TokenFill]) -> None:
+        """Insert the sealed dictionary entries `events` carry, in the caller's transaction
         (an entry stored already stays as it is: equal tokens are equal values)."""
         entries = {(e.tenant, token): sealed for e in events for token, sealed in e.dictionary}
         if not entries:
@@ -243,6 +243,30 @@ class SQLStore:
                 wanted=plan.wanted_partitions(filters, self.partitions),
                 limit=limit,
             )
+
+    def events_without_tokens(
+        self, *, after: tuple[int, int], limit: int
+    ) -> list[tuple[int, int, StoredEvent]]:
+        rows = self._all(
+            f"SELECT partition, log_offset, {EVENT_COLUMNS} FROM events "
+            "WHERE attribute_tokens IS NULL AND (partition > ? OR (partition = ? AND "
+            "log_offset > ?)) ORDER BY partition, log_offset LIMIT ?",
+            (after[0], after[0], after[1], limit),
+        )
+        return [(row["partition"], row["log_offset"], self._event(row)) for row in rows]
+
+    def add_attribute_tokens(self, fills: Sequence[TokenFill]) -> int:
+        with self._write() as session:
+            filled = sum(
+                session.run(
+                    "UPDATE events SET attribute_tokens = ? "
+                    "WHERE application = ? AND id = ? AND attribute_tokens IS NULL",
+                    (fill.attribute_tokens, fill.application, fill.id),
+                )
+                for fill in fills
+            )
+            self._add_values(session, fills)
+        return filled
 
     def usage(self, query: UsageQuery, *, key_tokens: KeyTokens, label: Label) -> list[UsageRow]:
         d = self.dialect
