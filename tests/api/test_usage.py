@@ -265,6 +265,16 @@ def test_csv_reads_back_with_the_csv_module(u: Usage) -> None:
             "value": "1.5",
         }
     ]
+    empty = u.client.get(
+        "/v1/usage",
+        params={
+            "from": "2026-01-01T00:00:00Z",
+            "to": "2026-01-02T00:00:00Z",
+            "group_by": "subject",
+        },
+        headers={**auth(u.usage), "Accept": "text/csv"},
+    )
+    assert empty.text == "window_start,window_end,subject,value\r\n"  # the header, no rows
 
 
 @pytest.mark.parametrize(

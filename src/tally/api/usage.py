@@ -3,7 +3,6 @@ usage queries answered by the same code (services/usage.py, docs/usage.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -16,7 +15,7 @@ from tally.api.deps import PrincipalDep, ServicesDep, known_query_only
 from tally.api.problems import responses
 from tally.api.render import CSV, JSON, csv_lines, json_text, negotiate
 from tally.events.validation import EventType, Name, Rfc3339, Text
-from tally.services.usage import Definition, MeterSpec, Span, UsageRequest
+from tally.services.usage import Definition, MeterSpec, Span, UsageAnswer, UsageRequest
 
 router = APIRouter(tags=["usage"], dependencies=[Depends(known_query_only)])
 
@@ -82,14 +81,13 @@ _ANSWERS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def answer(request: Request, found: Mapping[str, Any]) -> Response:
+def answer(request: Request, found: UsageAnswer) -> Response:
     """The usage answer as JSON, or as CSV (`Accept: text/csv`): a header row, then one row
     per window and group, a column per field and per group key."""
     chosen = negotiate(request.headers.get("accept"), _FORMATS)
     if chosen == JSON:
-        return Response(json_text(found), media_type=JSON)
-    keys = list(found["rows"][0]["group"]) if found["rows"] else []
-    columns = ["window_start", "window_end", *keys, "value"]
+        return Response(json_text(found.body), media_type=JSON)
+    columns = ["window_start", "window_end", *found.group_by, "value"]
     rows = (
         {
             "window_start": r["window_start"],
@@ -97,7 +95,7 @@ def answer(request: Request, found: Mapping[str, Any]) -> Response:
             **r["group"],
             "value": r["value"],
         }
-        for r in found["rows"]
+        for r in found.body["rows"]
     )
     return StreamingResponse(csv_lines(columns, rows), media_type=f"{CSV}; charset=utf-8")
 

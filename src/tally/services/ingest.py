@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import threading
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -71,6 +72,8 @@ class IngestService:
         # familiar attributes costs no extra seal and no extra row. Filled only after a
         # commit, so a failed one never hides an entry that is not stored.
         self._stored_tokens: dict[str, set[str]] = {}
+        self._remembered = 0
+        self._remember_lock = threading.Lock()
 
     def ingest(
         self, principal: Principal, candidates: Sequence[Candidate], ids: Sequence[str | None]
@@ -137,12 +140,15 @@ class IngestService:
     def _remember(self, events: Sequence[NewEvent]) -> None:
         """Note the dictionary entries `events` committed (a store writes every entry an
         appended batch carries, whatever each event's outcome)."""
-        if sum(len(known) for known in self._stored_tokens.values()) > _MAX_REMEMBERED:
-            self._stored_tokens.clear()  # a bound on memory; entries are only re-inserted
-        for event in events:
-            if event.dictionary:
-                known = self._stored_tokens.setdefault(event.tenant, set())
-                known.update(token for token, _ in event.dictionary)
+        with self._remember_lock:  # request threads remember concurrently
+            if self._remembered > _MAX_REMEMBERED:
+                # A bound on memory: forgotten entries are only sealed and offered again.
+                self._stored_tokens, self._remembered = {}, 0
+            for event in events:
+                if event.dictionary:
+                    known = self._stored_tokens.setdefault(event.tenant, set())
+                    known.update(token for token, _ in event.dictionary)
+                    self._remembered += len(event.dictionary)
 
     def _judge_stored(
         self, application: str, held: Sequence[tuple[EventResult, EventDraft, TenantCipher | None]]

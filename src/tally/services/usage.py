@@ -186,6 +186,15 @@ def _value_json(value: Decimal | int) -> str | int:
     return value if isinstance(value, int) else format_decimal(value)
 
 
+@dataclass(frozen=True, slots=True)
+class UsageAnswer:
+    """The answer's JSON body, and the group-by keys its rows' groups hold (the columns of its
+    CSV form, which has them even when no row does)."""
+
+    body: dict[str, Any]
+    group_by: tuple[str, ...]
+
+
 class UsageService:
     def __init__(
         self, *, store: UsageStore, keys: TenantKeys, clock: Callable[[], datetime]
@@ -194,7 +203,7 @@ class UsageService:
         self._keys = keys
         self._clock = clock
 
-    def usage(self, principal: Principal, request: UsageRequest) -> dict[str, Any]:
+    def usage(self, principal: Principal, request: UsageRequest) -> UsageAnswer:
         """The usage answer: `{"from", "to", "window", "tz", "aggregation", "rows"}`, rows in
         order of window, then group values (nulls last). Raises Forbidden without usage:read
         or for a tenant outside the key's, InvalidInput naming each bad parameter."""
@@ -236,7 +245,7 @@ class UsageService:
             unique_of=definition.unique_of,
         )
         rows = self._rows(query) if spans else []
-        return {
+        body = {
             "from": rfc3339(span.time_from, zone),
             "to": rfc3339(span.time_to, zone),
             "window": span.window,
@@ -252,6 +261,7 @@ class UsageService:
                 for row in rows
             ],
         }
+        return UsageAnswer(body=body, group_by=definition.group_by)
 
     def _rows(self, query: UsageQuery) -> list[UsageRow]:
         """The store's rows, attribute labels turned back into values, in order."""
@@ -338,7 +348,7 @@ class UsageService:
         *,
         span: Span,
         tenant: str | None,
-    ) -> dict[str, Any]:
+    ) -> UsageAnswer:
         """The meter's usage, answered by `usage` with the meter's definition and filters
         (and `tenant`, which must agree with a tenant the meter filters on)."""
         principal.require(Scope.USAGE_READ)
@@ -358,7 +368,8 @@ class UsageService:
                 subject=filters.subject,
             ),
         )
-        return {"meter": meter.id, "unit": spec.unit, **answer}
+        body = {"meter": meter.id, "unit": spec.unit, **answer.body}
+        return UsageAnswer(body=body, group_by=answer.group_by)
 
     def _meter(self, meter_id: str) -> Meter:
         meter = self._store.get_meter(meter_id)
