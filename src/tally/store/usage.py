@@ -10,6 +10,7 @@ value, clear or tokenised, is ever put into SQL text.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from tally.events.usage import UsageQuery, UsageRow, attribute_key
@@ -39,8 +40,12 @@ or None) among the matching events; answers a label (an int) for each (tenant, v
 equal labels for equal values."""
 
 
-def _matching(query: UsageQuery, d: Dialect) -> Fragment:
-    where, params = plan.filter_sql(query.filters, d, table="e")
+def _matching(query: UsageQuery, d: Dialect, *, windowed: bool = False) -> Fragment:
+    """The WHERE clause of the matching events. `windowed`: the windows (which lie inside the
+    range) bound the time instead, so the planner searches the time index once per window
+    rather than over the whole range for each."""
+    filters = replace(query.filters, time_from=None, time_to=None) if windowed else query.filters
+    where, params = plan.filter_sql(filters, d, table="e")
     return f"WHERE TRUE{where}{NOT_CANCELLED}", params
 
 
@@ -70,21 +75,35 @@ def usage_sql(
     value token, label)."""
     params: list[object] = []
     windows, window_params = d.table("w", (("ws", "time"), ("we", "time")), query.windows)
-    params += window_params
     joins: list[str] = []
     label_of: dict[str, str] = {}
+    tables: list[str] = []
     for n, key in enumerate(query.attribute_keys()):
-        alias = f"l{n}"
-        table, table_params = d.table(
-            alias,
-            (("tenant", "text"), ("key", "text"), ("token", "text"), ("label", "integer")),
-            labels.get(key, ()),
+        alias, keys_alias = f"l{n}", f"k{n}"
+        found = labels.get(key, ())
+        key_table, key_params = d.table(
+            "t",
+            (("tenant", "text"), ("token", "text")),
+            sorted({(tenant, key_token) for tenant, key_token, _, _ in found}),
         )
-        member = d.json_member("e.attribute_tokens", f"{alias}.key")
+        label_table, label_params = d.table(
+            "t",
+            (("tenant", "text"), ("token", "text"), ("label", "integer")),
+            [(tenant, token, label) for tenant, _, token, label in found],
+        )
+        # Materialized, so that SQLite indexes them for the equality joins (it never indexes
+        # a json_each table): per event, one lookup of its tenant's key token, then one of
+        # its value token's label; never a scan of every distinct value.
+        tables.append(
+            f"{keys_alias} AS MATERIALIZED (SELECT * FROM {key_table}), "
+            f"{alias} AS MATERIALIZED (SELECT * FROM {label_table}), "
+        )
+        member = d.json_member("e.attribute_tokens", f"{keys_alias}.token")
         joins.append(
-            f" LEFT JOIN {table} ON {alias}.tenant = e.tenant AND {alias}.token = {member}"
+            f" LEFT JOIN {keys_alias} ON {keys_alias}.tenant = e.tenant"
+            f" LEFT JOIN {alias} ON {alias}.tenant = e.tenant AND {alias}.token = {member}"
         )
-        params += table_params
+        params += [*key_params, *label_params]
         label_of[key] = f"{alias}.label"
 
     def column(name: str) -> str:
@@ -93,8 +112,8 @@ def usage_sql(
 
     groups = [f"{column(name)} AS g{n}" for n, name in enumerate(query.group_by)]
     unique = [f"{column(query.unique_of)} AS u"] if query.unique_of else []
-    where, where_params = _matching(query, d)
-    params += where_params
+    where, where_params = _matching(query, d, windowed=True)
+    params = [*params, *window_params, *where_params]
     picked = ", ".join(
         [
             "w.ws AS window_start",
@@ -108,8 +127,8 @@ def usage_sql(
         ]
     )
     matched = (
-        f"WITH m AS (SELECT {picked} FROM events e "
-        f"JOIN {windows} ON e.time >= w.ws AND e.time < w.we{''.join(joins)} {where}) "
+        f"WITH {''.join(tables)}m AS (SELECT {picked} FROM {windows} CROSS JOIN events e"
+        f"{''.join(joins)} {where} AND e.time >= w.ws AND e.time < w.we) "
     )
     keys = ", ".join(["window_start", "window_end", *(f"g{n}" for n in range(len(groups)))])
     if query.aggregation == "latest":

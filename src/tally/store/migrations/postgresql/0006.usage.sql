@@ -13,6 +13,10 @@ CREATE TABLE attribute_values (
     PRIMARY KEY (tenant, token)
 );
 
+-- Usage buckets events with one index search per window: by (tenant, time) for one tenant,
+-- by time alone for a query over every tenant.
+CREATE INDEX events_time ON events (time);
+
 -- Saved usage queries (POST /v1/meters): the query as canonical JSON.
 CREATE TABLE meters (
     id         text PRIMARY KEY,
