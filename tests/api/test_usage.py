@@ -394,3 +394,20 @@ def test_reindex_gives_old_events_their_tokens_once(u: Usage) -> None:
     # Still append-only: tokens once set (and every other column) never change.
     with pytest.raises(Exception, match="append-only"), store._write() as session:  # type: ignore[attr-defined]
         session.run("UPDATE events SET attribute_tokens = '{}'")
+
+
+def test_a_shredded_tenants_attributes_group_as_null_and_its_quantities_still_count(
+    u: Usage,
+) -> None:
+    at(u.clock, datetime(2026, 3, 2, tzinfo=UTC))
+    u.send(
+        ev("2026-03-01T10:00:00Z", "1", attributes={"sku": "std"}),
+        ev("2026-03-01T10:00:00Z", "2", tenant="globex", attributes={"sku": "std"}),
+    )
+    u.services.registry.shred_tenant("acme")
+    span = {"from": "2026-03-01T00:00:00Z", "to": "2026-03-02T00:00:00Z"}
+    found = u.get(**span, group_by=["tenant", "attributes.sku"])
+    assert [(r["group"], r["value"]) for r in found["rows"]] == [
+        ({"tenant": "acme", "attributes.sku": None}, "1"),
+        ({"tenant": "globex", "attributes.sku": "std"}, "2"),
+    ]
