@@ -36,7 +36,10 @@ ADMIN_URL = os.environ.get(
 )
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
-_TABLES = "cancellations, events, api_keys, tenant_keys, tenants, applications, audit_log"
+_TABLES = (
+    "cancellations, events, api_keys, tenant_keys, tenants, applications, audit_log, "
+    "attribute_values, meters"
+)
 
 
 def _database_url(name: str) -> str:

@@ -27,6 +27,7 @@ from tally.services.cancel import CancelService
 from tally.services.export import ExportService
 from tally.services.ingest import IngestService
 from tally.services.reconciliation import ReconciliationService
+from tally.services.usage import UsageService
 from tally.settings import Settings
 from tally.store import grants
 from tally.store.groupcommit import GroupCommitter
@@ -150,6 +151,7 @@ class Services:
     export: ExportService
     reconciliation: ReconciliationService
     cancel: CancelService
+    usage: UsageService
     keys: TenantKeys
     rate_limits: RateGuard
 
@@ -212,6 +214,7 @@ def build(
         export=ExportService(store=store, cursors=CursorCodec(store.secret("cursor")), keys=keys),
         reconciliation=ReconciliationService(store=store, keys=keys, clock=clock),
         cancel=CancelService(store=store, keys=keys, clock=clock),
+        usage=UsageService(store=store, keys=keys, clock=clock),
         keys=keys,
         rate_limits=RateGuard(
             open_limiter(settings) if limiter is None else limiter,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,9 @@ from tally.api.app import create_app
 from tally.auth.service import Scope
 from tally.bootstrap import build
 from tally.cli.main import app
+from tally.events.validation import EventIn
 from tally.registry.models import ApplicationIn, KeyIn, TenantIn
+from tally.services.ingest import seal_event
 from tally.settings import Settings
 from tests.api.helpers import export_all, post_events
 from tests.conftest import event, open_store
@@ -154,3 +158,27 @@ def test_a_wrong_keyring_is_a_message_not_a_traceback(
     env = {"TALLY_DATABASE_URL": database_url, "TALLY_KEYRING": str(other)}
     result = runner.invoke(app, ["reencrypt"], env=env)
     assert "does not have" in message(result)
+
+
+def test_reindex_gives_events_stored_before_tokens_theirs_and_resumes(
+    tally: Run, settings: Settings, database_url: str, keyring_path: Path
+) -> None:
+    ok_json(tally("keyring", "generate", "--json"))
+    with_events(settings, database_url, keyring_path)  # stored with tokens: nothing to do
+    services = build(
+        settings.model_copy(update={"keyring": str(keyring_path)}), store=open_store(database_url)
+    )
+    try:
+        cipher = services.keys.ciphers_of(["acme"])["acme"]
+        assert cipher is not None
+        draft = EventIn.model_validate(event("old", attributes={"sku": "one"})).draft()
+        sealed = seal_event(draft, application="vm", region="eu-west", cipher=cipher)
+        # As stored before migration 0006: no tokens, no dictionary entry.
+        old = dataclasses.replace(sealed, attribute_tokens=None, dictionary=())
+        services.store.append([old], received_at=datetime.now(UTC))
+
+        assert ok_json(tally("reindex", "--json", "--batch", "1")) == {"filled": 1}
+        assert ok_json(tally("reindex", "--json")) == {"filled": 0}  # resumable: none left
+        assert services.store.events_without_tokens(after=(-1, 0), limit=10) == []
+    finally:
+        services.close()

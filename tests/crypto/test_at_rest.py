@@ -9,21 +9,23 @@ import sqlite3
 import stat
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from tally.auth.service import Scope
 from tally.bootstrap import Services, build, open_keyring
 from tally.crypto import keyring as keyrings
 from tally.crypto.keyring import Keyring, KeyringError, MasterKey
 from tally.crypto.sealing import SealBroken
 from tally.events.model import event_content
-from tally.registry.models import TenantIn
+from tally.registry.models import KeyIn, TenantIn
 from tally.settings import Settings
 from tally.store.interface import EventStore
-from tests.api.helpers import assert_problem, auth, export_all, post_events
+from tests.api.helpers import assert_problem, at, auth, export_all, post_events
 from tests.conftest import World, event, now_text, open_store
 
 
@@ -43,12 +45,19 @@ def raw_database(database_url: str) -> bytes:
         )
         # Sealed bytes are kept as base64 text: decode them, or base64 alone would pass.
         with sqlite3.connect(path) as connection:
-            columns = [row[0] for row in connection.execute("SELECT attributes FROM events")]
+            columns = [
+                row[0]
+                for row in connection.execute(
+                    "SELECT attributes FROM events UNION ALL SELECT sealed FROM attribute_values"
+                )
+            ]
         return files + b"".join(base64.b64decode(column) for column in columns)
     with psycopg.connect(database_url) as connection:
         rows = connection.execute(
             "SELECT e::text FROM events e UNION ALL SELECT k::text FROM tenant_keys k "
-            "UNION ALL SELECT encode(attributes, 'escape') FROM events"
+            "UNION ALL SELECT encode(attributes, 'escape') FROM events "
+            "UNION ALL SELECT v::text FROM attribute_values v "
+            "UNION ALL SELECT encode(sealed, 'escape') FROM attribute_values"
         ).fetchall()
     return "\n".join(row[0] for row in rows).encode()
 
@@ -75,6 +84,51 @@ def test_no_attribute_value_is_stored_in_clear(
         "a": {"region_hint": values[1], "sku": values[0]},
         "b": {"n": 7, "note": values[2]},
     }
+
+
+def test_attribute_tokens_and_their_dictionary_hold_no_key_or_value_in_clear(
+    client: TestClient, world: World, services: Services, database_url: str
+) -> None:
+    key, values = f"key-{uuid.uuid4().hex}", [secret_value() for _ in range(2)]
+    batch = {
+        "events": [
+            event("t1", attributes={key: values[0]}),
+            event("t2", attributes={key: values[1]}),
+            event("t3", attributes={key: values[0]}),
+        ]
+    }
+    assert post_events(client, world.writer, batch).json()["accepted"] == 3
+    usage = services.registry.create_key(KeyIn(scopes=[Scope.USAGE_READ])).key
+
+    raw = raw_database(database_url)
+
+    for clear in (key, *values):
+        assert clear.encode() not in raw
+    # The tokens are there and work: usage groups by them and opens only the dictionary.
+    found = client.get(
+        "/v1/usage",
+        params={
+            "from": at(timedelta(hours=-1)),
+            "to": at(timedelta(hours=1)),
+            "group_by": f"attributes.{key}",
+            "aggregation": "count",
+        },
+        headers=auth(usage),
+    ).json()
+    assert sorted((r["group"][f"attributes.{key}"], r["value"]) for r in found["rows"]) == sorted(
+        [(values[0], 2), (values[1], 1)]
+    )
+    assert dictionary_size(database_url) == 2  # one entry per distinct value, not per event
+
+
+def dictionary_size(database_url: str) -> int:
+    if database_url.startswith("sqlite:///"):
+        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as connection:
+            return int(connection.execute("SELECT count(*) FROM attribute_values").fetchone()[0])
+    with psycopg.connect(database_url) as connection:
+        row = connection.execute("SELECT count(*) FROM attribute_values").fetchone()
+        assert row is not None
+        return int(row[0])
 
 
 def copy_sealed_attributes(database_url: str, *, source: str, target: str) -> None:

@@ -23,7 +23,9 @@ from tally.api.app import create_app
 from tally.auth import keys
 from tally.auth.service import Scope
 from tally.bootstrap import build
+from tally.registry.audit import SYSTEM
 from tally.registry.models import ApplicationIn, KeyIn, TenantIn
+from tally.services.usage import MeterSpec
 from tally.settings import Settings
 from tally.store.interface import EventStore
 from tests.conftest import event
@@ -58,6 +60,14 @@ def _new_id(_: Matrix) -> dict[str, Any]:
     return {"json": {"id": f"matrix-{next(_ids)}"}}
 
 
+def _new_meter(_: Matrix) -> dict[str, Any]:
+    return {
+        "json": {"id": f"meter-{next(_ids)}", "type": "compute.vcpu_seconds", "aggregation": "sum"}
+    }
+
+
+_SPAN = "from=2020-01-01T00:00:00Z&to=2100-01-01T00:00:00Z"
+
 # route: (how to call it, the status of each caller in CALLERS order)
 # fmt: off
 MATRIX: dict[str, tuple[Callable[[Matrix], dict[str, Any]] | None, str]] = {
@@ -77,6 +87,12 @@ MATRIX: dict[str, tuple[Callable[[Matrix], dict[str, Any]] | None, str]] = {
     "DELETE /v1/keys/{key_id}":               (lambda m: {"path": f"/v1/keys/{m.spare_ids[0]}"}, "401  401  401  401  401  204  403  403  403"),  # noqa: E501
     "POST /v1/keys/{key_id}/rotate":          (lambda m: {"path": f"/v1/keys/{m.spare_ids[1]}/rotate", "json": {"grace_seconds": 0}}, "401  401  401  401  401  201  403  403  403"),  # noqa: E501
     "GET /v1/reconciliation":                 (lambda m: {"path": f"/v1/reconciliation?{_DAY}"}, "401  401  401  401  401  403  403  403  200"),  # noqa: E501
+    "GET /v1/usage":                          (lambda m: {"path": f"/v1/usage?{_SPAN}"}, "401  401  401  401  401  403  403  403  200"),  # noqa: E501
+    "POST /v1/meters":                        (_new_meter,                              "401  401  401  401  401  201  403  403  403"),  # noqa: E501
+    "GET /v1/meters":                         (None,                                    "401  401  401  401  401  200  403  403  200"),  # noqa: E501
+    "GET /v1/meters/{meter_id}":              (lambda m: {"path": "/v1/meters/kept"},   "401  401  401  401  401  200  403  403  200"),  # noqa: E501
+    "DELETE /v1/meters/{meter_id}":           (lambda m: {"path": "/v1/meters/doomed"}, "401  401  401  401  401  204  403  403  403"),  # noqa: E501
+    "GET /v1/meters/{meter_id}/usage":        (lambda m: {"path": f"/v1/meters/kept/usage?{_SPAN}"}, "401  401  401  401  401  403  403  403  200"),  # noqa: E501
     "GET /v1/audit":                          (None,                                    "401  401  401  401  401  200  403  403  403"),  # noqa: E501
     "GET /healthz":                           (None,                                    "200  200  200  200  200  200  200  200  200"),  # noqa: E501
     "GET /readyz":                            (None,                                    "200  200  200  200  200  200  200  200  200"),  # noqa: E501
@@ -99,6 +115,10 @@ TENANT_CASES: list[tuple[str, str, str, dict[str, Any] | None, int]] = [
     ("acme_usage", "GET", f"/v1/reconciliation?tenant=acme&{_DAY}", None, 200),
     ("acme_writer", "POST", "/v1/events/vm/evt-globex/cancel", {"reason": "x"}, 404),
     ("acme_writer", "POST", "/v1/events/vm/evt-acme/cancel", {"reason": "x"}, 200),
+    ("acme_usage", "GET", f"/v1/usage?tenant=globex&{_SPAN}", None, 403),
+    ("acme_usage", "GET", f"/v1/usage?tenant=acme&{_SPAN}", None, 200),
+    ("acme_usage", "GET", f"/v1/meters/kept/usage?tenant=globex&{_SPAN}", None, 403),
+    ("acme_usage", "GET", f"/v1/meters/kept/usage?tenant=acme&{_SPAN}", None, 200),
 ]
 # fmt: on
 
@@ -153,6 +173,9 @@ def matrix(settings: Settings, store: EventStore) -> Iterator[Matrix]:
         "acme_writer": key(Scope.EVENTS_WRITE, application="vm", tenants=["acme"]),
         "acme_usage": key(Scope.USAGE_READ, tenants=["acme"]),
     }
+    for meter in ("kept", "doomed"):
+        spec = MeterSpec(id=meter, type="compute.vcpu_seconds", aggregation="sum")
+        services.usage.create_meter(spec, actor=SYSTEM)
     app = create_app(services=services)
     with TestClient(app, raise_server_exceptions=False) as client:
         for name, tenant in (("evt-acme", "acme"), ("evt-globex", "globex")):

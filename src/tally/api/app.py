@@ -9,7 +9,17 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from tally import __doc__ as summary
-from tally.api import admin, cancellations, docs, events, health, openapi, problems, reconciliation
+from tally.api import (
+    admin,
+    cancellations,
+    docs,
+    events,
+    health,
+    openapi,
+    problems,
+    reconciliation,
+    usage,
+)
 from tally.api.encoding import ContentDecoding
 from tally.api.middleware import RequestContext
 from tally.bootstrap import Services, build
@@ -65,6 +75,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         cancellations.router,
         admin.router,
         reconciliation.router,
+        usage.router,
         health.router,
         docs.router,
     )

@@ -35,6 +35,7 @@ from tally.api.admin import BODY_MODELS
 from tally.api.problems import PROBLEM_JSON, Problem
 from tally.api.schemas import CLOUDEVENT_BATCH_SCHEMA, BatchIn, BatchOut, CancelIn, SingleOut
 from tally.events.validation import CloudEventIn, EventIn
+from tally.services.usage import MeterSpec
 
 # Described in components although no route names them as a FastAPI model: the ingest body
 # and answer are written by hand (api/schemas.py), and problems are sent as plain responses.
@@ -47,6 +48,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     Problem,
     CancelIn,
     *BODY_MODELS,
+    MeterSpec,
 )
 
 _PROBLEM_SCHEMA = {"$ref": "#/components/schemas/Problem"}

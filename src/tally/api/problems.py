@@ -207,7 +207,9 @@ def install(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
             elif where == "body":
                 errors.append({"pointer": pointer_of(tuple(rest)), "detail": item["msg"]})
             else:
-                name = ".".join(str(part) for part in rest)
+                # A parameter by its name: the index of a repeated one (group_by.0) is no
+                # parameter's name.
+                name = str(rest[0]) if rest else ""
                 errors.append({"parameter": name, "detail": item["msg"]})
         return problem_response(
             request,

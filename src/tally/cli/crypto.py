@@ -7,14 +7,14 @@ a master key; see crypto/. Nothing here prints or logs key material.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tally.bootstrap import keyring_spec, open_keyring, utc_now
+from tally.bootstrap import keyring_spec, open_keyring, open_store, utc_now
 from tally.cli.common import (
     CommandError,
     JsonOption,
@@ -31,6 +31,7 @@ from tally.crypto.keyring import Keyring, KeyringError, KeyringSource
 from tally.crypto.sealing import SealBroken
 from tally.crypto.tenant_keys import TenantKeys
 from tally.registry.audit import Actor
+from tally.services.usage import backfill_tokens
 
 app = typer.Typer(no_args_is_help=True, help="Make and rotate the master keys (TALLY_KEYRING).")
 
@@ -154,6 +155,37 @@ def reencrypt(
         as_json=as_json,
         text=f"{moved} data keys moved to master key {keyring.newest.id}; {left} left.",
     )
+
+
+def reindex(
+    batch: Annotated[int, typer.Option(min=1, max=10_000, help="Events per round.")] = 1000,
+    as_json: JsonOption = False,
+) -> None:
+    """Give the events stored before attribute tokens existed (migration 0006) their tokens,
+    so that usage can group them by attribute: online, resumable, each event opened once. On
+    PostgreSQL it runs as the owner role (TALLY_OWNER_DATABASE_URL): the service role may
+    never update an event."""
+    spec, keyring = _configured_keyring()
+    configured = settings()
+    owner = configured.owner_database_url
+    if configured.sqlite_path is None and owner is not None:
+        configured = configured.model_copy(update={"database_url": owner})
+    with closing(open_store(configured)) as store, keyring_errors():
+        keys = TenantKeys(store=store, keyring=KeyringSource(spec, keyring), clock=utc_now)
+        keys.verify()
+        filled = 0
+        with Progress(
+            TextColumn("Tokenising attributes"),
+            TextColumn("{task.completed} events"),
+            TimeElapsedColumn(),
+            console=err,
+            disable=as_json,
+        ) as progress:
+            task = progress.add_task("reindex", total=None)
+            for step in backfill_tokens(store, keys, batch=batch):
+                filled += step
+                progress.update(task, advance=step)
+    emit({"filled": filled}, as_json=as_json, text=f"{filled} events given attribute tokens.")
 
 
 def shred(

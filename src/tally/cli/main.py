@@ -53,6 +53,7 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(audit.app, name="audit")
 app.add_typer(crypto.app, name="keyring")
 app.command("reencrypt")(crypto.reencrypt)
+app.command("reindex")(crypto.reindex)
 tenants_app.command("shred")(crypto.shred)
 billing.register(app)
 

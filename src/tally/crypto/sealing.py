@@ -104,7 +104,15 @@ def unwrap(master: MasterKey, *, tenant: str, wrapped: bytes) -> bytes:
 class TenantCipher:
     """One tenant's data key at work: seals and opens its attributes, keys its digests."""
 
-    __slots__ = ("_aead", "_mac_key", "_prefix", "_reason_prefix", "tenant")
+    __slots__ = (
+        "_aead",
+        "_mac_key",
+        "_prefix",
+        "_reason_prefix",
+        "_token_key",
+        "_value_prefix",
+        "tenant",
+    )
 
     def __init__(self, tenant: str, data_key: bytes) -> None:
         self.tenant = tenant
@@ -118,6 +126,35 @@ class TenantCipher:
         self._mac_key = HKDF(
             algorithm=hashes.SHA256(), length=32, salt=None, info=b"tally/content-digest/v1"
         ).derive(data_key)
+        # Attribute tokens (docs/usage.md): their own key, so that a token never equals a
+        # content digest, and shredding the data key makes every token of the tenant opaque.
+        self._token_key = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=b"tally/attribute-token/v1"
+        ).derive(data_key)
+        self._value_prefix = _associated("tally/attribute-value", tenant)
+
+    def key_token(self, key: str) -> str:
+        """The token of an attribute key: `k` and 16 hex digits, the same for every event of
+        the tenant, unrelated between tenants. The letter first: SQLite's `->>` reads a
+        label that starts with a digit as something else than an object member."""
+        mac = hmac.new(self._token_key, b"key\x00" + key.encode(), sha256)
+        return "k" + mac.hexdigest()[:16]
+
+    def value_token(self, key: str, value_json: str) -> str:
+        """The token of one attribute's value (`value_json`: its canonical JSON, so `"1"` and
+        `1` differ): 32 hex digits, equal exactly when key and value are."""
+        message = b"value\x00" + key.encode() + b"\x00" + value_json.encode()
+        return hmac.new(self._token_key, message, sha256).hexdigest()[:32]
+
+    def seal_value(self, token: str, value_json: str) -> bytes:
+        """`value_json` sealed for the dictionary entry of `token` (attribute_values)."""
+        return _seal(self._aead, value_json.encode(), self._value_prefix + _associated(token))
+
+    def open_value(self, token: str, sealed: bytes) -> str:
+        """The canonical JSON of the value whose token is `token`. Raises SealBroken for an
+        entry that is not this token's."""
+        associated = self._value_prefix + _associated(token)
+        return _open(self._aead, sealed, associated, "attribute value").decode()
 
     def seal(self, *, application: str, event_id: str, attributes_json: str) -> bytes:
         associated = self._prefix + _associated(application, event_id)

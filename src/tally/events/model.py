@@ -43,22 +43,25 @@ def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(UTC)
 
 
+def canonical_value(item: object) -> str:
+    """One flat value as canonical JSON: `Decimal`s as exact number literals."""
+    if isinstance(item, bool) or item is None:
+        return json.dumps(item)
+    if isinstance(item, Decimal):
+        return format_decimal(item)
+    if isinstance(item, int):
+        return str(item)
+    if isinstance(item, str):
+        return json.dumps(item, ensure_ascii=False)
+    raise TypeError(f"attribute values are flat: {type(item).__name__}")
+
+
 def canonical_json(value: dict[str, Any]) -> str:
     """Compact, key-sorted JSON in which `Decimal`s are written as exact number literals."""
-    parts: list[str] = []
-    for key in sorted(value):
-        item = value[key]
-        if isinstance(item, bool) or item is None:
-            encoded = json.dumps(item)
-        elif isinstance(item, Decimal):
-            encoded = format_decimal(item)
-        elif isinstance(item, int):
-            encoded = str(item)
-        elif isinstance(item, str):
-            encoded = json.dumps(item, ensure_ascii=False)
-        else:
-            raise TypeError(f"attribute values are flat: {type(item).__name__}")
-        parts.append(f"{json.dumps(key, ensure_ascii=False)}:{encoded}")
+    parts = [
+        f"{json.dumps(key, ensure_ascii=False)}:{canonical_value(value[key])}"
+        for key in sorted(value)
+    ]
     return "{" + ",".join(parts) + "}"
 
 
@@ -130,6 +133,11 @@ class NewEvent:
     attributes: bytes = field(repr=False)
     region: str
     digest: bytes = field(repr=False, compare=False)
+    # The keyed tokens of the attributes (JSON: key token -> value token, docs/usage.md), and
+    # the sealed dictionary entries (value token, sealed value) to store with the event: those
+    # of its tokens that the ingest path does not know to be stored already.
+    attribute_tokens: str | None = field(default=None, repr=False, compare=False)
+    dictionary: tuple[tuple[str, bytes], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def key(self) -> tuple[str, str]:

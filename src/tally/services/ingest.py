@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Sequence
+import json
+import threading
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -11,13 +13,21 @@ from tally.auth.service import Principal, Scope
 from tally.crypto.sealing import TenantCipher
 from tally.crypto.tenant_keys import TenantKeys
 from tally.errors import FieldError
-from tally.events.model import NewEvent, Outcome, canonical_json, clear_content, event_content
+from tally.events.model import (
+    NewEvent,
+    Outcome,
+    canonical_json,
+    canonical_value,
+    clear_content,
+    event_content,
+)
 from tally.events.validation import EventDraft
 from tally.registry.records import Tenant
 from tally.store.groupcommit import GroupCommitter
 from tally.store.interface import IngestStore
 
 FUTURE_SKEW = timedelta(minutes=5)
+_MAX_REMEMBERED = 1_000_000
 
 
 @dataclass(slots=True)
@@ -57,6 +67,13 @@ class IngestService:
         self._committer = committer
         self._keys = keys
         self._clock = clock
+        # The dictionary entries known to be committed, per tenant (value tokens): an event
+        # whose tokens are all here carries no entry to insert, so a batch of events with
+        # familiar attributes costs no extra seal and no extra row. Filled only after a
+        # commit, so a failed one never hides an entry that is not stored.
+        self._stored_tokens: dict[str, set[str]] = {}
+        self._remembered = 0
+        self._remember_lock = threading.Lock()
 
     def ingest(
         self, principal: Principal, candidates: Sequence[Candidate], ids: Sequence[str | None]
@@ -108,6 +125,7 @@ class IngestService:
                         application=principal.application,
                         region=tenant.region,
                         cipher=cipher,
+                        known=self._stored_tokens.get(tenant.id, ()),
                     )
                     ready.append((result, event))
         if held:
@@ -116,7 +134,21 @@ class IngestService:
             outcomes = self._committer.append([event for _, event in ready])
             for (result, _), outcome in zip(ready, outcomes, strict=True):
                 _settle(result, outcome)
+            self._remember([event for _, event in ready])
         return IngestReport(results=results)
+
+    def _remember(self, events: Sequence[NewEvent]) -> None:
+        """Note the dictionary entries `events` committed (a store writes every entry an
+        appended batch carries, whatever each event's outcome)."""
+        with self._remember_lock:  # request threads remember concurrently
+            if self._remembered > _MAX_REMEMBERED:
+                # A bound on memory: forgotten entries are only sealed and offered again.
+                self._stored_tokens, self._remembered = {}, 0
+            for event in events:
+                if event.dictionary:
+                    known = self._stored_tokens.setdefault(event.tenant, set())
+                    known.update(token for token, _ in event.dictionary)
+                    self._remembered += len(event.dictionary)
 
     def _judge_stored(
         self, application: str, held: Sequence[tuple[EventResult, EventDraft, TenantCipher | None]]
@@ -156,12 +188,35 @@ def _timeliness(time: datetime, tenant: Tenant, now: datetime) -> list[FieldErro
     return []
 
 
+def attribute_tokens(
+    cipher: TenantCipher, attributes: Mapping[str, object], known: Container[str] = ()
+) -> tuple[str, tuple[tuple[str, bytes], ...]]:
+    """The tokens of `attributes` as stored in `events.attribute_tokens` (JSON text, key token
+    -> value token), and the sealed dictionary entries of the value tokens not in `known`."""
+    tokens: dict[str, str] = {}
+    entries: list[tuple[str, bytes]] = []
+    for key, value in attributes.items():
+        value_json = canonical_value(value)
+        token = cipher.value_token(key, value_json)
+        tokens[cipher.key_token(key)] = token
+        if token not in known:
+            entries.append((token, cipher.seal_value(token, value_json)))
+    return json.dumps(tokens, sort_keys=True, separators=(",", ":")), tuple(entries)
+
+
 def seal_event(
-    draft: EventDraft, *, application: str, region: str, cipher: TenantCipher
+    draft: EventDraft,
+    *,
+    application: str,
+    region: str,
+    cipher: TenantCipher,
+    known: Container[str] = (),
 ) -> NewEvent:
-    """`draft` ready to append: its attributes sealed and its content digested with the
-    tenant's data key (`cipher`)."""
+    """`draft` ready to append: its attributes sealed, tokenised (dictionary entries for the
+    value tokens not in `known`) and its content digested with the tenant's data key
+    (`cipher`)."""
     attributes_json = canonical_json(draft.attributes)
+    tokens, dictionary = attribute_tokens(cipher, draft.attributes, known)
     return NewEvent(
         application=application,
         id=draft.id,
@@ -176,6 +231,8 @@ def seal_event(
         ),
         region=region,
         digest=cipher.digest(event_content(draft, attributes_json)),
+        attribute_tokens=tokens,
+        dictionary=dictionary,
     )
 
 

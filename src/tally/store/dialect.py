@@ -65,6 +65,18 @@ class Dialect:
         `bounds`, from 0), `range_start` and `range_end`, comparable with a time column."""
         raise NotImplementedError
 
+    def table(
+        self, alias: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[object]]
+    ) -> Fragment:
+        """`rows` as a table to select from or join, `alias(name, …)`, bound as one parameter
+        per column (PostgreSQL) or one in all (SQLite). Each column is (name, kind), a kind
+        one of `text`, `integer`, `time` and `sealed` (bytes)."""
+        raise NotImplementedError
+
+    def json_member(self, document: str, key: str) -> str:
+        """The text of member `key` (an SQL expression) of the JSON object `document`."""
+        return f"({document} ->> {key})"
+
     # The prefix of the exact aggregates' names: sum, min and max are `{exact}sum` and so on.
     exact: ClassVar[str]
 
@@ -163,6 +175,25 @@ class SQLiteDialect(Dialect):
     def time(self, value: datetime) -> object:
         return format_time(value)
 
+    def table(
+        self, alias: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[object]]
+    ) -> Fragment:
+        def cell(kind: str, value: object) -> object:
+            if value is None:
+                return None
+            if kind == "time":
+                assert isinstance(value, datetime)  # noqa: S101 - the column's declared kind
+                return format_time(value)
+            if kind == "sealed":
+                assert isinstance(value, bytes)  # noqa: S101 - the column's declared kind
+                return base64.b64encode(value).decode()  # kept as base64 text, as attributes
+            return value
+
+        kinds = [kind for _, kind in columns]
+        picked = ", ".join(f"value ->> {n} AS {name}" for n, (name, _) in enumerate(columns))
+        encoded = [[cell(k, v) for k, v in zip(kinds, row, strict=True)] for row in rows]
+        return f"(SELECT {picked} FROM json_each(?)) AS {alias}", [json.dumps(encoded)]
+
     def read_time(self, value: Any) -> datetime:
         return parse_time(value)
 
@@ -212,6 +243,21 @@ class PostgresDialect(Dialect):
             "AS r(range_start, range_end, n)",
             [[s for s, _ in bounds], [e for _, e in bounds]],
         )
+
+    _ARRAYS: ClassVar[dict[str, str]] = {
+        "text": "text[]",
+        "integer": "bigint[]",
+        "time": "timestamptz[]",
+        "sealed": "bytea[]",
+    }
+
+    def table(
+        self, alias: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[object]]
+    ) -> Fragment:
+        arrays = ", ".join(f"?::{self._ARRAYS[kind]}" for _, kind in columns)
+        names = ", ".join(name for name, _ in columns)
+        values = [[row[n] for row in rows] for n in range(len(columns))]
+        return f"unnest({arrays}) AS {alias}({names})", list(values)
 
     # NUMERIC arithmetic is exact: sum over numeric(38, 18) is an unconstrained numeric.
     exact = ""

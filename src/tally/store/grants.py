@@ -39,6 +39,10 @@ SERVICE_PRIVILEGES: Mapping[str, frozenset[str]] = {
     "cancellations": frozenset({"SELECT", "INSERT"}),
     # Append-only, like events.
     "audit_log": frozenset({"SELECT", "INSERT"}),
+    # The sealed dictionary of attribute value tokens (docs/usage.md): append-only.
+    "attribute_values": frozenset({"SELECT", "INSERT"}),
+    # Saved usage queries: created and deleted by admins (POST and DELETE /v1/meters).
+    "meters": frozenset({"SELECT", "INSERT", "DELETE"}),
     # Each tenant's wrapped data key: created on first use, rewrapped, shredded (an UPDATE,
     # also through INSERT … ON CONFLICT DO UPDATE); never deleted.
     "tenant_keys": frozenset({"SELECT", "INSERT", "UPDATE"}),

@@ -23,8 +23,10 @@ from tally.auth.records import KeyRecord
 from tally.crypto.records import DataKey
 from tally.events.log import ExportFilter, ExportPage, PeriodFigures, Totals
 from tally.events.model import Cancellation, NewEvent, Outcome, StoredEvent
+from tally.events.usage import Meter, TokenFill, UsageQuery, UsageRow
 from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
 from tally.registry.records import Application, Tenant
+from tally.store.usage import KeyTokens, Label
 
 
 class Lifecycle(Protocol):
@@ -125,6 +127,42 @@ class EventLog(Protocol):
         (time, application, id) order after the key `after` (None: from the first), each with
         whether it is cancelled; attributes still sealed. One page of a walk in bounded
         memory, along the (tenant, time) index."""
+
+    def usage(self, query: UsageQuery, *, key_tokens: KeyTokens, label: Label) -> list[UsageRow]:
+        """The aggregate of each window and group of `query` that holds matching events
+        (store/usage.py), computed by the database inside one snapshot, in no set order.
+        Attribute groups go through `key_tokens` and `label` (see their types): an event
+        whose tenant has no key token, or that lacks the attribute, groups as None. Raises
+        StoreUnavailable."""
+
+
+class TokenBackfill(Protocol):
+    """Attribute tokens for the events stored before migration 0006 (`tally reindex`)."""
+
+    def events_without_tokens(
+        self, *, after: tuple[int, int], limit: int
+    ) -> list[tuple[int, int, StoredEvent]]:
+        """Up to `limit` events without attribute tokens after the log position `after`
+        (partition, offset), in log order, each with its position."""
+
+    def add_attribute_tokens(self, fills: Sequence[TokenFill]) -> int:
+        """Set each event's tokens (only where none are set) and add their dictionary
+        entries, in one transaction; how many events were filled."""
+
+
+class Meters(Protocol):
+    """Saved usage queries (services/usage.py), each audited with its change."""
+
+    def create_meter(self, meter: Meter, *, audit: AuditEntry | None = None) -> None:
+        """Raises AlreadyExists when the id is taken."""
+
+    def get_meter(self, meter_id: str) -> Meter | None: ...
+
+    def list_meters(self) -> list[Meter]:
+        """Every meter, by id."""
+
+    def delete_meter(self, meter_id: str, *, audit: AuditEntry | None = None) -> bool:
+        """False (and nothing recorded) when there was no such meter."""
 
 
 class DataKeys(Protocol):
@@ -273,5 +311,15 @@ class RegistryStore(Registrations, DataKeys, AuditLog, Protocol):
     """What registry/service.py uses: registrations, a tenant's key state, the audit log."""
 
 
-class EventStore(Lifecycle, EventLog, DataKeys, Registrations, AuditLog, Protocol):
+class UsageStore(EventLog, DataKeys, Registrations, Meters, AuditLog, Protocol):
+    """What services/usage.py needs."""
+
+
+class ReindexStore(TokenBackfill, DataKeys, Protocol):
+    """What the backfill of attribute tokens needs."""
+
+
+class EventStore(
+    Lifecycle, EventLog, DataKeys, Registrations, AuditLog, Meters, TokenBackfill, Protocol
+):
     """Every contract at once: what a store object implements and what start-up opens."""

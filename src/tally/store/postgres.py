@@ -143,6 +143,7 @@ class PostgresStore(SQLStore):
             }
             outcomes = plan.classify(events, self._stored(session, events))
             fresh = [e for e, o in zip(events, outcomes, strict=True) if o is Outcome.ACCEPTED]
+            self._add_values(session, events)
             if not fresh:
                 return outcomes
             places, moved = plan.number(fresh, last, self.partitions)
@@ -150,10 +151,12 @@ class PostgresStore(SQLStore):
                 (row["application"], row["id"])
                 for row in session.all(
                     "INSERT INTO events (partition, log_offset, application, id, tenant, type, "
-                    "quantity, time, subject, unit, attributes, region, received_at, digest) "
+                    "quantity, time, subject, unit, attributes, region, received_at, digest, "
+                    "attribute_tokens) "
                     "SELECT * FROM unnest(?::smallint[], ?::bigint[], ?::text[], ?::text[], "
                     "?::text[], ?::text[], ?::numeric[], ?::timestamptz[], ?::text[], "
-                    "?::text[], ?::bytea[], ?::text[], ?::timestamptz[], ?::bytea[]) "
+                    "?::text[], ?::bytea[], ?::text[], ?::timestamptz[], ?::bytea[], "
+                    "?::text[]::jsonb[]) "
                     "ON CONFLICT (application, id) DO NOTHING RETURNING application, id",
                     (
                         [p for p, _ in places],
@@ -170,6 +173,7 @@ class PostgresStore(SQLStore):
                         [e.region for e in fresh],
                         [received_at] * len(fresh),
                         [e.digest for e in fresh],
+                        [e.attribute_tokens for e in fresh],
                     ),
                 )
             }

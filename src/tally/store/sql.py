@@ -27,11 +27,14 @@ from tally.crypto.records import DataKey
 from tally.errors import AlreadyExists
 from tally.events.log import Entry, ExportFilter, ExportPage, PeriodFigures, Totals, partition_of
 from tally.events.model import Cancellation, NewEvent, StoredEvent
+from tally.events.usage import Meter, TokenFill, UsageQuery, UsageRow
 from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
 from tally.registry.records import Application, Tenant
 from tally.store import plan
+from tally.store import usage as usage_sql
 from tally.store.audit import audit_where
 from tally.store.dialect import Dialect
+from tally.store.usage import KeyTokens, Label
 
 EVENT_COLUMNS = (
     "application, id, tenant, type, quantity, time, subject, unit, attributes, region, received_at"
@@ -215,6 +218,23 @@ class SQLStore:
             (row["application"], row["id"]): self.dialect.read_digest(row["digest"]) for row in rows
         }
 
+    def _add_values(self, session: Session, events: Sequence[NewEvent | TokenFill]) -> None:
+        """Insert the sealed dictionary entries `events` carry, in the caller's transaction
+        (an entry stored already stays as it is: equal tokens are equal values)."""
+        entries = {(e.tenant, token): sealed for e in events for token, sealed in e.dictionary}
+        if not entries:
+            return
+        values, params = self.dialect.table(
+            "v",
+            (("tenant", "text"), ("token", "text"), ("sealed", "sealed")),
+            [(tenant, token, sealed) for (tenant, token), sealed in entries.items()],
+        )
+        session.run(
+            "INSERT INTO attribute_values (tenant, token, sealed) "
+            f"SELECT v.tenant, v.token, v.sealed FROM {values} WHERE TRUE ON CONFLICT DO NOTHING",
+            params,
+        )
+
     def read(
         self, *, positions: Sequence[int], start: int, filters: ExportFilter, limit: int
     ) -> ExportPage:
@@ -304,6 +324,59 @@ class SQLStore:
             (application, event_id),
         )
         return self._cancellation(row) if row is not None else None
+
+    def events_without_tokens(
+        self, *, after: tuple[int, int], limit: int
+    ) -> list[tuple[int, int, StoredEvent]]:
+        rows = self._all(
+            f"SELECT partition, log_offset, {EVENT_COLUMNS} FROM events "
+            "WHERE attribute_tokens IS NULL AND (partition > ? OR (partition = ? AND "
+            "log_offset > ?)) ORDER BY partition, log_offset LIMIT ?",
+            (after[0], after[0], after[1], limit),
+        )
+        return [(row["partition"], row["log_offset"], self._event(row)) for row in rows]
+
+    def add_attribute_tokens(self, fills: Sequence[TokenFill]) -> int:
+        with self._write() as session:
+            filled = sum(
+                session.run(
+                    "UPDATE events SET attribute_tokens = ? "
+                    "WHERE application = ? AND id = ? AND attribute_tokens IS NULL",
+                    (fill.attribute_tokens, fill.application, fill.id),
+                )
+                for fill in fills
+            )
+            self._add_values(session, fills)
+        return filled
+
+    def usage(self, query: UsageQuery, *, key_tokens: KeyTokens, label: Label) -> list[UsageRow]:
+        d = self.dialect
+        with self._read(snapshot=True) as session:
+            # Both steps in one snapshot: every token the aggregate meets has its label.
+            labels: dict[str, list[tuple[str, str, str, int]]] = {}
+            for key in query.attribute_keys():
+                tokens = key_tokens.get(key, ())
+                if not tokens:
+                    continue
+                found = session.all(*usage_sql.tokens_sql(query, key, tokens, d))
+                named = label(
+                    key,
+                    [
+                        (
+                            row["tenant"],
+                            row["token"],
+                            d.read_sealed(row["sealed"]) if row["sealed"] is not None else None,
+                        )
+                        for row in found
+                    ],
+                )
+                of_tenant = dict(tokens)
+                labels[key] = [
+                    (tenant, of_tenant[tenant], token, number)
+                    for (tenant, token), number in named.items()
+                ]
+            rows = session.all(*usage_sql.usage_sql(query, labels, d))
+        return usage_sql.read_rows(rows, query, d)
 
     def get_event(self, application: str, event_id: str) -> StoredEvent | None:
         row = self._one(
@@ -398,6 +471,35 @@ class SQLStore:
             )
             for row in rows
         }
+
+    # --- meters ---------------------------------------------------------------------------
+
+    def create_meter(self, meter: Meter, *, audit: AuditEntry | None = None) -> None:
+        self._insert(
+            "INSERT INTO meters (id, spec, created_at) VALUES (?, ?, ?)",
+            (meter.id, meter.spec, self.dialect.time(meter.created_at)),
+            what="meter",
+            audit=audit,
+        )
+
+    def _meter(self, row: Row) -> Meter:
+        return Meter(
+            id=row["id"], spec=row["spec"], created_at=self.dialect.read_time(row["created_at"])
+        )
+
+    def get_meter(self, meter_id: str) -> Meter | None:
+        row = self._one("SELECT * FROM meters WHERE id = ?", (meter_id,))
+        return self._meter(row) if row is not None else None
+
+    def list_meters(self) -> list[Meter]:
+        return [self._meter(row) for row in self._all("SELECT * FROM meters ORDER BY id")]
+
+    def delete_meter(self, meter_id: str, *, audit: AuditEntry | None = None) -> bool:
+        with self._write() as session:
+            deleted = session.run("DELETE FROM meters WHERE id = ?", (meter_id,))
+            if deleted == 1:
+                self._audit(session, audit)
+        return deleted == 1
 
     # --- tenant data keys -------------------------------------------------------------------
 

@@ -192,15 +192,17 @@ class SQLiteStore(SQLStore):
                         e.region,
                         received,
                         e.digest.hex(),
+                        e.attribute_tokens,
                     ]
                     for e, (partition, offset) in zip(fresh, places, strict=True)
                 ]
                 session.run(
                     "INSERT INTO events (partition, log_offset, application, id, tenant, type, "
-                    "quantity, time, subject, unit, attributes, region, received_at, digest) "
+                    "quantity, time, subject, unit, attributes, region, received_at, digest, "
+                    "attribute_tokens) "
                     "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, "
                     "value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, "
-                    "value ->> 10, value ->> 11, value ->> 12, value ->> 13 "
+                    "value ->> 10, value ->> 11, value ->> 12, value ->> 13, value ->> 14 "
                     "FROM json_each(?)",
                     (json.dumps(rows),),
                 )
@@ -209,4 +211,5 @@ class SQLiteStore(SQLStore):
                     "FROM json_each(?) AS moved WHERE partition = moved.value ->> 0",
                     (json.dumps(list(moved.items())),),
                 )
+            self._add_values(session, events)
         return outcomes
