@@ -482,3 +482,34 @@ def test_events_at_the_same_instant_are_each_counted_once_across_digest_pages(
 
     assert (row["count"], row["sum"]) == (5, "10")
     assert row["digest"] == reconciliation_digest(recon.exported(row))
+
+
+def test_a_cancellation_moves_its_event_to_cancelled_changes_the_digest_and_leaves_usage(
+    recon: Recon,
+) -> None:
+    recon.report(*BERLIN_EVENTS)
+    day = {**BERLIN_DAYS, "tenant": "acme", "from": "2026-03-28T00:00:00+01:00"}
+    [before] = [r for r in recon.rows(**day) if r["period_start"].startswith("2026-03-28")]
+
+    cancelled = recon.client.post(
+        "/v1/events/vm/a2/cancel", json={"reason": "reported twice"}, headers=auth(recon.writer)
+    )
+    assert cancelled.status_code == 200, cancelled.text
+
+    [after] = [r for r in recon.rows(**day) if r["period_start"].startswith("2026-03-28")]
+    assert (before["count"], before["sum"]) == (2, "0.3")
+    assert (after["count"], after["sum"]) == (1, "0.1")
+    assert after["cancelled"] == {"count": 1, "sum": "0.2"}
+    assert after["digest"] != before["digest"]
+    # A billing system that follows the export sees the cancellation and proves the new digest.
+    entries = recon.exported(after)
+    assert {e["kind"] for e in entries} == {"event", "cancellation"}
+    assert after["digest"] == reconciliation_digest(entries)
+    # Usage leaves the cancelled event out of its sum.
+    usage = recon.client.get(
+        "/v1/usage",
+        params={"tenant": "acme", "from": day["from"], "to": "2026-03-29T00:00:00+01:00"},
+        headers=auth(recon.usage),
+    )
+    assert usage.status_code == 200, usage.text
+    assert [row["value"] for row in usage.json()["rows"]] == ["0.1"]
