@@ -1,11 +1,11 @@
 """`tally export`, `tally usage` and `tally reconcile` against a real `tally serve`.
 
-The export runs against the real server (its JSON pages today; the SDK reads the NDJSON
-stream once the server has it), killed with SIGKILL at random points and resumed. Routes that
-other engineers are still building (`GET /v1/usage`, `GET /v1/reconciliation`) are served by
-`Stub`, a local HTTP server answering the shapes of issue 8; the reconciliation stub's figures
-are computed with `reconciliation_digest` from the real server's own export. LABELLED: switch
-`reconciliation_of` to the real route once it lands.
+The export runs against the real server, killed with SIGKILL at random points and resumed.
+`reconcile` is tried against the real `GET /v1/reconciliation`, whose rows must also equal
+`reconciliation_of`: an independent reconciliation computed from the export's entries with
+`reconciliation_digest`. The tests of the command's own comparisons (repeated, missing and
+one-sided periods, damaged files) and of how it renders usage serve those figures from `Stub`,
+a local HTTP server, so that each mismatch can be made exactly.
 """
 
 from __future__ import annotations
@@ -744,3 +744,50 @@ def test_the_readme_billing_example_runs_as_written(deployment: Deployment, tmp_
     assert run.returncode == 0, run.stderr.decode()
     assert [entry["tenant"] for entry in ndjson(tmp_path / "acme.ndjson")] == ["acme"] * 5
     assert b"5 entries written" in run.stdout
+
+
+def test_reconcile_against_the_real_route_matches_then_names_an_altered_period(
+    exported: tuple[Path, dict[str, Any]], deployment: Deployment, tmp_path: Path
+) -> None:
+    path, independent = exported
+    server = deployment.server
+    made = httpx.post(
+        f"{server.base_url}/v1/keys",
+        json={"scopes": ["usage:read"]},
+        headers={"Authorization": f"Bearer {server.admin_key}"},
+    )
+    assert made.status_code == 201, made.text
+    usage_key = made.json()["key"]
+    start, end = (TIMES[0] - timedelta(days=1)).isoformat(), (NOW + timedelta(days=1)).isoformat()
+    query = {"tenant": "acme", "from": start, "to": end, "period": "day", "tz": "Europe/Berlin"}
+    real = httpx.get(
+        f"{server.base_url}/v1/reconciliation",
+        params=query,
+        headers={"Authorization": f"Bearer {usage_key}"},
+    ).json()["rows"]
+    # The route agrees with a reconciliation computed independently from the export.
+    pick = ("tenant", "type", "count", "sum", "digest", "cancelled")
+    assert sorted(tuple(str(r[k]) for k in pick) for r in real) == sorted(
+        tuple(str(r[k]) for k in pick) for r in independent["rows"]
+    )
+
+    def run(file: Path) -> Result:
+        return cli(
+            "reconcile", "--url", server.base_url, "--tenant", "acme", "--from", start,
+            "--to", end, "--period", "day", "--tz", "Europe/Berlin", "--verify", str(file),
+            "--json", key=usage_key,
+        )  # fmt: skip
+
+    matched = run(path)
+    assert matched.exit_code == 0, matched.output
+    assert json.loads(matched.stdout)["matches"] is True
+
+    lines = path.read_text().splitlines()
+    first = json.loads(lines[0], parse_float=Decimal)
+    first["quantity"] = str(Decimal(first["quantity"]) + 1)
+    altered = tmp_path / "altered.ndjson"
+    altered.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    differs = run(altered)
+    assert differs.exit_code == 1, differs.output
+    periods = json.loads(differs.stdout)["periods"]
+    assert [p["status"] for p in periods].count("match") == len(periods) - 1
