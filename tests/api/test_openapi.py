@@ -278,3 +278,10 @@ def test_every_value_a_parameter_pattern_accepts_the_server_accepts(
     answer = probe(client, _probe_url(path, parameter, value), every_scope)
 
     assert not _named(answer, parameter["name"]), (path, parameter["name"], value, answer.text)
+
+
+def test_every_component_schema_has_a_plain_name(client: TestClient) -> None:
+    # Two models of one name get module-qualified names (tally__api__…), which generators
+    # refuse as duplicates: the generated client then silently lacks whatever refers to them.
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert [name for name in schemas if "__" in name] == []

@@ -36,7 +36,7 @@ CSV_COLUMNS = (
 )
 
 
-class CancelledOut(BaseModel):
+class CancelledFigures(BaseModel):
     count: int
     sum: str = Field(description="Exact decimal as a string")
 
@@ -50,7 +50,7 @@ class ReconciliationRowOut(BaseModel):
     sum: str = Field(description="Their exact sum of quantities, as a decimal string")
     digest: str = Field(description="docs/reconciliation.md; covers cancelled events too")
     last_received_at: str = Field(description="RFC 3339, UTC: the latest event received")
-    cancelled: CancelledOut
+    cancelled: CancelledFigures
     final: bool = Field(description="The figures of a final period never change")
     final_at: str = Field(description="RFC 3339, UTC: period_end + the tenant's lateness window")
 
