@@ -28,7 +28,7 @@ from tally.errors import (
     InvalidInput,
     UnsupportedMediaType,
 )
-from tally.events.log import Entry, ExportFilter
+from tally.events.log import EXPORT_CSV_COLUMNS, Entry, ExportFilter
 from tally.events.model import Cancellation, StoredEvent
 from tally.events.validation import (
     CloudEventIn,
@@ -332,25 +332,7 @@ async def post_events(request: Request, principal: PrincipalDep, services: Servi
 
 _FORMATS = (JSON, NDJSON, CSV)
 
-# The CSV columns of an export stream: every field of both kinds of entry (a field the kind
-# lacks is empty), `attributes` as JSON text, and the cursor that resumes after the row.
-CSV_COLUMNS = (
-    "kind",
-    "application",
-    "id",
-    "tenant",
-    "type",
-    "quantity",
-    "time",
-    "subject",
-    "unit",
-    "region",
-    "received_at",
-    "reason",
-    "shredded",
-    "attributes",
-    "cursor",
-)
+CSV_COLUMNS = EXPORT_CSV_COLUMNS
 
 
 def _range(low: object, high: object, names: tuple[str, str]) -> None:

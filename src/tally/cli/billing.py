@@ -32,31 +32,13 @@ from tally.cli.common import CommandError, JsonOption, emit, out, parse_since, t
 from tally.client import Client, TallyError
 from tally.errors import InvalidInput
 from tally.events.digest import DigestAccumulator, canonical_decimal, canonical_time
+from tally.events.log import EXPORT_CSV_COLUMNS
 
 # Exact arithmetic for sums of decimals of any size: Decimal's default context rounds to 28
 # digits, and Tally's quantities may have 38.
 EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
 
-# The export's CSV columns (as the server's `text/csv` stream): `kind`, the fields of an event
-# and of a cancellation, `attributes` as JSON, and the `cursor` that resumes after the row.
-CSV_COLUMNS = (
-    "kind",
-    "id",
-    "application",
-    "tenant",
-    "type",
-    "quantity",
-    "time",
-    "subject",
-    "unit",
-    "region",
-    "received_at",
-    "shredded",
-    "cancelled",
-    "reason",
-    "attributes",
-    "cursor",
-)
+CSV_COLUMNS = EXPORT_CSV_COLUMNS
 FORMATS = ("ndjson", "csv")
 
 UrlOption = Annotated[

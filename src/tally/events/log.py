@@ -112,3 +112,25 @@ class PeriodFigures:
     cancelled_count: int
     cancelled_sum: Decimal
     last_received_at: datetime
+
+
+EXPORT_CSV_COLUMNS = (
+    "kind",
+    "application",
+    "id",
+    "tenant",
+    "type",
+    "quantity",
+    "time",
+    "subject",
+    "unit",
+    "region",
+    "received_at",
+    "reason",
+    "shredded",
+    "attributes",
+    "cursor",
+)
+"""The CSV columns of an export (the server's `text/csv` stream and `tally export`'s files):
+every field of both kinds of entry (a field the kind lacks is empty), `attributes` as JSON
+text, and the cursor that resumes after the row."""
