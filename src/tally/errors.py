@@ -87,6 +87,11 @@ class StoreUnavailable(TallyError):
     """The store cannot be reached or is shutting down (ERR-SYS-503); safe to retry."""
 
 
+class StoreFull(StoreUnavailable):
+    """The disk under the store is full (ERR-SYS-503): the transaction was rolled back, so
+    nothing of the request was stored; safe to retry once space is freed."""
+
+
 class RateLimited(TallyError):
     """Over a rate limit (ERR-RATE-429); nothing was done, so a retry after `retry_after`
     seconds is safe. `limit`, `remaining` and `reset` describe the limit that refused."""

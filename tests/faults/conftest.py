@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.conftest import IN_CI, new_database
+# The throwaway-cluster fixture, for scenarios that stop the database (or fill its disk).
+from tests.api.test_outage import cluster
+from tests.conftest import new_database
 from tests.support import faults
-from tests.support.pgcluster import Cluster, throwaway_cluster
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -26,18 +27,6 @@ def fresh_postgres() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    """A throwaway PostgreSQL cluster, for scenarios that stop the database."""
-    try:
-        with throwaway_cluster() as started:
-            yield started
-    except FileNotFoundError as missing:  # no PostgreSQL server programs on this machine
-        if IN_CI:
-            raise
-        pytest.skip(f"PostgreSQL server programs are not installed: {missing}")
-
-
 @pytest.fixture(autouse=True)
 def record(record_property: Callable[[str, object], None]) -> Iterator[None]:
     """Each scenario's line also goes to the JUnit report as a property."""
@@ -45,3 +34,6 @@ def record(record_property: Callable[[str, object], None]) -> Iterator[None]:
     yield
     for line in faults.LINES[before:]:
         record_property("scenario", line)
+
+
+__all__ = ["cluster"]

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from typing import Protocol
 
 from tally.client import Client, Event, Failure
 
@@ -50,6 +51,12 @@ class Ledger:
     def on_failure(self, failures: Sequence[Failure]) -> None:
         with self.lock:
             self.failed.extend(failures)
+
+    def add_acknowledged(self, ids: Sequence[str]) -> None:
+        """Ids acknowledged outside the SDK (a scenario's own requests)."""
+        with self.lock:
+            self.reported.extend(ids)
+            self.acknowledged_count += len(ids)
 
     @property
     def acknowledged(self) -> set[str]:
@@ -255,49 +262,55 @@ def tmpfs(path: Path, size: str, *, owner: tuple[int, int] | None = None) -> Ite
         subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
-def fill(folder: Path) -> Path:
-    """Write a file in `folder` until its filesystem has no space left; the file's path."""
-    filler = folder / "filler"
-    chunk = b"\0" * 65536
-    with filler.open("wb", buffering=0) as out:
-        while True:
-            try:
-                out.write(chunk)
-            except OSError as error:
-                if error.errno != errno.ENOSPC:
-                    raise
-                break
-    # Whatever a page of 64 KiB left over: a byte at a time would take long; a 4 KiB page
-    # more is enough to leave no whole page for SQLite or PostgreSQL.
-    with filler.open("ab", buffering=0) as out:
-        try:
-            while True:
-                out.write(b"\0" * 4096)
-        except OSError as error:
-            if error.errno != errno.ENOSPC:
-                raise
-    return filler
+class Space(Protocol):
+    """A way to run a store out of space, and to give the space back."""
+
+    def exhaust(self) -> None: ...
+
+    def restore(self) -> None: ...
 
 
-def limit_file_size(pid: int, limit: int | None) -> None:
-    """Set the file-size limit (RLIMIT_FSIZE) of process `pid` to `limit` bytes, or lift it
-    (None). A write past the limit then fails with EFBIG (Python ignores SIGXFSZ), as a
-    full disk would fail it with ENOSPC."""
-    soft = resource.RLIM_INFINITY if limit is None else limit
-    resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, resource.RLIM_INFINITY))
+@dataclass
+class Filling:
+    """Fills the filesystem of `folder` with a file, and deletes it."""
+
+    folder: Path
+
+    @property
+    def filler(self) -> Path:
+        return self.folder / "filler"
+
+    def exhaust(self) -> None:
+        """Write the file until the filesystem has no space left (ENOSPC)."""
+        with self.filler.open("wb", buffering=0) as out:
+            # Big chunks, then single pages: no page is left for SQLite or PostgreSQL.
+            for chunk in (b"\0" * 65536, b"\0" * 4096):
+                try:
+                    while True:
+                        out.write(chunk)
+                except OSError as error:
+                    if error.errno != errno.ENOSPC:
+                        raise
+
+    def restore(self) -> None:
+        self.filler.unlink()
 
 
-def largest_file(folder: Path) -> int:
-    return max((entry.stat().st_size for entry in folder.iterdir() if entry.is_file()), default=0)
+@dataclass
+class FileSizeLimit:
+    """Limits the files process `pid` writes (RLIMIT_FSIZE) to the size of the largest file
+    in `folder` now, and lifts the limit. A write past it fails with EFBIG (Python ignores
+    SIGXFSZ), as one on a full disk fails with ENOSPC: for where mounting is not permitted."""
 
+    pid: int
+    folder: Path
 
-def mount_permitted(folder: Path) -> bool:
-    """Whether this process may mount a tmpfs (tried on a scratch folder under `folder`)."""
-    try:
-        with tmpfs(folder / "probe-mount", "1m"):
-            return True
-    except PermissionError:
-        return False
-    finally:
-        if (folder / "probe-mount").exists():
-            (folder / "probe-mount").rmdir()
+    def _limit(self, soft: int) -> None:
+        resource.prlimit(self.pid, resource.RLIMIT_FSIZE, (soft, resource.RLIM_INFINITY))
+
+    def exhaust(self) -> None:
+        sizes = [entry.stat().st_size for entry in self.folder.iterdir() if entry.is_file()]
+        self._limit(max(sizes, default=0))
+
+    def restore(self) -> None:
+        self._limit(resource.RLIM_INFINITY)

@@ -12,6 +12,7 @@ value or fragment gets a method here on both dialects, never a second copy of th
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import sqlite3
 from collections.abc import Sequence
@@ -24,6 +25,9 @@ from psycopg import errors as pg_errors
 from psycopg_pool import PoolTimeout
 
 from tally.events.model import format_decimal, format_time, parse_time
+
+# A write refused for want of space: the disk, the user's quota, or the file-size limit.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 Fragment = tuple[str, list[object]]
 """A piece of SQL with `?` placeholders and the values they bind, in order."""
@@ -47,6 +51,10 @@ class Dialect:
     def sql(self, text: str) -> str:
         """`text` with the driver's placeholder for each `?`."""
         return text
+
+    def full(self, error: BaseException) -> bool:
+        """Whether `error` (the driver's, or an OSError) says the disk under the store is full."""
+        return isinstance(error, OSError) and error.errno in _NO_SPACE
 
     def in_list(self, column: str, values: Sequence[object]) -> Fragment:
         """`column` is one of `values` (one bound parameter, however many values)."""
@@ -136,6 +144,13 @@ class SQLiteDialect(Dialect):
     for_update = ""
     for_share = ""
 
+    def full(self, error: BaseException) -> bool:
+        # SQLITE_FULL: a write found no space (SQLite reports a file-size limit, EFBIG, as a
+        # plain I/O error, which stays unavailable).
+        if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        return super().full(error)
+
     def in_list(self, column: str, values: Sequence[object]) -> Fragment:
         return f"{column} IN (SELECT value FROM json_each(?))", [json.dumps(list(values))]
 
@@ -218,6 +233,11 @@ class PostgresDialect(Dialect):
     privilege = (pg_errors.InsufficientPrivilege,)
     for_update = " FOR UPDATE"
     for_share = " FOR SHARE"
+
+    def full(self, error: BaseException) -> bool:
+        # SQLSTATE 53100 disk_full: the server could not extend a table, an index or a
+        # temporary file (a full WAL volume is no error but a PANIC: the server restarts).
+        return isinstance(error, pg_errors.DiskFull) or super().full(error)
 
     def sql(self, text: str) -> str:
         # No query of Tally's uses a literal '?' or '%' (jsonb's '?' operators included).

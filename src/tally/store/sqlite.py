@@ -18,13 +18,18 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from tally.errors import StoreUnavailable
+import structlog
+
+from tally.errors import StoreFull, StoreUnavailable
 from tally.events.model import NewEvent, Outcome, format_decimal, format_time
 from tally.store import migrate, plan
 from tally.store.dialect import SQLiteDialect
 from tally.store.sql import Session, SQLStore
 
 MIN_SQLITE = (3, 38, 0)
+FULL = "The disk under the SQLite store is full: nothing was stored. Retry once space is freed."
+
+log = structlog.get_logger(__name__)
 
 
 def create_owner_only(path: Path) -> None:
@@ -57,6 +62,7 @@ class SQLiteStore(SQLStore):
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self.partitions = 0
+        self._full = False  # the last write failed for want of space (under _write_lock)
 
     # --- connections ----------------------------------------------------------------------
 
@@ -95,6 +101,8 @@ class SQLiteStore(SQLStore):
                 if snapshot:
                     connection.execute("COMMIT")
         except sqlite3.OperationalError as error:
+            if self.dialect.full(error):
+                raise StoreFull(FULL) from error
             raise StoreUnavailable("The SQLite store cannot be read.") from error
         finally:
             self._idle.put(connection)
@@ -104,7 +112,9 @@ class SQLiteStore(SQLStore):
         """One write transaction; serialised in-process by a lock, across processes by SQLite.
 
         Any failure, COMMIT's included, rolls back so the writer connection is clean for the
-        next transaction; an operational failure (busy, I/O, disk full) is StoreUnavailable.
+        next transaction; an operational failure (busy, I/O) is StoreUnavailable, and a full
+        disk StoreFull. The log says when the disk fills and when writes succeed again (once
+        each, not per refused request).
         """
         with self._write_lock:
             if self._writer is None:
@@ -115,11 +125,31 @@ class SQLiteStore(SQLStore):
                 yield Session(connection, self.dialect)
                 connection.execute("COMMIT")
             except BaseException as error:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
+                self._roll_back(connection)
                 if isinstance(error, sqlite3.OperationalError):
+                    if self.dialect.full(error):
+                        if not self._full:
+                            self._full = True
+                            log.warning("store_full", store="sqlite")
+                        raise StoreFull(FULL) from error
                     raise StoreUnavailable("The SQLite store is busy or unwritable.") from error
                 raise
+            if self._full:
+                self._full = False
+                log.info("store_writable_again", store="sqlite")
+
+    def _roll_back(self, connection: sqlite3.Connection) -> None:
+        """Roll back the writer's transaction, if SQLite has not already (it does itself on
+        some errors, a full disk among them). A writer that cannot roll back is dropped, and
+        the next write opens a new one, so that the failure stays the one to report."""
+        try:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+        except sqlite3.Error:
+            with self._connections_lock:
+                self._connections.remove(connection)
+            connection.close()
+            self._writer = None
 
     def open(self) -> SQLiteStore:
         """Check the schema is there and read the partition count. Raises StoreUnavailable."""
