@@ -16,7 +16,7 @@ from tests.support.pgcluster import Cluster
 from tests.support.server import running_server
 
 CRASHES = 2
-DOWN_SECONDS = 1.0
+DOWN_SECONDS = 0.5
 
 
 @pytest.mark.timeout(90)
@@ -28,11 +28,11 @@ def test_database_crashed_and_restarted_under_load_loses_and_doubles_nothing(
         writer, reader = register(server)
         with Senders(server.base_url, writer) as senders:
             for _ in range(CRASHES):
-                pause(rng, 0.5, 1.0)
+                pause(rng, 0.3, 0.7)
                 cluster.crash()
                 time.sleep(DOWN_SECONDS)
                 cluster.start()
-            pause(rng, 0.5, 1.0)
+            pause(rng, 0.3, 0.7)
             ledger = senders.stop()
         count = Count.of("database-crash", ledger, exported_ids(server, reader))
     count.assert_exactly_once()

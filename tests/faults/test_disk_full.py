@@ -130,14 +130,17 @@ def mounted(path: Path, size: str, owner: tuple[int, int] | None = None) -> Iter
 def test_sqlite_on_a_full_tmpfs_answers_503_then_recovers(tmp_path: Path) -> None:
     with mounted(tmp_path / "disk", "16m") as disk:
         url = f"sqlite:///{disk / 'tally.db'}"
-        with running_server(url, tmp_path, env=ENV) as server:
+        with running_server(url, tmp_path, env=ENV | {"TALLY_LOG_LEVEL": "info"}) as server:
             count = fill_and_free(
                 "disk-full-sqlite-tmpfs",
                 server,
                 faults.Filling(disk),
                 told="disk under the SQLite store is full",
             )
-            assert '"event": "store_full"' in server.stderr.read_text()
+            log = server.stderr.read_text()
+    # Once each: when the disk filled, and when a write succeeded again.
+    assert log.count('"event": "store_full"') == 1, log
+    assert log.count('"event": "store_writable_again"') == 1, log
     count.assert_exactly_once()
 
 

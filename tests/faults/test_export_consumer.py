@@ -18,7 +18,7 @@ from tests.client.conftest import ENV, exported_ids, register
 from tests.support.faults import Count, Senders, kill
 from tests.support.server import TALLY, running_server
 
-KILLS = 4
+KILLS = 3
 
 
 def lines(path: Path) -> int:
@@ -47,7 +47,7 @@ def test_an_export_consumer_killed_mid_stream_resumes_with_no_gap_and_no_repeat(
                     stderr=subprocess.PIPE,
                 )
                 # Killed once it has written some more entries: at whatever byte it is then.
-                wanted = lines(out) + rng.randint(10, 120)
+                wanted = lines(out) + rng.randint(10, 80)
                 deadline = time.monotonic() + 30
                 while lines(out) < wanted and consumer.poll() is None:
                     assert time.monotonic() < deadline, "the consumer made no progress"

@@ -3,8 +3,8 @@ nothing is stored twice, though the clients resend every batch that got no answe
 
 - One server, killed again and again at random moments and restarted on its port, over
   SQLite and over PostgreSQL.
-- Two replicas over one PostgreSQL: one is killed, the clients (given both URLs) fail over to
-  the other; it comes back, and then the other is killed.
+- Two replicas over one PostgreSQL: one is killed, and the clients (given both URLs) fail
+  over to the other.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.client.conftest import ENV, exported_ids, register
 from tests.support.faults import Count, Senders, kill, pause
 from tests.support.server import free_port, running_server
 
-KILLS = 3
+KILLS = 2
 
 
 def killed_repeatedly(database_url: str, workdir: Path, scenario: str) -> Count:
@@ -35,7 +35,7 @@ def killed_repeatedly(database_url: str, workdir: Path, scenario: str) -> Count:
                 with running_server(
                     database_url, workdir, env=ENV, port=port, label=f"serve-{n}"
                 ) as again:
-                    pause(rng, 0.3, 1.0)
+                    pause(rng, 0.3, 0.7)
                     kill(again.process)
             with running_server(
                 database_url, workdir, env=ENV, port=port, label="serve-last"
@@ -66,8 +66,7 @@ def test_a_replica_killed_while_clients_fail_over_to_the_other(
     fresh_postgres: str, tmp_path: Path
 ) -> None:
     rng = random.Random("replicas")
-    port_a = free_port()
-    with running_server(fresh_postgres, tmp_path, env=ENV, port=port_a, label="a") as a:
+    with running_server(fresh_postgres, tmp_path, env=ENV, label="a") as a:
         writer, reader = register(a)
         with (
             running_server(fresh_postgres, tmp_path, env=ENV, label="b") as b,
@@ -75,14 +74,9 @@ def test_a_replica_killed_while_clients_fail_over_to_the_other(
         ):
             pause(rng, 0.5, 1.0)
             kill(a.process)
-            pause(rng, 0.5, 1.0)  # everything goes to b meanwhile
-            with running_server(
-                fresh_postgres, tmp_path, env=ENV, port=port_a, label="a-again"
-            ) as back:
-                kill(b.process)
-                pause(rng, 0.5, 1.0)
-                ledger = senders.stop()
-                moved_back = {client.active_base_url for client in senders.clients}
-                count = Count.of("replica-killed", ledger, exported_ids(back, reader))
+            pause(rng, 1.0, 1.5)  # everything goes to b meanwhile
+            ledger = senders.stop()
+            count = Count.of("replica-killed", ledger, exported_ids(b, reader))
     count.assert_exactly_once()
-    assert moved_back == {back.base_url}, "the clients did not fail over back to a"
+    assert {client.active_base_url for client in senders.clients} == {b.base_url}
+    assert senders.retries.by_status[None], "no client met the killed replica"

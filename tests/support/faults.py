@@ -92,7 +92,7 @@ class Senders:
         key: str,
         *,
         clients: int = 3,
-        pace: float = 0.004,
+        pace: float = 0.01,
         deadline: float = 60.0,
         ledger: Ledger | None = None,
     ) -> None:
