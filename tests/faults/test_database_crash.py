@@ -19,6 +19,7 @@ CRASHES = 2
 DOWN_SECONDS = 0.5
 
 
+@pytest.mark.postgres
 @pytest.mark.timeout(90)
 def test_database_crashed_and_restarted_under_load_loses_and_doubles_nothing(
     cluster: Cluster, tmp_path: Path

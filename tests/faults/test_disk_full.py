@@ -154,6 +154,7 @@ def test_sqlite_over_its_file_size_limit_answers_503_then_recovers(tmp_path: Pat
     count.assert_exactly_once()
 
 
+@pytest.mark.postgres
 @pytest.mark.timeout(90)
 def test_postgres_with_a_full_tablespace_answers_503_then_recovers(
     cluster: Cluster, tmp_path: Path

@@ -25,6 +25,7 @@ def lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+@pytest.mark.postgres
 @pytest.mark.timeout(90)
 def test_an_export_consumer_killed_mid_stream_resumes_with_no_gap_and_no_repeat(
     fresh_postgres: str, tmp_path: Path

@@ -53,6 +53,7 @@ def test_sqlite_server_killed_repeatedly_loses_and_doubles_nothing(tmp_path: Pat
     count.assert_exactly_once()
 
 
+@pytest.mark.postgres
 @pytest.mark.timeout(90)
 def test_postgres_server_killed_repeatedly_loses_and_doubles_nothing(
     fresh_postgres: str, tmp_path: Path
@@ -61,6 +62,7 @@ def test_postgres_server_killed_repeatedly_loses_and_doubles_nothing(
     count.assert_exactly_once()
 
 
+@pytest.mark.postgres
 @pytest.mark.timeout(90)
 def test_a_replica_killed_while_clients_fail_over_to_the_other(
     fresh_postgres: str, tmp_path: Path
