@@ -34,12 +34,11 @@ from tests.support.pgcluster import Cluster
 from tests.support.server import Server, running_server
 
 PROBE_EVENTS = 400  # a batch big enough to need new pages, whatever the store has free
-PROBES = 40
 
 
 @dataclass
 class Probe:
-    """Batches posted directly: which were refused (with what) and which acknowledged."""
+    """Batches posted directly, with fresh ids: the answers, and which ids each settled."""
 
     server: Server
     writer: str
