@@ -6,6 +6,7 @@ lost if acknowledged and not stored; duplicated if stored more than once."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -92,3 +93,32 @@ def probe(client: httpx.Client, key: str, event_id: str) -> httpx.Response:
     return client.post(
         "/v1/events", json=event(event_id), headers={"Authorization": f"Bearer {key}"}
     )
+
+
+@dataclass
+class Probe:
+    """One raw client posting one event at a time, retrying it until a 2xx: what Tally
+    answers, and when."""
+
+    name: str = "probe"
+    pause: float = 0.05  # seconds between requests
+    answers: list[tuple[float, httpx.Response]] = field(default_factory=list)
+
+    def first_success_after(self, moment: float) -> float | None:
+        """When the first 2xx after `moment` arrived (None: none yet)."""
+        return min((t for t, a in self.answers if t > moment and a.is_success), default=None)
+
+    def run(self, base_url: str, key: str, ledger: Ledger, stop: threading.Event) -> None:
+        number = 0
+        with httpx.Client(base_url=base_url, timeout=5) as client:
+            while not stop.is_set():
+                event_id = f"{self.name}-{number}"
+                try:
+                    answer = probe(client, key, event_id)
+                except httpx.TransportError:
+                    continue
+                self.answers.append((time.monotonic(), answer))
+                if answer.is_success:
+                    ledger.acknowledge([event_id])
+                    number += 1
+                time.sleep(self.pause)

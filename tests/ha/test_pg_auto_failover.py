@@ -14,16 +14,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import psycopg
 import pytest
 
 from tally.client import Client
 from tests.conftest import IN_CI
-from tests.ha.harness import Ledger, event, exported_ids, probe, register
+from tests.ha.harness import Ledger, Probe, event, exported_ids, register
 from tests.support.pgaf import Formation, formation
 from tests.support.server import running_server
 
@@ -42,29 +40,6 @@ def pg_formation() -> Iterator[Formation]:
         if IN_CI:
             pytest.fail(f"pg_auto_failover is not installed under CI=true: {missing}")
         pytest.skip(f"pg_auto_failover is not installed: {missing}")
-
-
-@dataclass
-class Probe:
-    """One raw client posting one event at a time, retrying it until a 2xx: what Tally
-    answers, and when."""
-
-    answers: list[tuple[float, httpx.Response]] = field(default_factory=list)
-
-    def run(self, base_url: str, key: str, ledger: Ledger, stop: threading.Event) -> None:
-        number = 0
-        with httpx.Client(base_url=base_url, timeout=5) as client:
-            while not stop.is_set():
-                event_id = f"probe-{number}"
-                try:
-                    answer = probe(client, key, event_id)
-                except httpx.TransportError:
-                    continue
-                self.answers.append((time.monotonic(), answer))
-                if answer.is_success:
-                    ledger.acknowledge([event_id])
-                    number += 1
-                time.sleep(0.05)
 
 
 def report_until(
@@ -118,10 +93,9 @@ def test_the_primary_killed_loses_and_doubles_no_acknowledged_event(
             pg_formation.wait_for({new.name: {"wait_primary", "primary"}}, FAILOVER_SECONDS)
             promoted_at = time.monotonic()
             deadline = promoted_at + FAILOVER_SECONDS
-            while not any(t > killed_at and a.is_success for t, a in watcher.answers):
+            while (served_at := watcher.first_success_after(killed_at)) is None:
                 assert time.monotonic() < deadline, "Tally did not serve after the failover"
                 time.sleep(0.05)
-            served_at = min(t for t, a in watcher.answers if t > killed_at and a.is_success)
             time.sleep(LOAD_AFTER_SECONDS)
         finally:
             stop.set()
