@@ -10,10 +10,10 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 
 import httpx
 
+from tests.conftest import event
 from tests.support.server import Server
 
 
@@ -76,16 +76,6 @@ def register(server: Server) -> Keys:
         ]
     assert all(made.status_code == 201 for made in keys), [made.text for made in keys]
     return Keys(writer=keys[0].json()["key"], reader=keys[1].json()["key"])
-
-
-def event(event_id: str) -> dict[str, object]:
-    return {
-        "id": event_id,
-        "tenant": "acme",
-        "type": "compute.vcpu_seconds",
-        "quantity": "1.5",
-        "time": (datetime.now(UTC) - timedelta(minutes=1)).isoformat(),
-    }
 
 
 def probe(client: httpx.Client, key: str, event_id: str) -> httpx.Response:

@@ -20,8 +20,8 @@ import psycopg
 import pytest
 
 from tally.client import Client
-from tests.conftest import IN_CI
-from tests.ha.harness import Ledger, Probe, event, exported_ids, register
+from tests.conftest import IN_CI, event
+from tests.ha.harness import Ledger, Probe, exported_ids, register
 from tests.support.pgaf import Formation, formation
 from tests.support.server import running_server
 
