@@ -47,8 +47,8 @@ def test_crash_gives_503_then_retries_store_each_event_once(
         assert ready.status_code == 503
 
         cluster.start()
-        # As a client would: retry the whole batch while Tally answers 503 (the pool
-        # reconnects with a backoff of its own), bounded.
+        # As a client would: retry the whole batch while Tally answers 503, bounded (how soon
+        # Tally serves again is tests/ha/test_recovery_time.py's).
         deadline = time.monotonic() + 30
         while True:
             retried = client.post("/v1/events", json={"events": [first, second]}, headers=write)
