@@ -94,9 +94,13 @@ class Probe:
     pause: float = 0.05  # seconds between requests
     answers: list[tuple[float, httpx.Response]] = field(default_factory=list)
 
-    def first_success_after(self, moment: float) -> float | None:
-        """When the first 2xx after `moment` arrived (None: none yet)."""
-        return min((t for t, a in self.answers if t > moment and a.is_success), default=None)
+    def first_after(self, moment: float, *, success: bool = True) -> float | None:
+        """When the first 2xx (or, not `success`, the first other answer) after `moment`
+        arrived; None: none yet."""
+        return min(
+            (t for t, a in list(self.answers) if t > moment and a.is_success == success),
+            default=None,
+        )
 
     def run(self, base_url: str, key: str, ledger: Ledger, stop: threading.Event) -> None:
         number = 0
