@@ -27,8 +27,10 @@ class _LibpqBackend(PostgresqlPsycopgBackend):  # type: ignore[misc] # yoyo is u
     """yoyo's psycopg 3 backend, connected by libpq from a URL or conninfo string."""
 
     def connect(self, dburi: Any) -> psycopg.Connection[Any]:
-        # Autocommit, as yoyo's own backend connects: it issues BEGIN and COMMIT itself.
-        return psycopg.connect(dburi.args["conninfo"], autocommit=True)
+        # Autocommit, as yoyo's own backend connects: it issues BEGIN and COMMIT itself. A
+        # timeout per host, as the grants' connections have: a node that is down without
+        # refusing (a machine off) must not hold the migration up for minutes.
+        return psycopg.connect(dburi.args["conninfo"], autocommit=True, connect_timeout=5)
 
 
 def _postgresql(conninfo: str) -> Any:
@@ -42,7 +44,11 @@ def _postgresql(conninfo: str) -> Any:
         args={"conninfo": conninfo},
     )
     backend = _LibpqBackend(uri, default_migration_table)
-    backend.init_database()
+    try:
+        backend.init_database()
+    except BaseException:
+        backend.connection.close()
+        raise
     return backend
 
 

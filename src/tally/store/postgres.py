@@ -95,9 +95,9 @@ class ConnectionPool:
         connection.close()
 
     def open(self) -> None:
-        """Connect once, at once: libpq's own error when it cannot."""
-        connection = self._connect()
-        self._give_back(connection, failed=False)
+        """Connect (or check an idle connection) at once: libpq's own error when it cannot."""
+        with self.connection():
+            pass
 
     @contextmanager
     def connection(self) -> Iterator[Connection]:

@@ -1,12 +1,15 @@
-"""A replicated store's URL: several hosts, `target_session_attrs=read-write`, on the real
-PostgreSQL. The first host refuses (nothing listens there), libpq goes on to the next: the
-migrations (yoyo, on a connection psycopg opened), the grants and the store all connect as the
-pool does. And a pooled connection that turned read-only (its server was demoted) is closed,
-not kept: the next request connects anew."""
+"""The PostgreSQL store's connections, on the real server.
+
+A replicated store's URL: several hosts, `target_session_attrs=read-write`. The first host
+refuses (nothing listens there), libpq goes on to the next: the migrations (yoyo, on a
+connection psycopg opened), the grants and the store all connect as the pool does. A pooled
+connection that turned read-only (its server was demoted) is closed, not kept: the next
+request connects anew. A pool whose connections are all in use refuses after its timeout."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -93,3 +96,19 @@ def test_an_unreachable_multihost_url_is_unavailable() -> None:
         PostgresStore(refused, connect_timeout=1).open()
     with pytest.raises(psycopg.OperationalError, match="Connection refused"):
         migrate.apply(refused, "postgresql")
+
+
+def test_a_pool_with_every_connection_in_use_is_unavailable_after_its_timeout(
+    multihost_url: str,
+) -> None:
+    store = PostgresStore(multihost_url, pool_size=1, connect_timeout=0.5)
+    store.migrate()
+    try:
+        with store._connection():  # the only one
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="no free connection"):
+                store.ping()
+            assert 0.4 < time.monotonic() - started < 3
+        store.ping()  # given back: usable again
+    finally:
+        store.close()
