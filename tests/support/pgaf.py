@@ -118,7 +118,8 @@ class Formation:
         return done.stdout
 
     def _run(self, node: Node, *args: str) -> None:
-        """`pg_autoctl <args> --run` for `node` in the background, in its own session."""
+        """`pg_autoctl <args>` (a `run`, or a `create … --run`) for `node` in the background, in
+        a process group of its own, its output in the node's log."""
         node.log = self.folder / f"{node.name}.log"
         with node.log.open("ab") as log:
             node.process = subprocess.Popen(
@@ -134,12 +135,6 @@ class Formation:
             self.autoctl("show", "state", "--pgdata", str(self.monitor.pgdata), "--json")
         )
         return {str(row["nodename"]): str(row["current_group_state"]) for row in shown}
-
-    def assigned(self) -> dict[str, str]:
-        shown = json.loads(
-            self.autoctl("show", "state", "--pgdata", str(self.monitor.pgdata), "--json")
-        )
-        return {str(row["nodename"]): str(row["assigned_group_state"]) for row in shown}
 
     def wait_for(
         self,
