@@ -30,6 +30,7 @@ from tally.settings import Settings
 from tally.store.interface import EventStore
 from tally.store.postgres import PostgresStore
 from tally.store.sqlite import SQLiteStore
+from tests.support.pgcluster import Cluster, throwaway_cluster
 
 ADMIN_URL = os.environ.get(
     "TALLY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -110,6 +111,19 @@ def store(database_url: str) -> Iterator[EventStore]:
     opened = open_store(database_url)
     yield opened
     opened.close()
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """A throwaway PostgreSQL cluster (tests/support/pgcluster.py) for a test that crashes or
+    restarts the database; skipped without PostgreSQL's server programs (failed under CI)."""
+    try:
+        with throwaway_cluster() as started:
+            yield started
+    except FileNotFoundError as missing:
+        if IN_CI:
+            raise
+        pytest.skip(f"PostgreSQL server programs are not installed: {missing}")
 
 
 @pytest.fixture(scope="session")

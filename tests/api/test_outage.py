@@ -6,10 +6,8 @@ Uses a throwaway cluster (tests/support/pgcluster.py), never the shared server.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 
 from tally.api.app import create_app
@@ -18,19 +16,8 @@ from tally.bootstrap import build
 from tally.registry.models import ApplicationIn, KeyIn, TenantIn
 from tally.settings import Settings
 from tally.store.postgres import PostgresStore
-from tests.conftest import IN_CI, event
-from tests.support.pgcluster import Cluster, throwaway_cluster
-
-
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    try:
-        with throwaway_cluster() as started:
-            yield started
-    except FileNotFoundError as missing:  # no PostgreSQL server programs on this machine
-        if IN_CI:
-            raise
-        pytest.skip(f"PostgreSQL server programs are not installed: {missing}")
+from tests.conftest import event
+from tests.support.pgcluster import Cluster
 
 
 def test_crash_gives_503_then_retries_store_each_event_once(
@@ -60,8 +47,8 @@ def test_crash_gives_503_then_retries_store_each_event_once(
         assert ready.status_code == 503
 
         cluster.start()
-        # As a client would: retry the whole batch while Tally answers 503 (the pool
-        # reconnects with a backoff of its own), bounded.
+        # As a client would: retry the whole batch while Tally answers 503, bounded (how soon
+        # Tally serves again is tests/ha/test_recovery_time.py's).
         deadline = time.monotonic() + 30
         while True:
             retried = client.post("/v1/events", json={"events": [first, second]}, headers=write)

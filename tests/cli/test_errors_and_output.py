@@ -228,6 +228,11 @@ def test_redact_removes_passwords_that_a_driver_echoes(monkeypatch: pytest.Monke
     # A short password is removed as a word, not from inside other words.
     monkeypatch.setenv("TALLY_DATABASE_URL", "postgresql://tally:on@db:5432/tally")
     assert redact("connection refused: on db") == "connection refused: *** db"
+    # A replicated store's multi-host URL: its password is found all the same.
+    hosts = "[::1]:5432,db2:5433"
+    monkeypatch.setenv("TALLY_DATABASE_URL", f"postgresql://tally:{PASSWORD}@{hosts}/tally")
+    assert redact(f"the password {PASSWORD} was refused") == "the password *** was refused"
+    assert redact(f"postgresql://tally:{PASSWORD}@{hosts}/t") == f"postgresql://tally:***@{hosts}/t"
 
 
 # --- tables at 80 columns --------------------------------------------------------------------

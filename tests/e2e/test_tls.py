@@ -27,7 +27,7 @@ import trustme
 
 from tally.crypto import keyring as keyrings
 from tally.store import migrate
-from tally.store.postgres import yoyo_url
+from tally.store.postgres import libpq_url
 from tests.conftest import IN_CI
 from tests.support.pgcluster import Cluster, throwaway_cluster
 from tests.support.server import TALLY, Server, running_server
@@ -472,8 +472,8 @@ def test_migrations_keep_the_url_query_and_so_verify_the_server(
     tls_cluster: Cluster, pki: Pki
 ) -> None:
     # yoyo connects on its own, not through the store's pool: it must see sslmode too.
-    wrong = yoyo_url(verify_full(tls_cluster, pki.path("other-ca.pem")))
+    wrong = libpq_url(verify_full(tls_cluster, pki.path("other-ca.pem")))
     assert "sslmode=verify-full" in wrong
     with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
         migrate.apply(wrong, "postgresql")
-    assert migrate.apply(yoyo_url(verify_full(tls_cluster, pki.path("ca.pem"))), "postgresql")
+    assert migrate.apply(libpq_url(verify_full(tls_cluster, pki.path("ca.pem"))), "postgresql")

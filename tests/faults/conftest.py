@@ -7,8 +7,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-# The throwaway-cluster fixture, for scenarios that stop the database (or fill its disk).
-from tests.api.test_outage import cluster
 from tests.conftest import new_database
 from tests.support import faults
 
@@ -35,5 +33,3 @@ def record(record_property: Callable[[str, object], None]) -> Iterator[None]:
     for line in faults.LINES[before:]:
         record_property("scenario", line)
 
-
-__all__ = ["cluster"]

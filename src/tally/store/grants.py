@@ -20,7 +20,7 @@ from psycopg import sql
 
 from tally.errors import StoreUnavailable
 from tally.store import migrate
-from tally.store.postgres import libpq_url, yoyo_url
+from tally.store.postgres import libpq_url
 
 # table -> what the service role may do to it (and why, where it is not obvious).
 SERVICE_PRIVILEGES: Mapping[str, frozenset[str]] = {
@@ -101,7 +101,7 @@ def migrate_postgresql(*, owner_url: str, service_role: str) -> list[str]:
                 return []
         if not may_create:
             raise refused
-        applied = migrate.apply(yoyo_url(owner_url), "postgresql")
+        applied = migrate.apply(libpq_url(owner_url), "postgresql")
         with psycopg.connect(libpq_url(owner_url), connect_timeout=5) as connection:
             grant_service_role(connection, service_role)
     except psycopg.OperationalError as error:

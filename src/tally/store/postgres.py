@@ -7,16 +7,18 @@ concurrent writers never deadlock on them; events go in with one set-based INSER
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import re
+import threading
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
 
 from tally.errors import StoreUnavailable
 from tally.events.model import NewEvent, Outcome
@@ -24,50 +26,137 @@ from tally.store import migrate, plan
 from tally.store.dialect import PostgresDialect
 from tally.store.sql import Session, SQLStore
 
-_UNAVAILABLE = PostgresDialect.unavailable
+# A connection that cannot serve Tally's writes: the database is gone, shutting down, or this
+# server became a standby (a failover demoted it; its sessions turned read-only).
+_UNAVAILABLE = (*PostgresDialect.unavailable, pg_errors.ReadOnlySqlTransaction)
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 Row = dict[str, Any]
-
-
-def yoyo_url(url: str) -> str:
-    """yoyo names the psycopg 3 driver in the URL scheme."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(scheme="postgresql+psycopg"))
+Connection = psycopg.Connection[Row]
 
 
 def libpq_url(url: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(scheme="postgresql"))
+    """`url` with the scheme libpq knows (postgresql://), all else as given: one host or a
+    multi-host list (`h1:5432,h2:5432`), the query (`target_session_attrs`, `sslmode`…)
+    intact. Not urlsplit: a multi-host netloc is no host and port it can parse."""
+    return _SCHEME.sub("postgresql://", url, count=1)
+
+
+class ConnectionPool:
+    """At most `size` connections, made on demand in the thread that asks, kept for reuse.
+
+    Not psycopg_pool's: it reconnects from a background worker with an exponential backoff
+    (1 s, 2 s, 4 s…), so after an outage it could keep refusing for seconds after the
+    database was back. Here a request that finds no idle connection connects itself, at
+    once: the first request after the database returns (or after a failover, to the new
+    primary) is served. An idle connection is checked (one empty query) before it is handed
+    out, and one that broke or failed with the database is closed instead of kept.
+    """
+
+    def __init__(
+        self, conninfo: str, *, size: int, timeout: float, kwargs: Mapping[str, Any]
+    ) -> None:
+        self.conninfo = conninfo
+        self.timeout = timeout
+        self._kwargs = dict(kwargs)
+        self._slots = threading.BoundedSemaphore(size)
+        self._idle: deque[Connection] = deque()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _connect(self) -> Connection:
+        return psycopg.Connection[Row].connect(self.conninfo, row_factory=dict_row, **self._kwargs)
+
+    def _take(self) -> Connection:
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise StoreUnavailable("The PostgreSQL store is closed.")
+                idle = self._idle.popleft() if self._idle else None
+            if idle is None:
+                return self._connect()
+            try:
+                idle.execute("")
+            except psycopg.Error:
+                idle.close()
+                continue
+            return idle
+
+    def _give_back(self, connection: Connection, *, failed: bool) -> None:
+        usable = (
+            not failed
+            and not connection.closed
+            and connection.info.transaction_status == TransactionStatus.IDLE
+        )
+        with self._lock:
+            if usable and not self._closed:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def open(self) -> None:
+        """Connect (or check an idle connection) at once: libpq's own error when it cannot."""
+        with self.connection():
+            pass
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A connection for this block. Raises StoreUnavailable when all `size` are in use
+        for `timeout` seconds; psycopg's errors when connecting fails."""
+        if not self._slots.acquire(timeout=self.timeout):
+            raise StoreUnavailable("The PostgreSQL store has no free connection.")
+        try:
+            connection = self._take()
+            try:
+                yield connection
+            except _UNAVAILABLE:
+                self._give_back(connection, failed=True)
+                raise
+            except BaseException:
+                self._give_back(connection, failed=False)
+                raise
+            self._give_back(connection, failed=False)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = list(self._idle), deque()
+        for connection in idle:
+            with suppress(psycopg.Error):
+                connection.close()
 
 
 class PostgresStore(SQLStore):
-    """`EventStore` on PostgreSQL: the shared SQL of store/sql.py, this file's append."""
+    """`EventStore` on PostgreSQL: the shared SQL of store/sql.py, this file's append.
+
+    `url` may name several hosts (`postgresql://u@h1:5432,h2:5432/db?target_session_attrs=
+    read-write`): libpq connects to the first that takes writes, so after a failover the
+    next connection made reaches the new primary without a restart.
+    """
 
     dialect = PostgresDialect()
 
     def __init__(self, url: str, *, pool_size: int = 10, connect_timeout: float = 5.0) -> None:
         self.url = libpq_url(url)
         self.partitions = 0
-        self._pool: ConnectionPool[psycopg.Connection[Row]] = ConnectionPool(
+        self._pool = ConnectionPool(
             self.url,
-            min_size=1,
-            max_size=pool_size,
-            open=False,
+            size=pool_size,
             timeout=connect_timeout,
             kwargs={
                 "autocommit": True,
-                "row_factory": dict_row,
                 "connect_timeout": max(1, int(connect_timeout)),
-                # Durability is not left to the server's default: a 2xx needs the WAL flushed.
+                # Durability is not left to the server's default: a 2xx needs the WAL flushed
+                # (and, with synchronous replication, on the standby too).
                 "options": "-c synchronous_commit=on",
                 "application_name": "tally",
             },
-            connection_class=psycopg.Connection[Row],
-            check=ConnectionPool.check_connection,
         )
 
     @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[Row]]:
+    def _connection(self) -> Iterator[Connection]:
         try:
             with self._pool.connection() as connection:
                 yield connection
@@ -92,14 +181,11 @@ class PostgresStore(SQLStore):
             yield Session(connection, self.dialect)
 
     def open(self) -> PostgresStore:
-        """Open the pool and read the partition count. Raises StoreUnavailable, from libpq's
-        own error when the server cannot be reached or refuses the connection."""
+        """Connect and read the partition count. Raises StoreUnavailable, from libpq's own
+        error ("connection refused", "database … does not exist", "password authentication
+        failed": what an operator needs) when the server cannot be reached or refuses."""
         try:
-            # One connection first, outside the pool: the pool retries in the background and
-            # reports only a timeout, while libpq's reason ("connection refused", "database
-            # … does not exist", "password authentication failed") is what an operator needs.
-            psycopg.connect(self.url, connect_timeout=max(1, int(self._pool.timeout))).close()
-            self._pool.open(wait=True, timeout=self._pool.timeout)
+            self._pool.open()
         except _UNAVAILABLE as error:
             raise StoreUnavailable("The PostgreSQL store cannot be reached.") from error
         try:
@@ -115,7 +201,7 @@ class PostgresStore(SQLStore):
 
     def migrate(self) -> list[str]:
         try:
-            applied = migrate.apply(yoyo_url(self.url), "postgresql")
+            applied = migrate.apply(self.url, "postgresql")
         except psycopg.OperationalError as error:
             raise StoreUnavailable("The PostgreSQL store cannot be reached.") from error
         self.open()
