@@ -295,7 +295,12 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process now holds that pid
         return True
-    return True
+    # A worker that has exited but is not yet reaped by its supervisor is a zombie (Linux).
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
 
 
 def reap_dead_workers(directory: Path) -> list[int]:
