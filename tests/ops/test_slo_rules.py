@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tally.metrics import PrometheusMetrics
+from tests.api.helpers import auth
 from tests.conftest import IN_CI, event
 from tests.support.server import Server, free_port, running_server, stop
 
@@ -143,21 +144,27 @@ def server(tmp_path: Path) -> Iterator[Server]:
         yield running
 
 
-def _writer_key(server: Server) -> str:
+def _keys(server: Server) -> tuple[str, str]:
+    """A writer's key and a reader's."""
     with server.client(headers={"Authorization": f"Bearer {server.admin_key}"}) as admin:
         assert admin.post("/v1/tenants", json={"id": "acme"}).status_code == 201
         assert admin.post("/v1/applications", json={"id": "vm"}).status_code == 201
-        made = admin.post("/v1/keys", json={"scopes": ["events:write"], "application": "vm"})
-        assert made.status_code == 201, made.text
-        key: str = made.json()["key"]
-        return key
+        made = [
+            admin.post("/v1/keys", json=spec)
+            for spec in (
+                {"scopes": ["events:write"], "application": "vm"},
+                {"scopes": ["events:read"]},
+            )
+        ]
+        assert all(answer.status_code == 201 for answer in made), [a.text for a in made]
+        return made[0].json()["key"], made[1].json()["key"]
 
 
 def test_a_real_prometheus_computes_the_objectives_from_a_real_server(
     server: Server, tmp_path: Path
 ) -> None:
     prometheus = tool("prometheus")
-    writer = _writer_key(server)
+    writer, reader = _keys(server)
     config = tmp_path / "prometheus.yml"
     config.write_text(
         json.dumps(  # JSON is YAML
@@ -201,15 +208,18 @@ def test_a_real_prometheus_computes_the_objectives_from_a_real_server(
         found: dict[str, float | None] = {}
         deadline = time.monotonic() + 20
         n = 0
-        with server.client(headers={"Authorization": f"Bearer {writer}"}) as client:
+        with server.client() as client:
             while time.monotonic() < deadline:
                 n += 1  # traffic all along, so that every rate has two samples that differ
-                assert client.post("/v1/events", json=event(f"evt-prom-{n}")).status_code == 200
+                sent = client.post("/v1/events", json=event(f"evt-prom-{n}"), headers=auth(writer))
+                assert sent.status_code == 200
+                assert client.get("/v1/events/vm/evt-prom-1", headers=auth(reader)).is_success
                 found = {
                     expression: query(expression)
                     for expression in (
                         sli,
                         "tally:ingest_good_requests:rate5m",
+                        "tally:export_good_requests:rate5m",
                         'sum(rate(tally_events_total{outcome="accepted"}[1m]))',
                     )
                 }

@@ -20,6 +20,7 @@ router = APIRouter(tags=["operation"])
 
 @router.get(
     "/metrics",
+    name="get_metrics",
     summary="Metrics in the Prometheus text format (admin)",
     response_class=Response,
     responses={
