@@ -17,6 +17,7 @@ from tally.crypto.keyring import Keyring, KeyringError, KeyringSource
 from tally.crypto.tenant_keys import TenantKeys
 from tally.errors import StoreUnavailable
 from tally.events.cursor import CursorCodec
+from tally.metrics import Metrics, open_metrics
 from tally.ratelimit.failover import FailoverLimiter
 from tally.ratelimit.inprocess import InProcessLimiter
 from tally.ratelimit.interface import Limiter
@@ -154,6 +155,7 @@ class Services:
     usage: UsageService
     keys: TenantKeys
     rate_limits: RateGuard
+    metrics: Metrics
 
     def close(self) -> None:
         """Commit what is in flight and the audit counts held, then release the store (and
@@ -185,6 +187,7 @@ def build(
     observe_batch: Callable[[int, int], None] | None = None,
     limiter: Limiter | None = None,
     keyring: Keyring | None = None,
+    metrics: Metrics | None = None,
 ) -> Services:
     """Everything, from `settings` (or the parts given). Raises KeyringError when the keyring
     is missing or does not open this store's data keys, StoreUnavailable when the store
@@ -201,8 +204,13 @@ def build(
     )
     keys = TenantKeys(store=store, keyring=source, clock=clock)
     keys.verify()
+    metrics = open_metrics(settings) if metrics is None else metrics
     committer = GroupCommitter(
-        store, max_events=settings.commit_max_events, observe=observe_batch, clock=clock
+        store,
+        max_events=settings.commit_max_events,
+        observe=observe_batch,
+        metrics=metrics,
+        clock=clock,
     )
     return Services(
         settings=settings,
@@ -210,8 +218,12 @@ def build(
         committer=committer,
         authenticator=Authenticator(store, clock=clock),
         registry=Registry(store=store, region=settings.region, clock=clock),
-        ingest=IngestService(store=store, committer=committer, keys=keys, clock=clock),
-        export=ExportService(store=store, cursors=CursorCodec(store.secret("cursor")), keys=keys),
+        ingest=IngestService(
+            store=store, committer=committer, keys=keys, clock=clock, metrics=metrics
+        ),
+        export=ExportService(
+            store=store, cursors=CursorCodec(store.secret("cursor")), keys=keys, metrics=metrics
+        ),
         reconciliation=ReconciliationService(store=store, keys=keys, clock=clock),
         cancel=CancelService(store=store, keys=keys, clock=clock),
         usage=UsageService(store=store, keys=keys, clock=clock),
@@ -219,5 +231,7 @@ def build(
         rate_limits=RateGuard(
             open_limiter(settings) if limiter is None else limiter,
             RatePolicy.from_settings(settings),
+            metrics,
         ),
+        metrics=metrics,
     )

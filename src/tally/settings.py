@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     rate_tenant_requests_burst: int | None = Field(default=None, ge=1, le=MAX_BURST)
     rate_tenant_events_per_second: int = Field(default=100_000, ge=0, le=MAX_RATE)
     rate_tenant_events_burst: int | None = Field(default=None, ge=1, le=MAX_BURST)
+    # Metrics (metrics.py): on a port of their own, not exposed with the API; unset, on the
+    # API port at /metrics for admin keys.
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Serve /metrics on this port, not the API's"
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", min_length=1, description="The address TALLY_METRICS_PORT binds"
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -96,6 +96,7 @@ MATRIX: dict[str, tuple[Callable[[Matrix], dict[str, Any]] | None, str]] = {
     "GET /v1/audit":                          (None,                                    "401  401  401  401  401  200  403  403  403"),  # noqa: E501
     "GET /healthz":                           (None,                                    "200  200  200  200  200  200  200  200  200"),  # noqa: E501
     "GET /readyz":                            (None,                                    "200  200  200  200  200  200  200  200  200"),  # noqa: E501
+    "GET /metrics":                           (None,                                    "401  401  401  401  401  200  403  403  403"),  # noqa: E501
     "GET /openapi.json":                      (None,                                    "200  200  200  200  200  200  200  200  200"),  # noqa: E501
     "GET /docs":                              (None,                                    "200  200  200  200  200  200  200  200  200"),  # noqa: E501
     "GET /docs/assets/{name}":                (lambda m: {"path": "/docs/assets/swagger-ui/swagger-ui.css"}, "200  200  200  200  200  200  200  200  200"),  # noqa: E501

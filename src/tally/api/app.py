@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from tally import __doc__ as summary
@@ -15,6 +15,7 @@ from tally.api import (
     docs,
     events,
     health,
+    metrics,
     openapi,
     problems,
     reconciliation,
@@ -24,6 +25,7 @@ from tally.api.encoding import ContentDecoding
 from tally.api.middleware import RequestContext
 from tally.bootstrap import Services, build
 from tally.logs import configure_logging
+from tally.metrics import serve_registry
 from tally.ratelimit.http import RateLimitHeaders
 from tally.settings import Settings
 
@@ -42,9 +44,12 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             return
         built = await run_in_threadpool(build, settings)
         app.state.services = built
+        exporter = serve_registry(settings, built.metrics)  # TALLY_METRICS_PORT, one process
         try:
             yield
         finally:
+            if exporter is not None:
+                exporter.close()
             await run_in_threadpool(built.close)
 
     app = FastAPI(
@@ -70,7 +75,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     )
     if services is not None:
         app.state.services = services
-    routers = (
+    routers: tuple[APIRouter, ...] = (
         events.router,
         cancellations.router,
         admin.router,
@@ -79,6 +84,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         health.router,
         docs.router,
     )
+    if settings.metrics_port is None:  # else served on that port alone (metrics.supervise)
+        routers = (*routers, metrics.router)
     problems.install(app, [route for router in routers for route in router.routes])
     for router in routers:
         app.include_router(router)

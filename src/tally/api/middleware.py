@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tally.api.problems import internal_error
+from tally.metrics import UNMATCHED_ROUTE, of_state
 
 log = structlog.get_logger("tally.access")
 
@@ -91,6 +92,8 @@ class RequestContext:
         started = time.perf_counter()
         status = 500
         response_started = False
+        metrics = of_state(getattr(scope.get("app"), "state", None))
+        metrics.in_flight(+1)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
@@ -119,11 +122,16 @@ class RequestContext:
             response = internal_error(Request(scope), error)
             await response(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - started
+            # The route's template (set once routed), never the path: ids are not labels.
+            route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
+            metrics.request(route=route, method=scope["method"], status=status, seconds=seconds)
+            metrics.in_flight(-1)
             log.info(
                 "request",
                 method=scope["method"],
                 path=scope["path"],
                 status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                duration_ms=round(seconds * 1000, 2),
                 request_id=request_id,
             )

@@ -30,6 +30,7 @@ from tally.errors import (
     UnsupportedMediaType,
 )
 from tally.events.validation import pointer_of
+from tally.metrics import of_state, store_error_kind
 from tally.ratelimit.http import rate_limit_fields
 
 log = structlog.get_logger(__name__)
@@ -140,6 +141,7 @@ def field_errors(errors: list[FieldError]) -> list[dict[str, str]]:
 
 
 def from_error(request: Request, error: TallyError) -> Response:
+    _count_store_error(request, error)
     for kind, status, code, slug, title in _KINDS:
         if isinstance(error, kind):
             headers: dict[str, str] = {}
@@ -166,7 +168,14 @@ def from_error(request: Request, error: TallyError) -> Response:
     return internal_error(request, error)
 
 
+def _count_store_error(request: Request, error: BaseException) -> None:
+    kind = store_error_kind(error)
+    if kind is not None:
+        of_state(getattr(request.scope.get("app"), "state", None)).store_error(kind)
+
+
 def internal_error(request: Request, error: BaseException) -> Response:
+    _count_store_error(request, error)
     # The type of the fault and the request id go to the log; its message and trace may hold
     # data from the request, so neither is logged nor returned.
     log.error("unhandled_error", error_type=type(error).__name__, request_id=request_id_of(request))

@@ -37,6 +37,7 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+from tally import metrics
 from tally.api.problems import RETRY_AFTER_SECONDS
 from tally.settings import Settings
 
@@ -488,6 +489,7 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
     )
     # A partial, not a subclass made here: uvicorn pickles its configuration to each worker.
     protocol = cast("type[asyncio.Protocol]", partial(GuardedHttpToolsProtocol, limits=limits))
+    metrics.supervise(settings, workers=workers, api_port=port)  # before any worker starts
     uvicorn.run(
         "tally.api.app:app_from_environment",
         factory=True,

@@ -109,6 +109,7 @@ def serve(
     """Run the API. On an empty store, create the schema and issue a one-time admin key:
     printed when stdout is a terminal, else written to an owner-only file whose path is
     printed."""
+    from tally import metrics  # noqa: PLC0415 - only this command needs the server
     from tally.api import server  # noqa: PLC0415 - only this command needs the server
 
     options = {"tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca}
@@ -117,6 +118,7 @@ def serve(
     # that fails after issuing the first admin key would leave a store whose key nobody has.
     try:
         server.check(configured)
+        metrics.check_port(configured, api_port=port)
     except ValueError as error:
         err.print(f"[red]{error}[/red]")
         raise typer.Exit(1) from None

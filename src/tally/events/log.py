@@ -80,6 +80,10 @@ class ExportPage:
     # Each entry's offset in its tenant's partition, parallel to `events`: what a cursor
     # after any one entry is made of (services/export.py).
     offsets: list[int] = field(default_factory=list)
+    # Entries after the positions read from, in the partitions read, when it was read: how
+    # far the reader was behind the log's head (metrics.py). It counts other tenants'
+    # entries in those partitions too, so it is at most, not exactly, what the reader lacks.
+    lag: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from tally.auth.service import Principal
 from tally.errors import RateLimited
 from tally.events.validation import Name
+from tally.metrics import NULL, Metrics
 from tally.ratelimit.interface import Charge, Decision, Limiter, Verdict, tightness
 from tally.settings import Settings
 
@@ -92,9 +93,10 @@ def request_tenant(principal: Principal, query_tenant: str | None) -> str | None
 class RateGuard:
     """Charges requests and events to their buckets; refuses with RateLimited when over."""
 
-    def __init__(self, limiter: Limiter, policy: RatePolicy) -> None:
+    def __init__(self, limiter: Limiter, policy: RatePolicy, metrics: Metrics = NULL) -> None:
         self.limiter = limiter
         self.policy = policy
+        self._metrics = metrics
 
     def admit_request(self, principal: Principal, *, tenant: str | None, note: RateNote) -> None:
         """Charge one request to the key and to `tenant` (see request_tenant).
@@ -150,6 +152,9 @@ class RateGuard:
         refusal = verdict.tightest()
         assert refusal is not None  # noqa: S101 - a refused verdict has a refused decision
         what = {charge.bucket: label for charge, label in charges}[refusal.bucket]
+        # The bucket's holder kind and unit (`key`, `requests`), never the id between them.
+        holder, unit = refusal.bucket.split(":", 1)[0], refusal.bucket.rsplit(":", 1)[-1]
+        self._metrics.rate_limited(f"{holder}_{unit}")
         raise RateLimited(
             f"Over the rate limit for {what}; nothing was done. "
             f"Retry after {refusal.retry_after} s.",

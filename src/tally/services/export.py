@@ -13,6 +13,7 @@ from tally.errors import NotFound
 from tally.events.cursor import CursorCodec
 from tally.events.log import Entry, ExportFilter, ExportPage, partition_of
 from tally.events.model import Cancellation, StoredEvent
+from tally.metrics import NULL, Metrics
 from tally.store.interface import EventLog
 
 
@@ -32,8 +33,11 @@ E = TypeVar("E", bound=Entry)
 
 
 class ExportService:
-    def __init__(self, *, store: EventLog, cursors: CursorCodec, keys: TenantKeys) -> None:
+    def __init__(
+        self, *, store: EventLog, cursors: CursorCodec, keys: TenantKeys, metrics: Metrics = NULL
+    ) -> None:
         self._store = store
+        self._metrics = metrics
         self._cursors = cursors
         self._keys = keys
 
@@ -48,6 +52,7 @@ class ExportService:
         """
         scoped, digest, positions, start = self._begin(principal, filters, cursor)
         page = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
+        self._reported(principal, cursor, page)
         return Page(
             events=self._opened(page.events),
             next_cursor=self._cursors.encode(page.positions, page.start, digest),
@@ -68,6 +73,7 @@ class ExportService:
         """
         scoped, digest, positions, start = self._begin(principal, filters, cursor)
         first = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
+        self._reported(principal, cursor, first)
         entries = self._opened(first.events)
         return self._follow(
             scoped, digest, positions=positions, page=first, entries=entries, limit=limit
@@ -106,6 +112,11 @@ class ExportService:
                 positions=positions, start=page.start, filters=filters, limit=limit
             )
             entries = self._opened(page.events)
+
+    def _reported(self, principal: Principal, cursor: str | None, page: ExportPage) -> None:
+        """A key that sends a cursor reports how far it has read: its lag is measured."""
+        if cursor is not None:
+            self._metrics.export_read(key_id=principal.key_id, lag=page.lag)
 
     def _begin(
         self, principal: Principal, filters: ExportFilter, cursor: str | None

@@ -22,6 +22,7 @@ from tally.events.model import (
     event_content,
 )
 from tally.events.validation import EventDraft
+from tally.metrics import NULL, Metrics
 from tally.registry.records import Tenant
 from tally.store.groupcommit import GroupCommitter
 from tally.store.interface import IngestStore
@@ -40,6 +41,15 @@ class EventResult:
     errors: list[FieldError] = field(default_factory=list)
     conflict: bool = False
     forbidden: bool = False
+
+    @property
+    def code(self) -> str | None:
+        """The requirement's error code of a rejection (None unless rejected)."""
+        if self.status != "rejected":
+            return None
+        if self.forbidden:
+            return "ERR-AUTH-403"
+        return "ERR-VAL-409" if self.conflict else "ERR-VAL-400"
 
 
 @dataclass(slots=True)
@@ -62,8 +72,10 @@ class IngestService:
         committer: GroupCommitter,
         keys: TenantKeys,
         clock: Callable[[], datetime],
+        metrics: Metrics = NULL,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._committer = committer
         self._keys = keys
         self._clock = clock
@@ -135,6 +147,7 @@ class IngestService:
             for (result, _), outcome in zip(ready, outcomes, strict=True):
                 _settle(result, outcome)
             self._remember([event for _, event in ready])
+        self._metrics.events((result.status, result.code) for result in results)
         return IngestReport(results=results)
 
     def _remember(self, events: Sequence[NewEvent]) -> None:

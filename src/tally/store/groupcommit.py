@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
 
 from tally.errors import StoreUnavailable
 from tally.events.model import NewEvent, Outcome
+from tally.metrics import NULL, Metrics
 from tally.store.interface import EventLog
 
 log = structlog.get_logger(__name__)
@@ -29,6 +31,7 @@ log = structlog.get_logger(__name__)
 class _Request:
     events: Sequence[NewEvent]
     done: Future[list[Outcome]]
+    queued: float = field(default_factory=time.perf_counter)
 
 
 BatchObserver = Callable[[int, int], None]
@@ -42,11 +45,13 @@ class GroupCommitter:
         *,
         max_events: int = 5000,
         observe: BatchObserver | None = None,
+        metrics: Metrics = NULL,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._store = store
         self._max_events = max_events
         self._observe = observe
+        self._metrics = metrics
         self._clock = clock
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._closed = False
@@ -101,6 +106,7 @@ class GroupCommitter:
 
     def _commit(self, taken: list[_Request]) -> None:
         events = [event for request in taken for event in request.events]
+        began = time.perf_counter()
         try:
             outcomes = self._store.append(events, received_at=self._clock())
         except Exception as error:  # noqa: BLE001 - every waiter must hear of any failure
@@ -114,8 +120,13 @@ class GroupCommitter:
             end = start + len(request.events)
             request.done.set_result(outcomes[start:end])
             start = end
-        if self._observe is not None:
-            try:
+        done = time.perf_counter()
+        waits = [done - request.queued for request in taken]
+        try:
+            self._metrics.commit(
+                requests=len(taken), events=len(events), seconds=done - began, waits=waits
+            )
+            if self._observe is not None:
                 self._observe(len(taken), len(events))
-            except Exception:  # noqa: BLE001 - metrics must never stop the writer
-                log.warning("group_commit_observer_failed")
+        except Exception:  # noqa: BLE001 - metrics must never stop the writer
+            log.warning("group_commit_observer_failed")

@@ -95,6 +95,7 @@ def read_page(
     found: list[Entry] = []
     offsets: list[int] = []
     moved = list(positions)
+    lag = sum(max(0, heads[p] - positions[p]) for p in wanted)
     for partition in sorted(wanted, key=lambda p: (p < start, p)):
         room = limit - len(found)
         # One row more than the page has room for tells whether another page follows.
@@ -106,9 +107,9 @@ def read_page(
         if len(rows) > room:
             served = room > 0
             following = (partition + 1) % len(positions) if served else partition
-            return ExportPage(found, moved, following, has_more=True, offsets=offsets)
+            return ExportPage(found, moved, following, has_more=True, offsets=offsets, lag=lag)
         moved[partition] = max(moved[partition], heads[partition])
-    return ExportPage(found, moved, start, has_more=False, offsets=offsets)
+    return ExportPage(found, moved, start, has_more=False, offsets=offsets, lag=lag)
 
 
 def filter_sql(
