@@ -32,4 +32,3 @@ def record(record_property: Callable[[str, object], None]) -> Iterator[None]:
     yield
     for line in faults.LINES[before:]:
         record_property("scenario", line)
-
