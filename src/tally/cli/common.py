@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import re
 import sys
@@ -251,8 +250,6 @@ def _many(code: str, problems: list[str], what: str, *, exit_code: int) -> Comma
 @contextmanager
 def command_store(*, migrate: bool = False) -> Iterator[EventStore]:
     """The configured store, closed after use. Its domain errors reach `TallyGroup.main`."""
-    # The pool retries in the background and logs each failure; the CLI reports once.
-    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     store = open_store(settings(), migrate=migrate)
     try:
         yield store

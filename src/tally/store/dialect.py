@@ -22,7 +22,6 @@ from typing import Any, ClassVar
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg_pool import PoolTimeout
 
 from tally.events.model import format_decimal, format_time, parse_time
 
@@ -228,7 +227,7 @@ class PostgresDialect(Dialect):
     """Native types (timestamptz, numeric, bytea); lists bound as arrays."""
 
     name = "postgresql"
-    unavailable = (psycopg.OperationalError, PoolTimeout, pg_errors.AdminShutdown)
+    unavailable = (psycopg.OperationalError, pg_errors.AdminShutdown)
     unique_violation = (pg_errors.UniqueViolation,)
     privilege = (pg_errors.InsufficientPrivilege,)
     for_update = " FOR UPDATE"
