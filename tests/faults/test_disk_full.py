@@ -180,7 +180,11 @@ def test_postgres_with_a_full_tablespace_answers_503_then_recovers(
 
             with running_server(url, tmp_path, env=ENV) as server:
                 count = fill_and_free(
-                    "disk-full-postgres", server, faults.Filling(disk), while_full=told_apart
+                    "disk-full-postgres",
+                    server,
+                    faults.Filling(disk),
+                    told="disk under the PostgreSQL store is full",
+                    while_full=told_apart,
                 )
         log = (cluster.datadir / "server.log").read_text(errors="replace")
     finally:

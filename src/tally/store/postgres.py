@@ -20,7 +20,7 @@ from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
-from tally.errors import StoreUnavailable
+from tally.errors import StoreFull, StoreUnavailable
 from tally.events.model import NewEvent, Outcome
 from tally.store import migrate, plan
 from tally.store.dialect import PostgresDialect
@@ -161,6 +161,11 @@ class PostgresStore(SQLStore):
             with self._pool.connection() as connection:
                 yield connection
         except _UNAVAILABLE as error:
+            if self.dialect.full(error):
+                raise StoreFull(
+                    "The disk under the PostgreSQL store is full: nothing of the request was "
+                    "stored; retry once space is freed."
+                ) from error
             raise StoreUnavailable("The PostgreSQL store cannot be reached.") from error
 
     @contextmanager
