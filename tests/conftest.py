@@ -30,6 +30,7 @@ from tally.settings import Settings
 from tally.store.interface import EventStore
 from tally.store.postgres import PostgresStore
 from tally.store.sqlite import SQLiteStore
+from tests.support import faults
 from tests.support.pgcluster import Cluster, throwaway_cluster
 
 ADMIN_URL = os.environ.get(
@@ -201,3 +202,12 @@ def event(event_id: str, **fields: object) -> dict[str, object]:
     }
     base.update(fields)
     return base
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Every fault scenario's line (tests/faults, tests/ha) at the end of the run, so the
+    counts show under plain `pytest` (and -ra) as well as with -s."""
+    if faults.LINES:
+        terminalreporter.section("fault injection")
+        for line in faults.LINES:
+            terminalreporter.write_line(line)

@@ -1,5 +1,5 @@
-"""The fault-injection suite's fixtures, and its summary: every scenario's line at the end of
-the run, so the counts show under plain `pytest` (and -ra) as well as with -s."""
+"""The fault-injection suite's fixtures (its summary of scenario lines is in tests/conftest.py,
+since tests/ha's failover scenario reports there too)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,6 @@ import pytest
 
 from tests.conftest import new_database
 from tests.support import faults
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if faults.LINES:
-        terminalreporter.section("fault injection")
-        for line in faults.LINES:
-            terminalreporter.write_line(line)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from tests.conftest import event
+from tests.support import faults
 from tests.support.server import Server
 
 
@@ -28,13 +29,18 @@ class Ledger:
 
     def settle(self, stored: Counter[str], scenario: str) -> tuple[int, int]:
         """Print the scenario's line; (lost, duplicated)."""
-        lost = len(self.acknowledged - set(stored))
-        duplicated = sum(1 for count in stored.values() if count > 1)
-        print(  # noqa: T201 - the suite reports each scenario's counts
-            f"scenario={scenario} acknowledged={len(self.acknowledged)} "
-            f"stored={sum(stored.values())} lost={lost} duplicated={duplicated}"
+        lost = sorted(self.acknowledged - set(stored))
+        count = faults.Count(
+            scenario=scenario,
+            acknowledged=len(self.acknowledged),
+            stored=sum(stored.values()),
+            lost=len(lost),
+            duplicated=sum(n - 1 for n in stored.values()),
+            missing=tuple(lost[:5]),
         )
-        return lost, duplicated
+        print(count.line)  # noqa: T201 - the suite reports each scenario's counts
+        faults.LINES.append(count.line)
+        return count.lost, count.duplicated
 
 
 def exported_ids(client: httpx.Client, reader_key: str) -> Counter[str]:
