@@ -37,7 +37,9 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+from tally.api.drain import DrainingServer, DrainState, DrainTimes, Workers
 from tally.api.problems import RETRY_AFTER_SECONDS
+from tally.logs import configure_logging
 from tally.settings import Settings
 
 # Mozilla's "intermediate" configuration (TLS 1.2 suites; every TLS 1.3 suite is acceptable).
@@ -155,6 +157,9 @@ HEADERS_TOO_LARGE = EdgeProblem(
 HEADERS_TOO_SLOW = EdgeProblem(408, "ERR-VAL-400", "request-timeout", "Request timeout")
 MALFORMED = EdgeProblem(400, "ERR-VAL-400", "malformed-request", "Malformed HTTP request")
 OVER_CAPACITY = EdgeProblem(
+    503, "ERR-SYS-503", "service-unavailable", "Service unavailable", RETRY_AFTER_SECONDS
+)
+SHUTTING_DOWN = EdgeProblem(
     503, "ERR-SYS-503", "service-unavailable", "Service unavailable", RETRY_AFTER_SECONDS
 )
 
@@ -323,6 +328,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if app is service_unavailable:
             self._refuse(OVER_CAPACITY, "Too many open connections; retry shortly.")
             return
+        if isinstance(self.server_state, DrainState) and self.server_state.draining:
+            # api/drain.py: from SIGTERM on, only the requests already running are served.
+            self._refuse(SHUTTING_DOWN, "This server is shutting down; retry shortly.")
+            return
         self._served = cycle
         super()._start_asgi_task(cycle, self._closing_after_early_refusal(cycle, app))
 
@@ -472,8 +481,10 @@ def check(settings: Settings) -> None:
         tls_context(files)
 
 
-def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
-    """Serve the API until stopped, HTTPS only when `settings` name a certificate.
+def run(settings: Settings, *, host: str, port: int, workers: int) -> int:
+    """Serve the API until SIGTERM (or SIGINT) and a drain (api/drain.py), HTTPS only when
+    `settings` name a certificate. Returns the exit status: 0 after a clean drain, 1 when the
+    drain ran out of TALLY_DRAIN_SECONDS, 3 when the server could not start.
 
     Raises ValueError as `check` does, before any worker starts.
     """
@@ -488,7 +499,7 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
     )
     # A partial, not a subclass made here: uvicorn pickles its configuration to each worker.
     protocol = cast("type[asyncio.Protocol]", partial(GuardedHttpToolsProtocol, limits=limits))
-    uvicorn.run(
+    config = uvicorn.Config(
         "tally.api.app:app_from_environment",
         factory=True,
         host=host,
@@ -502,10 +513,19 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
         forwarded_allow_ips=list(settings.trusted_proxies),
         access_log=False,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
         timeout_keep_alive=settings.keepalive_timeout_seconds,
         limit_concurrency=settings.max_connections,
         ssl_context_factory=partial(_uvicorn_tls, files) if files is not None else None,
         # uvicorn adds these to every response, its own refusals included.
         headers=[HSTS] if files is not None else None,
     )
+    # uvicorn.Config set up uvicorn's own logging; the supervisor's lines are Tally's too.
+    configure_logging(settings)
+    times = DrainTimes(settings.drain_seconds, settings.drain_notice_seconds)
+    if workers > 1:
+        supervisor = Workers(config, [config.bind_socket()], times)
+        supervisor.run()
+        return supervisor.exit_status()
+    server = DrainingServer(config, times)
+    server.run()
+    return server.exit_status()
