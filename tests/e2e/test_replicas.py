@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import event, new_database
 from tests.e2e.test_ratelimit import EVENT_BUDGET, Keys, assert_one_budget, register
+from tests.e2e.test_ratelimit import _call as call
 from tests.ratelimit.redis_support import delete_under, require_redis, unique_prefix
 from tests.support.server import Server, running_server
 
@@ -30,14 +31,10 @@ class Replicas:
     keys: Keys
     redis: tuple[str, str]  # url, key prefix
 
-    def call(self, server: Server, method: str, path: str, key: str, body: Any = None) -> Any:
-        return httpx.request(
-            method,
-            f"{server.base_url}{path}",
-            json=body,
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=30,
-        )
+    def call(
+        self, server: Server, method: str, path: str, key: str, body: Any = None
+    ) -> httpx.Response:
+        return call(server, method, path, key, body)
 
     def new_key(self, **spec: object) -> tuple[str, str]:
         """(id, secret) of a new key, issued through replica a."""
