@@ -12,6 +12,9 @@ answering a request whose body it did not read, and leaves TLS handshakes asynci
 the request and keep-alive timeouts. The time to send a body is bounded, with its size, for
 every route by the request middleware (api/middleware.py), and open connections by uvicorn's
 `limit_concurrency` (503 past it, a problem document like the protocol's own refusals).
+
+Drain: `run` serves with api/drain.py's server (and supervisor for `--workers`), whose state
+tells the protocol when SIGTERM has come; every request starting after it is refused here.
 """
 
 from __future__ import annotations
