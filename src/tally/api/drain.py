@@ -89,7 +89,8 @@ class DrainingServer(uvicorn.Server):
 
     @property
     def _deadline(self) -> float:
-        return (self._signalled_at or time.monotonic()) + self.times.drain_seconds
+        assert self._signalled_at is not None  # noqa: S101 - read only once draining
+        return self._signalled_at + self.times.drain_seconds
 
     async def on_tick(self, counter: int) -> bool:
         should_exit = await super().on_tick(counter)
@@ -108,7 +109,11 @@ class DrainingServer(uvicorn.Server):
         return now >= self._signalled_at + self.times.notice_seconds
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.server_state.draining = True  # whatever stops it, nothing new starts now
+        # Whatever stopped it (a signal, uvicorn's request limit), nothing new starts now and
+        # the drain's bound runs from the first of them.
+        self.server_state.draining = True
+        if self._signalled_at is None:
+            self._signalled_at = time.monotonic()
         for server in self.servers:
             server.close()
         for sock in sockets or []:
