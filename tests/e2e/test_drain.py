@@ -24,7 +24,7 @@ from tests.support.server import Server, running_server
 
 DRAIN_SECONDS = 6
 # With --workers the supervisor passes the signal on within its half-second poll.
-SIGNAL_LATENCY = 1.0
+SIGNAL_LATENCY = 1.5
 
 
 def slow_batch_request(server: Server, key: str, events: int) -> tuple[bytes, bytes]:
@@ -135,7 +135,7 @@ def test_a_drain_that_runs_out_of_time_exits_1_and_logs_it(tmp_path: Path) -> No
                 pytest.fail(f"the drain was not bounded\n{server.logs()}")
             took = time.monotonic() - signalled
         assert code == 1, server.logs()
-        assert 2 <= took < 4, f"the drain took {took:.1f}s"
+        assert 2 <= took < 5, f"the drain took {took:.1f}s"
         [timed_out] = [
             json.loads(line)
             for line in server.stderr.read_text(errors="replace").splitlines()
@@ -162,6 +162,6 @@ def test_the_notice_keeps_the_listener_answering_503_then_it_closes(tmp_path: Pa
             answers += 1
             time.sleep(0.2)
         closed = time.monotonic() - signalled
-        assert 2 <= closed < 3, f"the listener closed after {closed:.1f}s"
+        assert 2 <= closed < 4, f"the listener closed after {closed:.1f}s"
         assert answers >= 5
         assert server.process.wait(timeout=5) == 0, server.logs()

@@ -98,7 +98,7 @@ class DrainingServer(uvicorn.Server):
             return should_exit or self.force_exit
         if not self._announced:
             self._announced = True
-            log.warning(
+            log.info(
                 "drain_started",
                 in_flight=len(self.server_state.tasks),
                 drain_seconds=self.times.drain_seconds,

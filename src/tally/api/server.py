@@ -162,9 +162,8 @@ MALFORMED = EdgeProblem(400, "ERR-VAL-400", "malformed-request", "Malformed HTTP
 OVER_CAPACITY = EdgeProblem(
     503, "ERR-SYS-503", "service-unavailable", "Service unavailable", RETRY_AFTER_SECONDS
 )
-SHUTTING_DOWN = EdgeProblem(
-    503, "ERR-SYS-503", "service-unavailable", "Service unavailable", RETRY_AFTER_SECONDS
-)
+# The same problem as a full server (retry shortly, elsewhere); its detail says why.
+SHUTTING_DOWN = OVER_CAPACITY
 
 
 def edge_response(
