@@ -259,6 +259,14 @@ class Workers(Multiprocess):
         process.start()
         self.processes.append(process)
 
+    def terminate_all(self) -> None:
+        super().terminate_all()
+        # The workers hold the listening socket too: once the last of them closes it the port
+        # refuses connections. Held here as well, it would queue them until this process
+        # exits, and each would then be reset with its request sent.
+        for sock in self.sockets:
+            sock.close()
+
     def join_all(self) -> None:
         # Each worker bounds its own drain; one that outlives it by far is killed.
         deadline = time.monotonic() + self.times.drain_seconds + _WORKER_EXIT_MARGIN_SECONDS
