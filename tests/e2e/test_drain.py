@@ -16,7 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
+from tally.settings import Settings
 from tests.conftest import event
 from tests.e2e.test_ratelimit import Keys, register
 from tests.support.raw_http import connect, read_answer, status_of
@@ -165,3 +167,8 @@ def test_the_notice_keeps_the_listener_answering_503_then_it_closes(tmp_path: Pa
         assert 2 <= closed < 4, f"the listener closed after {closed:.1f}s"
         assert answers >= 5
         assert server.process.wait(timeout=5) == 0, server.logs()
+
+
+def test_a_notice_as_long_as_the_drain_is_refused_with_what_to_set() -> None:
+    with pytest.raises(ValidationError, match=r"TALLY_DRAIN_NOTICE_SECONDS .* TALLY_DRAIN_SECONDS"):
+        Settings(drain_seconds=5, drain_notice_seconds=5)
