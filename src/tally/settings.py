@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     request_timeout_seconds: int = Field(default=30, ge=1, le=600)
     keepalive_timeout_seconds: int = Field(default=5, ge=1, le=300)
     max_connections: int = Field(default=1000, ge=1, le=100_000)
+    # Drain (api/drain.py): after SIGTERM, how long in-flight requests have to finish, and
+    # how long at least the listener stays open answering 503 (for health-checking balancers).
+    drain_seconds: int = Field(default=10, ge=1, le=600)
+    drain_notice_seconds: int = Field(default=0, ge=0, le=600)
     # X-Forwarded-For/-Proto name the client's address (the audit log's source) and scheme;
     # anyone can send them, so they count only from these peers. Empty: from nobody.
     trusted_proxies: Annotated[tuple[str, ...], NoDecode] = Field(
@@ -169,6 +173,16 @@ class Settings(BaseSettings):
         if value is None or value.startswith(("redis://", "rediss://", "unix://")):
             return value
         raise ValueError("TALLY_REDIS_URL must be redis://HOST:PORT/DB, rediss://… or unix://PATH")
+
+    @model_validator(mode="after")
+    def _notice_within_drain(self) -> Settings:
+        if self.drain_notice_seconds >= self.drain_seconds:
+            raise ValueError(
+                f"TALLY_DRAIN_NOTICE_SECONDS ({self.drain_notice_seconds}) must be below "
+                f"TALLY_DRAIN_SECONDS ({self.drain_seconds}), which bounds the whole drain: "
+                "raise TALLY_DRAIN_SECONDS or lower the notice"
+            )
+        return self
 
     @model_validator(mode="after")
     def _full_batches_fit_event_limits(self) -> Settings:

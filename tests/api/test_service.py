@@ -41,7 +41,10 @@ def test_healthz_answers_ok_without_a_key(client: TestClient) -> None:
 def test_readyz_answers_ready_when_the_store_answers(client: TestClient) -> None:
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ready"}
+    assert response.json() == {
+        "status": "ready",
+        "checks": {"store": "ok", "keyring": "ok", "redis": "not_configured"},
+    }
 
 
 @pytest.fixture

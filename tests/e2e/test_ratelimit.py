@@ -128,26 +128,37 @@ def test_two_servers_with_one_redis_share_one_budget(
         running_server(sqlite_url, tmp_path, env=env, label="second") as second,
     ):
         keys = register(first)
-        statuses: dict[str, list[int]] = {"first": [], "second": []}
-        accepted = 0
-        started = time.monotonic()
-        for n in range(24):  # 2,400 events: each server alone would take 1,000
-            name, server = [("first", first), ("second", second)][n % 2]
-            answer = _call(server, "POST", "/v1/events", keys.writer, batch(f"b{n}"))
-            statuses[name].append(answer.status_code)
-            if answer.status_code == 200:
-                accepted += answer.json()["accepted"]
-            else:
-                assert answer.status_code == 429, answer.text
-                assert answer.json()["code"] == "ERR-RATE-429"
-        elapsed = time.monotonic() - started
+        assert_one_budget(first, second, keys, redis=shared_redis)
 
-        # The budget: the burst plus what one event a second refilled meanwhile.
-        assert 1000 <= accepted <= 1000 + math.ceil(elapsed), statuses
-        assert 429 in statuses["first"], statuses
-        assert 429 in statuses["second"], statuses
-        assert len(stored_ids(first, keys.reader)) == accepted  # refused batches stored nothing
-        assert keys_under(url, prefix), "the limits were not kept in Redis"
+
+def assert_one_budget(
+    first: Server, second: Server, keys: Keys, *, redis: tuple[str, str], label: str = "b"
+) -> None:
+    """Two servers sharing one store and the Redis `redis` (url, key prefix), under
+    EVENT_BUDGET, give `keys.writer` one budget between them. Its batches' event ids start
+    with `label` (tests/e2e/test_replicas.py runs this beside other events)."""
+    url, prefix = redis
+    statuses: dict[str, list[int]] = {"first": [], "second": []}
+    accepted = 0
+    started = time.monotonic()
+    for n in range(24):  # 2,400 events: each server alone would take 1,000
+        name, server = [("first", first), ("second", second)][n % 2]
+        answer = _call(server, "POST", "/v1/events", keys.writer, batch(f"{label}{n}"))
+        statuses[name].append(answer.status_code)
+        if answer.status_code == 200:
+            accepted += answer.json()["accepted"]
+        else:
+            assert answer.status_code == 429, answer.text
+            assert answer.json()["code"] == "ERR-RATE-429"
+    elapsed = time.monotonic() - started
+
+    # The budget: the burst plus what one event a second refilled meanwhile.
+    assert 1000 <= accepted <= 1000 + math.ceil(elapsed), statuses
+    assert 429 in statuses["first"], statuses
+    assert 429 in statuses["second"], statuses
+    stored = [i for i in stored_ids(first, keys.reader) if i.startswith(label)]
+    assert len(stored) == accepted  # refused batches stored nothing
+    assert keys_under(url, prefix), "the limits were not kept in Redis"
 
 
 def test_losing_redis_keeps_ingestion_on_in_process_limits_with_one_warning(

@@ -12,6 +12,9 @@ answering a request whose body it did not read, and leaves TLS handshakes asynci
 the request and keep-alive timeouts. The time to send a body is bounded, with its size, for
 every route by the request middleware (api/middleware.py), and open connections by uvicorn's
 `limit_concurrency` (503 past it, a problem document like the protocol's own refusals).
+
+Drain: `run` serves with api/drain.py's server (and supervisor for `--workers`), whose state
+tells the protocol when SIGTERM has come; every request starting after it is refused here.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from tally import metrics
+from tally.api.drain import DrainingServer, DrainState, DrainTimes, Workers
 from tally.api.problems import RETRY_AFTER_SECONDS
+from tally.logs import configure_logging
 from tally.settings import Settings
 
 # Mozilla's "intermediate" configuration (TLS 1.2 suites; every TLS 1.3 suite is acceptable).
@@ -158,6 +163,8 @@ MALFORMED = EdgeProblem(400, "ERR-VAL-400", "malformed-request", "Malformed HTTP
 OVER_CAPACITY = EdgeProblem(
     503, "ERR-SYS-503", "service-unavailable", "Service unavailable", RETRY_AFTER_SECONDS
 )
+# The same problem as a full server (retry shortly, elsewhere); its detail says why.
+SHUTTING_DOWN = OVER_CAPACITY
 
 
 def edge_response(
@@ -324,6 +331,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if app is service_unavailable:
             self._refuse(OVER_CAPACITY, "Too many open connections; retry shortly.")
             return
+        if isinstance(self.server_state, DrainState) and self.server_state.draining:
+            # api/drain.py: from SIGTERM on, only the requests already running are served.
+            self._refuse(SHUTTING_DOWN, "This server is shutting down; retry shortly.")
+            return
         self._served = cycle
         super()._start_asgi_task(cycle, self._closing_after_early_refusal(cycle, app))
 
@@ -473,8 +484,10 @@ def check(settings: Settings) -> None:
         tls_context(files)
 
 
-def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
-    """Serve the API until stopped, HTTPS only when `settings` name a certificate.
+def run(settings: Settings, *, host: str, port: int, workers: int) -> int:
+    """Serve the API until SIGTERM (or SIGINT) and a drain (api/drain.py), HTTPS only when
+    `settings` name a certificate. Returns the exit status: 0 after a clean drain, 1 when the
+    drain ran out of TALLY_DRAIN_SECONDS, 3 when the server could not start.
 
     Raises ValueError as `check` does, before any worker starts.
     """
@@ -490,7 +503,7 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
     # A partial, not a subclass made here: uvicorn pickles its configuration to each worker.
     protocol = cast("type[asyncio.Protocol]", partial(GuardedHttpToolsProtocol, limits=limits))
     metrics.supervise(settings, workers=workers, api_port=port)  # before any worker starts
-    uvicorn.run(
+    config = uvicorn.Config(
         "tally.api.app:app_from_environment",
         factory=True,
         host=host,
@@ -504,10 +517,19 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> None:
         forwarded_allow_ips=list(settings.trusted_proxies),
         access_log=False,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
         timeout_keep_alive=settings.keepalive_timeout_seconds,
         limit_concurrency=settings.max_connections,
         ssl_context_factory=partial(_uvicorn_tls, files) if files is not None else None,
         # uvicorn adds these to every response, its own refusals included.
         headers=[HSTS] if files is not None else None,
     )
+    # uvicorn.Config set up uvicorn's own logging; the supervisor's lines are Tally's too.
+    configure_logging(settings)
+    times = DrainTimes(settings.drain_seconds, settings.drain_notice_seconds)
+    if workers > 1:
+        supervisor = Workers(config, [config.bind_socket()], times)
+        supervisor.run()
+        return supervisor.exit_status()
+    server = DrainingServer(config, times)
+    server.run()
+    return server.exit_status()

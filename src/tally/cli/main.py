@@ -130,7 +130,9 @@ def serve(
     with command_store() as store:
         _first_admin_key(registry(store), configured, as_json=as_json)
     sys.stdout.flush()
-    server.run(configured, host=host, port=port, workers=workers)
+    status = server.run(configured, host=host, port=port, workers=workers)
+    if status:
+        raise typer.Exit(status)
 
 
 def _first_admin_key(found: Registry, configured: Settings, *, as_json: bool) -> None:

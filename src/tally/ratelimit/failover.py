@@ -8,7 +8,13 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from tally.ratelimit.interface import Charge, Limiter, LimiterUnavailable, Verdict
+from tally.ratelimit.interface import (
+    Charge,
+    Limiter,
+    LimiterUnavailable,
+    SharedLimiter,
+    Verdict,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -30,7 +36,7 @@ class FailoverLimiter:
 
     def __init__(
         self,
-        primary: Limiter,
+        primary: SharedLimiter,
         fallback: Limiter,
         *,
         retry_seconds: float = DEFAULT_RETRY_SECONDS,
@@ -49,6 +55,15 @@ class FailoverLimiter:
     def degraded(self) -> bool:
         """True while decisions are made in-process because `primary` failed."""
         return self._down
+
+    def shared_answers(self) -> bool:
+        """Whether `primary` answers a ping now (readiness, api/health.py). It only reports:
+        an outage still ends with a request's probe, as above."""
+        try:
+            self._primary.ping()
+        except LimiterUnavailable:
+            return False
+        return True
 
     def acquire(self, charges: Sequence[Charge]) -> Verdict:
         """See Limiter.acquire; never raises LimiterUnavailable."""

@@ -97,6 +97,14 @@ class Limiter(Protocol):
         ...
 
 
+class SharedLimiter(Limiter, Protocol):
+    """A limiter kept outside the process (Redis), shared by every worker and replica."""
+
+    def ping(self) -> None:
+        """One round trip; raises LimiterUnavailable when it does not answer."""
+        ...
+
+
 def check_distinct(charges: Sequence[Charge]) -> None:
     """Raises ValueError when two charges name one bucket (they would be judged apart)."""
     if len({charge.bucket for charge in charges}) != len(charges):

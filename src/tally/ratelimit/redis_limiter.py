@@ -150,5 +150,12 @@ class RedisLimiter:
             )
         return Verdict(tuple(decisions))
 
+    def ping(self) -> None:
+        """See SharedLimiter.ping: bounded by `timeout`, like every reply."""
+        try:
+            self._client.ping()
+        except (redis.RedisError, OSError) as error:
+            raise LimiterUnavailable(type(error).__name__) from error
+
     def close(self) -> None:
         self._client.close()
