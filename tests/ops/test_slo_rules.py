@@ -197,10 +197,12 @@ def test_a_real_prometheus_computes_the_objectives_from_a_real_server(
         try:
             answer = httpx.get(
                 f"http://127.0.0.1:{port}/api/v1/query", params={"query": expression}
-            ).json()
+            )
         except httpx.TransportError:
-            return None  # not started yet
-        result = answer["data"]["result"]
+            return None  # not listening yet
+        if answer.status_code != 200:
+            return None  # listening, but its storage not ready yet: 503 in plain text
+        result = answer.json()["data"]["result"]
         return float(result[0]["value"][1]) if result else None
 
     try:
