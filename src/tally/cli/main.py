@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from tally.bootstrap import admin_key_directory, check_keyring, create_secret_file
-from tally.cli import audit, billing, crypto, keys
+from tally.cli import audit, backup, billing, crypto, keys
 from tally.cli.common import (
     JsonOption,
     TallyGroup,
@@ -55,6 +55,8 @@ app.add_typer(crypto.app, name="keyring")
 app.command("reencrypt")(crypto.reencrypt)
 app.command("reindex")(crypto.reindex)
 tenants_app.command("shred")(crypto.shred)
+app.add_typer(backup.app, name="backup")
+app.command("restore")(backup.restore)
 billing.register(app)
 
 

@@ -101,6 +101,19 @@ def unwrap(master: MasterKey, *, tenant: str, wrapped: bytes) -> bytes:
     return _open(AESGCM(master.secret), wrapped, associated, "data key")
 
 
+def wrap_backup_key(master: MasterKey, *, backup_id: str, key: bytes) -> bytes:
+    """A backup's data key (backup/), wrapped like a tenant's but bound to the backup: a
+    wrapped backup key does not open as a tenant's data key, nor as another backup's."""
+    associated = _associated("tally/backup-key", backup_id, master.id)
+    return _seal(AESGCM(master.secret), key, associated)
+
+
+def unwrap_backup_key(master: MasterKey, *, backup_id: str, wrapped: bytes) -> bytes:
+    """Raises SealBroken if `wrapped` was not made by `master` for backup `backup_id`."""
+    associated = _associated("tally/backup-key", backup_id, master.id)
+    return _open(AESGCM(master.secret), wrapped, associated, "backup key")
+
+
 class TenantCipher:
     """One tenant's data key at work: seals and opens its attributes, keys its digests."""
 

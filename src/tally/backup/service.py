@@ -1,0 +1,656 @@
+"""Take, verify and restore logical backups (`tally backup`, `tally backup verify`,
+`tally restore`; docs/operations.md, "Backup and restore").
+
+The file (backup/fileformat.py) holds a stream of JSON lines:
+
+    {"backup": {backup_id, created_at, tally_version, store, schema_version, migrations}}
+    then per table, in foreign-key order (backup/schema.py):
+    {"table": NAME, "columns": [[column, kind], ...], "cancelled": BOOL}
+    [value, ...]                       one line per row, in the table's key order (with
+                                       "cancelled", events carry one more value: whether the
+                                       event is cancelled in the snapshot)
+    {"end": NAME, "rows": N}
+    {"manifest": {...}}                backup/manifest.py
+
+Everything is read from one snapshot of the store (store/snapshot.py) and streamed: memory stays
+bounded by a chunk, a batch of rows and one accumulator per tenant, type and month.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tally.backup import fileformat, schema
+from tally.backup.fileformat import BackupDamaged, Header
+from tally.backup.manifest import Book, DataKeys, Figures, Manifest, differences, from_database
+from tally.backup.schema import TABLES, Unsupported
+from tally.crypto.keyring import Keyring
+from tally.crypto.sealing import SealBroken
+from tally.events.model import format_time
+from tally.registry.audit import AuditEntry
+from tally.store import snapshot
+from tally.store.interface import EventStore
+from tally.store.snapshot import Column, Kind, Row, Snapshot
+
+BATCH = 1000  # rows per insert on restore
+# The tables whose rows the figures are made of (the others are only counted).
+_FIGURED = ("tenant_keys", "log_partitions", "events", "cancellations")
+
+
+class ManifestMismatch(Exception):
+    """What the rows add up to is not what the manifest says (or, after a restore, what the
+    restored store holds is not). The message lists the differences."""
+
+    def __init__(self, what: str, lines: Sequence[str]) -> None:
+        super().__init__(f"{what}: " + "; ".join(lines))
+        self.what = what
+        self.lines = list(lines)
+
+
+class NotEmpty(Exception):
+    """The store a restore was given holds data already. Nothing was changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Preamble:
+    backup_id: str
+    created_at: str
+    tally_version: str
+    store: str
+    schema_version: str | None
+    migrations: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backup_id": self.backup_id,
+            "created_at": self.created_at,
+            "tally_version": self.tally_version,
+            "store": self.store,
+            "schema_version": self.schema_version,
+            "migrations": self.migrations,
+        }
+
+
+Progress = Callable[[int], None]
+"""Told how far the work has got: rows written (backup), bytes read (verify, restore)."""
+
+
+def _nothing(_: int) -> None:
+    return None
+
+
+# --- watching rows go by ------------------------------------------------------------------
+
+
+@dataclass
+class _Observer:
+    """Adds up the rows of a backup as they pass, whichever way they go (from a store to a
+    file, from a file to a store, from a restored store for its check)."""
+
+    keyring: Keyring
+    keys: DataKeys = field(init=False)
+    book: Book = field(init=False)
+    tables: dict[str, int] = field(default_factory=dict)
+    marks: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.keys = DataKeys(self.keyring)
+        self.book = Book(self.keys)
+
+    def begin(
+        self, table: str, columns: Sequence[Column], cancelled: bool
+    ) -> Callable[[Row], None]:
+        """What to do with each row of `table` (a row of `columns`, and the cancelled flag)."""
+        at = {name: n for n, (name, _) in enumerate(columns)}
+        self.tables[table] = 0
+        if table == "tenant_keys":
+
+            def key(row: Row) -> None:
+                wrapped = row[at["wrapped"]]
+                self.keys.add(
+                    str(row[at["tenant"]]),
+                    None if row[at["master_key_id"]] is None else str(row[at["master_key_id"]]),
+                    None if wrapped is None else base64.b64decode(str(wrapped)),
+                )
+
+            return key
+        if table == "log_partitions":
+            return lambda row: self.marks.__setitem__(
+                int(row[at["partition"]] or 0), int(row[at["last_offset"]] or 0)
+            )
+        if table == "events":
+            self.book.events(columns)
+            if cancelled:
+                return lambda row: self.book.add_event(row[:-1], bool(row[-1]))
+            return lambda row: self.book.add_event(row, False)
+        if table == "cancellations":
+            return lambda row: self.book.add_cancellation(row[at["application"]], row[at["id"]])
+        return _ignore
+
+    def figures(self, counts: Mapping[str, int] | None = None) -> Figures:
+        flagged, digest = self.book.cancelled
+        return Figures(
+            tables=dict(counts if counts is not None else self.tables),
+            periods=self.book.periods(),
+            high_water_marks=[self.marks[p] for p in sorted(self.marks)],
+            cancelled_events=flagged,
+            cancelled_digest=digest,
+        )
+
+
+def _ignore(_: Row) -> None:
+    return None
+
+
+def _walk(
+    snap: Snapshot,
+    tables: Sequence[str],
+    columns: Mapping[str, list[Column]],
+    observer: _Observer,
+    *,
+    sink: Callable[[str, list[Column], bool, Iterator[Row]], None] | None = None,
+) -> None:
+    """Stream each of `tables` from `snap` through `observer` (and through `sink`, which
+    consumes them)."""
+    for table in tables:
+        cancelled = table == "events" and "cancellations" in columns
+        rows = _watched(snap, table, columns[table], cancelled, observer)
+        if sink is None:
+            for _ in rows:
+                pass
+        else:
+            sink(table, columns[table], cancelled, rows)
+
+
+def _watched(
+    snap: Snapshot, table: str, columns: list[Column], cancelled: bool, observer: _Observer
+) -> Iterator[Row]:
+    watch = observer.begin(table, columns, cancelled)
+    for row in snap.rows(table, columns, order_by=TABLES[table].order_by, cancelled=cancelled):
+        watch(row)
+        observer.tables[table] += 1
+        yield row
+
+
+def _measure(snap: Snapshot, keyring: Keyring, columns: Mapping[str, list[Column]]) -> Figures:
+    """The figures of a store as it is in `snap`: counts of every table, the database's own
+    aggregates of the events, the digests from its rows. Raises ManifestMismatch if the rows
+    and the aggregates disagree (which one snapshot rules out), SealBroken if attributes do
+    not open."""
+    observer = _Observer(keyring)
+    _walk(snap, [t for t in _FIGURED if t in columns], columns, observer)
+    counts = {table: snap.count(table) for table in columns}
+    found = observer.figures(counts)
+    if "events" in columns:
+        database = Figures(
+            tables=counts,
+            periods=from_database(snap.month_figures()),
+            high_water_marks=found.high_water_marks,
+            cancelled_events=found.cancelled_events,
+            cancelled_digest=found.cancelled_digest,
+        )
+        lines = differences(database, found, digests=False)
+        if lines:
+            raise ManifestMismatch("The store's rows disagree with its own aggregates", lines)
+    return found
+
+
+# --- backup -------------------------------------------------------------------------------
+
+
+class _Lines:
+    """JSON lines into the encrypted stream."""
+
+    def __init__(self, writer: fileformat.Writer) -> None:
+        self._writer = writer
+        self._buffer: list[str] = []
+        self._size = 0
+
+    def put(self, record: object) -> None:
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        self._buffer.append(line)
+        self._size += len(line)
+        if self._size >= 64 * 1024:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            self._writer.write(("\n".join(self._buffer) + "\n").encode())
+            self._buffer.clear()
+            self._size = 0
+
+
+def new_backup_id(now: datetime) -> str:
+    return f"bk-{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(4)}"
+
+
+def take(
+    store: EventStore,
+    out: Path,
+    *,
+    keyring: Keyring,
+    now: datetime,
+    on_start: Callable[[int], None] = _nothing,
+    progress: Progress = _nothing,
+) -> Manifest:
+    """Write a backup of `store` to `out`: one snapshot, streamed, encrypted. `on_start` hears
+    how many rows there are, `progress` how many are written so far.
+
+    `out` appears only once it is complete (written beside it, fsynced, renamed); a failure
+    leaves what was there before. Raises Unsupported for a table or column this version does
+    not carry, StoreUnavailable, SealBroken when an event's attributes do not open with the
+    keyring (altered, or a master key missing from it), OSError.
+    """
+    backup_id = new_backup_id(now)
+    with snapshot.reading(store) as snap:
+        columns = schema.carried(snap.tables())
+        order = schema.ordered(list(columns), snap.foreign_keys())
+        migrations = snap.migrations()
+        preamble = Preamble(
+            backup_id=backup_id,
+            created_at=format_time(now),
+            tally_version=metadata.version("tally"),
+            store=snap.kind,
+            schema_version=migrations[-1] if migrations else None,
+            migrations=migrations,
+        )
+        counts = {table: snap.count(table) for table in order}
+        on_start(sum(counts.values()))
+        database = from_database(snap.month_figures()) if "events" in columns else []
+        observer = _Observer(keyring)
+        with _replacing(out) as file:
+            writer = fileformat.Writer(
+                file, keyring=keyring, backup_id=backup_id, created_at=preamble.created_at
+            )
+            lines = _Lines(writer)
+            lines.put({"backup": preamble.to_json()})
+            written = 0
+
+            def sink(table: str, found: list[Column], cancelled: bool, rows: Iterator[Row]) -> None:
+                nonlocal written
+                lines.put({"table": table, "columns": found, "cancelled": cancelled})
+                count = 0
+                for row in rows:
+                    lines.put(row)
+                    count += 1
+                    if count % BATCH == 0:
+                        progress(written + count)
+                written += count
+                progress(written)
+                lines.put({"end": table, "rows": count})
+
+            _walk(snap, order, columns, observer, sink=sink)
+            figures = observer.figures()
+            expected = Figures(
+                tables=counts,
+                periods=database,
+                high_water_marks=figures.high_water_marks,
+                cancelled_events=figures.cancelled_events,
+                cancelled_digest=figures.cancelled_digest,
+            )
+            lines_differ = differences(expected, figures, digests=False)
+            if lines_differ:  # one snapshot: the rows are what the database counted
+                raise ManifestMismatch("The snapshot's rows disagree with its counts", lines_differ)
+            manifest = Manifest(
+                backup_id=backup_id,
+                created_at=preamble.created_at,
+                tally_version=preamble.tally_version,
+                store=preamble.store,
+                schema_version=preamble.schema_version,
+                migrations=migrations,
+                figures=figures,
+            )
+            lines.put({"manifest": manifest.to_json()})
+            lines.flush()
+            writer.close()
+    return manifest
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[BinaryIO]:
+    """A new owner-only file beside `path`, fsynced and renamed onto `path` when the block
+    ends, removed if it raises: `path` is never a file half written."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    # The rename itself survives a crash once the directory is synced.
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+# --- reading a backup ----------------------------------------------------------------------
+
+
+def _records(
+    file: BinaryIO, header: Header, digest: bytes, key: bytes, progress: Progress
+) -> Iterator[tuple[int, Any]]:
+    """The JSON records of the plaintext stream, each with the chunk it ends in."""
+    pending = b""
+    for index, plaintext in fileformat.chunks(file, header, digest, key):
+        progress(file.tell())
+        lines = (pending + plaintext).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            try:
+                yield index, json.loads(line)
+            except ValueError:
+                raise BackupDamaged(
+                    f"The backup is damaged: chunk {index} holds a line that is not JSON."
+                ) from None
+    if pending:
+        raise BackupDamaged("The backup is damaged: its content ends in the middle of a line.")
+
+
+OnTable = Callable[[str, list[Column]], None]
+OnRows = Callable[[str, list[Column], list[Row]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A backup whose header, key and first record were read: enough to decide whether to
+    restore it, before anything is changed."""
+
+    header: Header
+    preamble: Preamble
+
+
+def _open(
+    file: BinaryIO, keyring: Keyring, progress: Progress
+) -> tuple[Opened, Iterator[tuple[int, Any]]]:
+    header, digest = fileformat.read_header(file)
+    key = fileformat.backup_key(header, keyring)
+    records = _records(file, header, digest, key, progress)
+    first = next(records, None)
+    try:
+        assert first is not None  # noqa: S101 - turned into BackupDamaged below
+        found = first[1]["backup"]
+        preamble = Preamble(
+            backup_id=str(found["backup_id"]),
+            created_at=str(found["created_at"]),
+            tally_version=str(found["tally_version"]),
+            store=str(found["store"]),
+            schema_version=found["schema_version"],
+            migrations=[str(m) for m in found["migrations"]],
+        )
+    except (AssertionError, KeyError, TypeError):
+        raise BackupDamaged("The backup's content does not start as a Tally backup's.") from None
+    if preamble.backup_id != header.backup_id:
+        raise BackupDamaged("The backup's content belongs to another backup than its header.")
+    return Opened(header, preamble), records
+
+
+def peek(path: Path, keyring: Keyring) -> Opened:
+    """The header and first record of the backup at `path`. Raises BackupDamaged,
+    WrongKeyring, OSError."""
+    with path.open("rb") as file:
+        opened, _ = _open(file, keyring, _nothing)
+    return opened
+
+
+def read(
+    path: Path,
+    keyring: Keyring,
+    *,
+    on_table: OnTable | None = None,
+    on_rows: OnRows | None = None,
+    progress: Progress = _nothing,
+) -> Manifest:
+    """Read the backup at `path` through, checking every chunk, its structure, and that its
+    rows add up to its manifest (row counts, per-month counts, sums and digests, high-water
+    marks, cancellations), which it returns. `on_table` hears of each table as it begins,
+    `on_rows` gets its rows in batches (without the events' cancelled flag).
+
+    Raises BackupDamaged (naming the chunk, a cut, or what is out of place), WrongKeyring,
+    ManifestMismatch (listing the differences), Unsupported (a table or column this version
+    does not know), SealBroken (attributes that do not open), OSError; and whatever the
+    callbacks raise.
+    """
+    with path.open("rb") as file:
+        opened, records = _open(file, keyring, progress)
+        observer = _Observer(keyring)
+        manifest: Manifest | None = None
+        table: str | None = None
+        columns: list[Column] = []
+        width = 0
+        watch: Callable[[Row], None] = _ignore
+        batch: list[Row] = []
+        cancelled = False
+        for index, record in records:
+            if manifest is not None:
+                raise BackupDamaged(
+                    f"The backup is damaged: chunk {index} holds data after its manifest."
+                )
+            if isinstance(record, list):
+                if table is None or len(record) != width:
+                    raise BackupDamaged(
+                        f"The backup is damaged: chunk {index} holds a row out of place."
+                    )
+                watch(record)
+                observer.tables[table] += 1
+                if on_rows is not None:
+                    batch.append(record[:-1] if cancelled else record)
+                    if len(batch) >= BATCH:
+                        on_rows(table, columns, batch)
+                        batch = []
+                continue
+            if not isinstance(record, dict):
+                raise BackupDamaged(
+                    f"The backup is damaged: chunk {index} holds a record out of place."
+                )
+            if "table" in record and table is None:
+                table, columns, cancelled = _table_start(record, observer, index)
+                width = len(columns) + cancelled
+                watch = observer.begin(table, columns, cancelled)
+                if on_table is not None:
+                    on_table(table, columns)
+            elif table is not None and record.get("end") == table:
+                if batch and on_rows is not None:
+                    on_rows(table, columns, batch)
+                batch = []
+                if record.get("rows") != observer.tables[table]:
+                    raise BackupDamaged(f"The backup is damaged: table {table} lacks rows.")
+                table, watch = None, _ignore
+            elif "manifest" in record and table is None:
+                manifest = _manifest(record["manifest"], index)
+            else:
+                raise BackupDamaged(
+                    f"The backup is damaged: chunk {index} holds a record out of place."
+                )
+    if manifest is None:
+        raise BackupDamaged("The backup is damaged: it has no manifest.")
+    _check(manifest, opened, observer)
+    return manifest
+
+
+def _table_start(
+    record: Mapping[str, Any], observer: _Observer, index: int
+) -> tuple[str, list[Column], bool]:
+    name = record["table"]
+    if not isinstance(name, str) or name in observer.tables:
+        raise BackupDamaged(f"The backup is damaged: chunk {index} repeats or misnames a table.")
+    try:
+        columns = [(str(column), Kind(kind)) for column, kind in record["columns"]]
+    except (KeyError, TypeError, ValueError):
+        raise BackupDamaged(
+            f"The backup is damaged: chunk {index} misstates table {name}'s columns."
+        ) from None
+    known = TABLES.get(name)
+    strays = [c for c, k in columns if known is None or known.columns.get(c) is not k]
+    if known is None or strays:
+        what = f"table {name}" if known is None else f"columns {', '.join(strays)} of {name}"
+        raise Unsupported(
+            f"The backup holds {what}, which this version of Tally does not know: restore it "
+            "with the Tally version that took it, or a newer one."
+        )
+    return name, columns, bool(record.get("cancelled"))
+
+
+def _manifest(document: Any, index: int) -> Manifest:
+    try:
+        return Manifest.from_json(document)
+    except (KeyError, TypeError, ValueError):
+        raise BackupDamaged(
+            f"The backup is damaged: chunk {index} holds no readable manifest."
+        ) from None
+
+
+def _check(manifest: Manifest, opened: Opened, observer: _Observer) -> None:
+    preamble = opened.preamble
+    if (manifest.backup_id, manifest.created_at, manifest.store, manifest.migrations) != (
+        preamble.backup_id,
+        preamble.created_at,
+        preamble.store,
+        preamble.migrations,
+    ):
+        raise BackupDamaged("The backup is damaged: its manifest and its first record disagree.")
+    found = observer.figures()
+    found.log_epoch = manifest.figures.log_epoch
+    lines = differences(manifest.figures, found)
+    rows = observer.book.cancellation_rows
+    if rows != observer.book.cancelled:
+        lines.append(
+            f"cancellations: {rows[0]} rows, but {observer.book.cancelled[0]} events flagged "
+            "cancelled (or other ones)"
+        )
+    if lines:
+        raise ManifestMismatch("The backup's rows do not match its manifest", lines)
+
+
+# --- restore ------------------------------------------------------------------------------
+
+
+def refuse_unless_empty(snap: Snapshot) -> None:
+    """Raises NotEmpty naming what `snap`'s store holds, unless it holds nothing a restore
+    would have to overwrite (tables the migrations seed, the cursor secret and yoyo's own
+    are replaced)."""
+    held = []
+    for table in snap.tables():
+        if table in TABLES and TABLES[table].replaced:
+            continue
+        count = snap.count(table)
+        if count:
+            held.append(f"{count} rows in {table}")
+    if held:
+        raise NotEmpty(
+            f"The target store is not empty ({', '.join(held)}): a restore goes only into a new, "
+            "empty store. Nothing was changed."
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a restore goes: an SQLite file, or a PostgreSQL database through the owner's
+    URL (the restore writes what the service role may not)."""
+
+    sqlite_path: Path | None = None
+    url: str | None = None
+
+
+def restore(
+    path: Path,
+    target: Target,
+    *,
+    keyring: Keyring,
+    known_migrations: Sequence[str],
+    migrate: Callable[[], object],
+    audit: Callable[[Manifest], AuditEntry],
+    progress: Progress = _nothing,
+) -> Manifest:
+    """Restore the backup at `path` into the empty store `target`, in one transaction.
+
+    First, changing nothing: the header, the keyring and the schema are checked and the
+    target's emptiness. Then `migrate` brings the target's schema up, and one transaction
+    inserts every row in foreign-key order, checks the whole file against its manifest, moves
+    sequences past the restored rows, checks the restored store's own counts, sums and
+    digests against the manifest, records `audit(manifest)`, and commits. Any failure rolls it
+    all back: the target holds nothing of the backup.
+
+    Raises BackupDamaged, WrongKeyring, Unsupported (a backup from a newer schema), NotEmpty,
+    ManifestMismatch, SealBroken, StoreUnavailable, OSError.
+    """
+    opened = peek(path, keyring)
+    newer = [m for m in opened.preamble.migrations if m not in known_migrations]
+    if newer:
+        raise Unsupported(
+            f"The backup comes from a newer schema (migration {newer[-1]}) than this version of "
+            "Tally knows: restore it with the Tally version that took it, or a newer one. "
+            "Nothing was changed."
+        )
+    with snapshot.inspecting(sqlite_path=target.sqlite_path, url=target.url) as look:
+        refuse_unless_empty(look)
+    migrate()
+    with snapshot.loading(sqlite_path=target.sqlite_path, url=target.url) as session:
+        refuse_unless_empty(session)
+        present = schema.carried(session.tables())
+        references = session.foreign_keys()
+        restored: list[str] = []
+
+        def on_table(table: str, columns: list[Column]) -> None:
+            missing = [c for c, _ in columns if c not in dict(present.get(table, []))]
+            if table not in present or missing:
+                raise Unsupported(
+                    f"The target store lacks table {table} or its columns {missing}: migrate it "
+                    "with this version of Tally."
+                )
+            waiting = [p for child, p in references if child == table and p != table]
+            if any(parent in present and parent not in restored for parent in waiting):
+                raise BackupDamaged(
+                    f"The backup is damaged: table {table} comes before a table it references."
+                )
+            restored.append(table)
+            if TABLES[table].replaced:
+                session.clear(table)
+
+        def on_rows(table: str, columns: list[Column], rows: list[Row]) -> None:
+            session.insert(table, columns, rows)
+
+        manifest = read(path, keyring, on_table=on_table, on_rows=on_rows, progress=progress)
+        session.continue_sequences()
+        found = _measure(session, keyring, {t: present[t] for t in restored})
+        found.log_epoch = manifest.figures.log_epoch
+        lines = differences(manifest.figures, found)
+        if lines:
+            raise ManifestMismatch("The restored store does not match the backup's manifest", lines)
+        entry = audit(manifest)
+        audit_columns = [(c, k) for c, k in present["audit_log"] if c != "seq"]
+        values = {
+            "at": format_time(entry.at),
+            "actor": entry.actor,
+            "action": entry.action,
+            "target": entry.target,
+            "details": json.dumps(entry.details, sort_keys=True),
+            "source": entry.source,
+            "request_id": entry.request_id,
+        }
+        session.insert("audit_log", audit_columns, [[values[c] for c, _ in audit_columns]])
+    return manifest
+
+
+__all__ = [
+    "BackupDamaged",
+    "ManifestMismatch",
+    "NotEmpty",
+    "SealBroken",
+    "Unsupported",
+]
