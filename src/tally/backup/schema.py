@@ -58,6 +58,14 @@ TABLES: Mapping[str, TableSpec] = {
     "log_partitions": TableSpec(
         {"partition": INT, "last_offset": INT}, ("partition",), replaced=True
     ),
+    # The export log's epochs (migration 0007), the first seeded by the migration: restored
+    # as they were, so that a cursor of any earlier epoch resumes where it should; the
+    # restore then starts a new one (backup/service.py).
+    "log_epochs": TableSpec(
+        {"seq": INT, "epoch": Kind.BYTES, "started_at": TIME, "reason": T, "base": T},
+        ("seq",),
+        replaced=True,
+    ),
     "tenant_keys": TableSpec(
         {
             "tenant": T,

@@ -36,6 +36,7 @@ from tally.backup.manifest import Book, DataKeys, Figures, Manifest, differences
 from tally.backup.schema import TABLES, Unsupported
 from tally.crypto.keyring import Keyring
 from tally.crypto.sealing import SealBroken
+from tally.events.log import LogEpoch
 from tally.events.model import format_time
 from tally.registry.audit import AuditEntry
 from tally.store import snapshot
@@ -44,7 +45,7 @@ from tally.store.snapshot import Column, Kind, Row, Snapshot
 
 BATCH = 1000  # rows per insert on restore
 # The tables whose rows the figures are made of (the others are only counted).
-_FIGURED = ("tenant_keys", "log_partitions", "events", "cancellations")
+_FIGURED = ("tenant_keys", "log_partitions", "log_epochs", "events", "cancellations")
 
 
 class ManifestMismatch(Exception):
@@ -102,6 +103,7 @@ class _Observer:
     book: Book = field(init=False)
     tables: dict[str, int] = field(default_factory=dict)
     marks: dict[int, int] = field(default_factory=dict)
+    epoch: tuple[int, str] | None = None  # the latest (seq, epoch id in hex)
 
     def __post_init__(self) -> None:
         self.keys = DataKeys(self.keyring)
@@ -128,6 +130,14 @@ class _Observer:
             return lambda row: self.marks.__setitem__(
                 int(row[at["partition"]] or 0), int(row[at["last_offset"]] or 0)
             )
+        if table == "log_epochs":
+
+            def epoch(row: Row) -> None:
+                seq = int(row[at["seq"]] or 0)
+                if self.epoch is None or seq > self.epoch[0]:
+                    self.epoch = (seq, base64.b64decode(str(row[at["epoch"]])).hex())
+
+            return epoch
         if table == "events":
             self.book.events(columns)
             if cancelled:
@@ -143,6 +153,7 @@ class _Observer:
             tables=dict(counts if counts is not None else self.tables),
             periods=self.book.periods(),
             high_water_marks=[self.marks[p] for p in sorted(self.marks)],
+            log_epoch=None if self.epoch is None else self.epoch[1],
             cancelled_events=flagged,
             cancelled_digest=digest,
         )
@@ -196,6 +207,7 @@ def _measure(snap: Snapshot, keyring: Keyring, columns: Mapping[str, list[Column
             tables=counts,
             periods=from_database(snap.month_figures()),
             high_water_marks=found.high_water_marks,
+            log_epoch=found.log_epoch,
             cancelled_events=found.cancelled_events,
             cancelled_digest=found.cancelled_digest,
         )
@@ -295,6 +307,7 @@ def take(
                 tables=counts,
                 periods=database,
                 high_water_marks=figures.high_water_marks,
+                log_epoch=figures.log_epoch,
                 cancelled_events=figures.cancelled_events,
                 cancelled_digest=figures.cancelled_digest,
             )
@@ -524,9 +537,7 @@ def _check(manifest: Manifest, opened: Opened, observer: _Observer) -> None:
         preamble.migrations,
     ):
         raise BackupDamaged("The backup is damaged: its manifest and its first record disagree.")
-    found = observer.figures()
-    found.log_epoch = manifest.figures.log_epoch
-    lines = differences(manifest.figures, found)
+    lines = differences(manifest.figures, observer.figures())
     rows = observer.book.cancellation_rows
     if rows != observer.book.cancelled:
         lines.append(
@@ -567,24 +578,33 @@ class Target:
     url: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Restored:
+    manifest: Manifest
+    epoch: LogEpoch | None  # the epoch the log is in from now on (None: no epochs yet)
+
+
 def restore(
     path: Path,
     target: Target,
     *,
     keyring: Keyring,
     known_migrations: Sequence[str],
-    migrate: Callable[[], object],
+    open_store: Callable[[], EventStore],
     audit: Callable[[Manifest], AuditEntry],
+    renew: Callable[[EventStore, Manifest], LogEpoch],
     progress: Progress = _nothing,
-) -> Manifest:
+) -> Restored:
     """Restore the backup at `path` into the empty store `target`, in one transaction.
 
-    First, changing nothing: the header, the keyring and the schema are checked and the
-    target's emptiness. Then `migrate` brings the target's schema up, and one transaction
+    First, changing nothing: the header, the keyring, the schema and the target's emptiness
+    are checked. Then `open_store` migrates the target (and opens it), and one transaction
     inserts every row in foreign-key order, checks the whole file against its manifest, moves
-    sequences past the restored rows, checks the restored store's own counts, sums and
-    digests against the manifest, records `audit(manifest)`, and commits. Any failure rolls it
-    all back: the target holds nothing of the backup.
+    sequences past the restored rows, checks the restored store's own counts, sums, digests
+    and high-water marks against the manifest, records `audit(manifest)`, and commits. Any
+    failure rolls it all back: the target holds nothing of the backup. Last, `renew` gives
+    the log a new epoch (store.renew_log_epoch), so that a billing system's cursor that had
+    read past the backup is refused with where to resume instead of skipping what follows.
 
     Raises BackupDamaged, WrongKeyring, Unsupported (a backup from a newer schema), NotEmpty,
     ManifestMismatch, SealBroken, StoreUnavailable, OSError.
@@ -599,7 +619,24 @@ def restore(
         )
     with snapshot.inspecting(sqlite_path=target.sqlite_path, url=target.url) as look:
         refuse_unless_empty(look)
-    migrate()
+    store = open_store()
+    try:
+        manifest = _load(path, target, keyring=keyring, audit=audit, progress=progress)
+        epoch = renew(store, manifest) if "log_epochs" in manifest.figures.tables else None
+    finally:
+        store.close()
+    return Restored(manifest, epoch)
+
+
+def _load(
+    path: Path,
+    target: Target,
+    *,
+    keyring: Keyring,
+    audit: Callable[[Manifest], AuditEntry],
+    progress: Progress,
+) -> Manifest:
+    """The transaction of `restore`."""
     with snapshot.loading(sqlite_path=target.sqlite_path, url=target.url) as session:
         refuse_unless_empty(session)
         present = schema.carried(session.tables())
@@ -613,8 +650,8 @@ def restore(
                     f"The target store lacks table {table} or its columns {missing}: migrate it "
                     "with this version of Tally."
                 )
-            waiting = [p for child, p in references if child == table and p != table]
-            if any(parent in present and parent not in restored for parent in waiting):
+            parents = [p for child, p in references if child == table and p != table]
+            if any(parent in present and parent not in restored for parent in parents):
                 raise BackupDamaged(
                     f"The backup is damaged: table {table} comes before a table it references."
                 )
@@ -628,7 +665,6 @@ def restore(
         manifest = read(path, keyring, on_table=on_table, on_rows=on_rows, progress=progress)
         session.continue_sequences()
         found = _measure(session, keyring, {t: present[t] for t in restored})
-        found.log_epoch = manifest.figures.log_epoch
         lines = differences(manifest.figures, found)
         if lines:
             raise ManifestMismatch("The restored store does not match the backup's manifest", lines)

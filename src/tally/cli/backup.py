@@ -28,14 +28,17 @@ from tally.backup.manifest import Manifest
 from tally.backup.schema import Unsupported
 from tally.backup.service import ManifestMismatch, NotEmpty, Target
 from tally.bootstrap import keyring_spec, open_store, utc_now
+from tally.cli import epoch
 from tally.cli.common import CommandError, JsonOption, emit, err, out, settings, table_of
 from tally.cli.crypto import keyring_errors
 from tally.crypto import keyring as keyrings
 from tally.crypto.keyring import Keyring
 from tally.crypto.sealing import SealBroken
+from tally.events.log import LogEpoch
 from tally.registry.audit import Actor
 from tally.settings import Settings
 from tally.store import migrate as migrations
+from tally.store.interface import EventStore
 
 # verify prints at most this many (tenant, type, month) rows as a table.
 SHOWN_PERIODS = 50
@@ -189,31 +192,50 @@ def restore(
     known = migrations.known("sqlite" if path else "postgresql")
     with backup_errors(), _progress("Restoring", rows=False, quiet=as_json) as update:
         update(0, _size(file))
-        manifest = service.restore(
+        restored = service.restore(
             file,
             target,
             keyring=ring,
             known_migrations=known,
-            migrate=lambda: open_store(configured, migrate=True).close(),
+            open_store=lambda: open_store(configured, migrate=True),
             audit=lambda manifest: Actor.cli().entry(
                 "backup.restore",
                 at=utc_now(),
                 target=manifest.backup_id,
                 details={"created_at": manifest.created_at, "store": manifest.store},
             ),
+            renew=_renew,
             progress=update,
         )
+    manifest = restored.manifest
+    epoch_id = restored.epoch.id.hex() if restored.epoch is not None else None
     if as_json:
-        emit({"file": str(file), "restored": True, **summary(manifest)}, as_json=True)
+        emit(
+            {"file": str(file), "restored": True, **summary(manifest), "new_log_epoch": epoch_id},
+            as_json=True,
+        )
         return
     out.print(
         f"Restored backup {manifest.backup_id} (taken {manifest.created_at}): {_totals(manifest)}."
     )
     if path is not None and configured.keyring is None:
         out.print(f"Serve this store with TALLY_KEYRING={spec}: its data keys need that keyring.")
-    out.print(
-        "Billing systems: events stored after the backup was taken are not in it; consumers "
-        "resume from the backup's high-water marks (docs/operations.md, 'Backup and restore')."
+    if epoch_id is not None:
+        out.print(
+            f"The export log is in a new epoch ({epoch_id}): a billing system's cursor from "
+            "before is refused (409 log-rewound) with a resume_cursor at the backup's "
+            "high-water marks; see docs/operations.md, 'Backup and restore'."
+        )
+
+
+def _renew(store: EventStore, manifest: Manifest) -> LogEpoch:
+    """The restore's last step: a new epoch of the export log, recorded as `tally epoch
+    renew` records one."""
+    at = utc_now()
+    return store.renew_log_epoch(
+        reason=f"restored from backup {manifest.backup_id}",
+        at=at,
+        audit=Actor.cli().entry(epoch.RENEWED, at=at, target=manifest.backup_id),
     )
 
 
