@@ -95,6 +95,21 @@ def make_store(tmp_path: Path, keyring_file: Path) -> Iterator[MakeStore]:
         yield make
 
 
+SMALL = 512  # bytes of plaintext per chunk: a small store's backup has dozens
+
+
+@pytest.fixture
+def backup(make_store: MakeStore, keyring: Keyring, tmp_path: Path) -> Path:
+    """A backup of a filled SQLite store, in chunks of SMALL bytes."""
+    source = make_store("sqlite")
+    clock = Clock()
+    with serving(source, clock) as (services, client):
+        fill(services, client, clock)
+    path = tmp_path / "good.tbk"
+    service.take(source.store, path, keyring=keyring, now=clock(), chunk_bytes=SMALL)
+    return path
+
+
 @contextmanager
 def serving(made: Made, clock: Clock | None = None) -> Iterator[tuple[Services, TestClient]]:
     """The services and the in-process API over `made`'s store."""
@@ -140,9 +155,7 @@ def fill(services: Services, client: TestClient, clock: Clock) -> Keys:
     registry.create_application(ApplicationIn(id="vm", name="Virtual machines"))
     admin = registry.create_key(KeyIn(scopes=[Scope.ADMIN])).key
     writer = registry.create_key(KeyIn(scopes=[Scope.EVENTS_WRITE], application="vm")).key
-    reader = registry.create_key(
-        KeyIn(scopes=[Scope.EVENTS_READ, Scope.USAGE_READ])
-    ).key
+    reader = registry.create_key(KeyIn(scopes=[Scope.EVENTS_READ, Scope.USAGE_READ])).key
     spare = registry.create_key(KeyIn(scopes=[Scope.EVENTS_READ], tenants=["acme"]))
     registry.rotate_key(spare.id, grace=timedelta(hours=1))
     doomed = registry.create_key(KeyIn(scopes=[Scope.EVENTS_READ]))

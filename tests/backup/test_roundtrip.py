@@ -95,7 +95,11 @@ def test_a_restore_brings_back_every_row_on_either_store(
     assert len(by_key) == len(reconciled) == 5
     for row in reconciled:
         period = by_key[(row["tenant"], row["type"], parse_time(row["period_start"]))]
-        assert (period.count, period.sum, period.digest) == (row["count"], row["sum"], row["digest"])
+        assert (period.count, period.sum, period.digest) == (
+            row["count"],
+            row["sum"],
+            row["digest"],
+        )
         assert (period.cancelled_count, period.cancelled_sum) == (
             row["cancelled"]["count"],
             row["cancelled"]["sum"],

@@ -114,7 +114,13 @@ class Writer:
     a writer that is never closed leaves a file without one, which every reader refuses."""
 
     def __init__(
-        self, file: BinaryIO, *, keyring: Keyring, backup_id: str, created_at: str
+        self,
+        file: BinaryIO,
+        *,
+        keyring: Keyring,
+        backup_id: str,
+        created_at: str,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         master = keyring.newest
         key = sealing.new_data_key()
@@ -123,6 +129,7 @@ class Writer:
             created_at=created_at,
             master_key_id=master.id,
             wrapped_key=sealing.wrap_backup_key(master, backup_id=backup_id, key=key),
+            chunk_bytes=chunk_bytes,
         )
         encoded = self.header.encode()
         prefix = MAGIC + _LENGTH.pack(len(encoded)) + encoded

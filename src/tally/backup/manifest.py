@@ -74,20 +74,48 @@ class Figures:
     cancelled_digest: str = DigestAccumulator().hexdigest()
 
 
-@dataclass(slots=True)
-class Manifest:
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where and when a backup was taken: the first record of its content, and the head of
+    its manifest."""
+
     backup_id: str
     created_at: str
     tally_version: str
-    store: str
-    schema_version: str | None
+    store: str  # the kind it came from: sqlite or postgresql
+    schema_version: str | None  # the last migration applied
     migrations: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @staticmethod
+    def from_json(document: Mapping[str, Any]) -> Origin:
+        """Raises KeyError, TypeError or ValueError for a document that is not one."""
+        version = document["schema_version"]
+        return Origin(
+            backup_id=_text(document["backup_id"]),
+            created_at=_text(document["created_at"]),
+            tally_version=_text(document["tally_version"]),
+            store=_text(document["store"]),
+            schema_version=None if version is None else _text(version),
+            migrations=[_text(m) for m in document["migrations"]],
+        )
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("not text")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    origin: Origin
     figures: Figures
 
     def to_json(self) -> dict[str, Any]:
-        document = asdict(self)
-        document.update(document.pop("figures"))
-        return document
+        return {**self.origin.to_json(), **asdict(self.figures)}
 
     @staticmethod
     def from_json(document: Mapping[str, Any]) -> Manifest:
@@ -98,17 +126,13 @@ class Manifest:
             high_water_marks=[int(n) for n in document["high_water_marks"]],
             log_epoch=document["log_epoch"],
             cancelled_events=int(document["cancelled_events"]),
-            cancelled_digest=str(document["cancelled_digest"]),
+            cancelled_digest=_text(document["cancelled_digest"]),
         )
-        return Manifest(
-            backup_id=str(document["backup_id"]),
-            created_at=str(document["created_at"]),
-            tally_version=str(document["tally_version"]),
-            store=str(document["store"]),
-            schema_version=document["schema_version"],
-            migrations=[str(m) for m in document["migrations"]],
-            figures=figures,
-        )
+        return Manifest(origin=Origin.from_json(document), figures=figures)
+
+    @property
+    def backup_id(self) -> str:
+        return self.origin.backup_id
 
 
 def month_bounds(month: str) -> tuple[str, str]:
@@ -121,23 +145,23 @@ def month_bounds(month: str) -> tuple[str, str]:
 
 def from_database(figures: Sequence[MonthFigures]) -> list[Period]:
     """The database's own counts and sums (store/snapshot.py) as manifest periods."""
-    periods = []
-    for found in figures:
-        start, end = month_bounds(found.month)
-        periods.append(
-            Period(
-                tenant=found.tenant,
-                type=found.type,
-                period_start=start,
-                period_end=end,
-                count=found.count,
-                sum=format_decimal(found.sum),
-                cancelled_count=found.cancelled_count,
-                cancelled_sum=format_decimal(found.cancelled_sum),
-                last_received_at=found.last_received_at,
-            )
-        )
-    return sorted(periods, key=lambda period: period.key)
+    return sorted((_period(found) for found in figures), key=lambda period: period.key)
+
+
+def _period(found: MonthFigures, digest: str | None = None) -> Period:
+    start, end = month_bounds(found.month)
+    return Period(
+        tenant=found.tenant,
+        type=found.type,
+        period_start=start,
+        period_end=end,
+        count=found.count,
+        sum=format_decimal(found.sum),
+        cancelled_count=found.cancelled_count,
+        cancelled_sum=format_decimal(found.cancelled_sum),
+        last_received_at=found.last_received_at,
+        digest=digest,
+    )
 
 
 class DataKeys:
@@ -247,23 +271,22 @@ class Book:
         self._cancellations.add_hash(_identity(application, event_id))
 
     def periods(self) -> list[Period]:
-        periods = []
-        for (tenant, type_, month), found in self._months.items():
-            start, end = month_bounds(month)
-            periods.append(
-                Period(
+        periods = [
+            _period(
+                MonthFigures(
                     tenant=tenant,
                     type=type_,
-                    period_start=start,
-                    period_end=end,
+                    month=month,
                     count=found.count,
-                    sum=format_decimal(found.sum),
+                    sum=found.sum,
                     cancelled_count=found.cancelled_count,
-                    cancelled_sum=format_decimal(found.cancelled_sum),
+                    cancelled_sum=found.cancelled_sum,
                     last_received_at=found.last,
-                    digest=found.digest.hexdigest(),
-                )
+                ),
+                found.digest.hexdigest(),
             )
+            for (tenant, type_, month), found in self._months.items()
+        ]
         return sorted(periods, key=lambda period: period.key)
 
     @property

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -32,12 +30,22 @@ from typing import Any, BinaryIO
 
 from tally.backup import fileformat, schema
 from tally.backup.fileformat import BackupDamaged, Header
-from tally.backup.manifest import Book, DataKeys, Figures, Manifest, differences, from_database
+from tally.backup.manifest import (
+    Book,
+    DataKeys,
+    Figures,
+    Manifest,
+    Origin,
+    Period,
+    differences,
+    from_database,
+)
 from tally.backup.schema import TABLES, Unsupported
 from tally.crypto.keyring import Keyring
 from tally.crypto.sealing import SealBroken
 from tally.events.log import LogEpoch
 from tally.events.model import format_time
+from tally.files import replacing
 from tally.registry.audit import AuditEntry
 from tally.store import snapshot
 from tally.store.interface import EventStore
@@ -60,26 +68,6 @@ class ManifestMismatch(Exception):
 
 class NotEmpty(Exception):
     """The store a restore was given holds data already. Nothing was changed."""
-
-
-@dataclass(frozen=True, slots=True)
-class Preamble:
-    backup_id: str
-    created_at: str
-    tally_version: str
-    store: str
-    schema_version: str | None
-    migrations: list[str]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "backup_id": self.backup_id,
-            "created_at": self.created_at,
-            "tally_version": self.tally_version,
-            "store": self.store,
-            "schema_version": self.schema_version,
-            "migrations": self.migrations,
-        }
 
 
 Progress = Callable[[int], None]
@@ -203,18 +191,16 @@ def _measure(snap: Snapshot, keyring: Keyring, columns: Mapping[str, list[Column
     counts = {table: snap.count(table) for table in columns}
     found = observer.figures(counts)
     if "events" in columns:
-        database = Figures(
-            tables=counts,
-            periods=from_database(snap.month_figures()),
-            high_water_marks=found.high_water_marks,
-            log_epoch=found.log_epoch,
-            cancelled_events=found.cancelled_events,
-            cancelled_digest=found.cancelled_digest,
-        )
-        lines = differences(database, found, digests=False)
-        if lines:
-            raise ManifestMismatch("The store's rows disagree with its own aggregates", lines)
+        _agree(found, counts, from_database(snap.month_figures()), "store")
     return found
+
+
+def _agree(found: Figures, counts: Mapping[str, int], periods: list[Period], what: str) -> None:
+    """Raises ManifestMismatch unless the rows read (`found`) add up to the database's own
+    `counts` and aggregated `periods` (one snapshot: they always should)."""
+    lines = differences(replace(found, tables=dict(counts), periods=periods), found, digests=False)
+    if lines:
+        raise ManifestMismatch(f"The {what}'s rows disagree with its own aggregates", lines)
 
 
 # --- backup -------------------------------------------------------------------------------
@@ -254,9 +240,11 @@ def take(
     now: datetime,
     on_start: Callable[[int], None] = _nothing,
     progress: Progress = _nothing,
+    chunk_bytes: int = fileformat.CHUNK_BYTES,
 ) -> Manifest:
-    """Write a backup of `store` to `out`: one snapshot, streamed, encrypted. `on_start` hears
-    how many rows there are, `progress` how many are written so far.
+    """Write a backup of `store` to `out`: one snapshot, streamed, encrypted in chunks of
+    `chunk_bytes` of plaintext. `on_start` hears how many rows there are, `progress` how many
+    are written so far.
 
     `out` appears only once it is complete (written beside it, fsynced, renamed); a failure
     leaves what was there before. Raises Unsupported for a table or column this version does
@@ -268,7 +256,7 @@ def take(
         columns = schema.carried(snap.tables())
         order = schema.ordered(list(columns), snap.foreign_keys())
         migrations = snap.migrations()
-        preamble = Preamble(
+        origin = Origin(
             backup_id=backup_id,
             created_at=format_time(now),
             tally_version=metadata.version("tally"),
@@ -280,12 +268,16 @@ def take(
         on_start(sum(counts.values()))
         database = from_database(snap.month_figures()) if "events" in columns else []
         observer = _Observer(keyring)
-        with _replacing(out) as file:
+        with replacing(out) as file:
             writer = fileformat.Writer(
-                file, keyring=keyring, backup_id=backup_id, created_at=preamble.created_at
+                file,
+                keyring=keyring,
+                backup_id=backup_id,
+                created_at=origin.created_at,
+                chunk_bytes=chunk_bytes,
             )
             lines = _Lines(writer)
-            lines.put({"backup": preamble.to_json()})
+            lines.put({"backup": origin.to_json()})
             written = 0
 
             def sink(table: str, found: list[Column], cancelled: bool, rows: Iterator[Row]) -> None:
@@ -303,53 +295,12 @@ def take(
 
             _walk(snap, order, columns, observer, sink=sink)
             figures = observer.figures()
-            expected = Figures(
-                tables=counts,
-                periods=database,
-                high_water_marks=figures.high_water_marks,
-                log_epoch=figures.log_epoch,
-                cancelled_events=figures.cancelled_events,
-                cancelled_digest=figures.cancelled_digest,
-            )
-            lines_differ = differences(expected, figures, digests=False)
-            if lines_differ:  # one snapshot: the rows are what the database counted
-                raise ManifestMismatch("The snapshot's rows disagree with its counts", lines_differ)
-            manifest = Manifest(
-                backup_id=backup_id,
-                created_at=preamble.created_at,
-                tally_version=preamble.tally_version,
-                store=preamble.store,
-                schema_version=preamble.schema_version,
-                migrations=migrations,
-                figures=figures,
-            )
+            _agree(figures, counts, database, "snapshot")
+            manifest = Manifest(origin=origin, figures=figures)
             lines.put({"manifest": manifest.to_json()})
             lines.flush()
             writer.close()
     return manifest
-
-
-@contextmanager
-def _replacing(path: Path) -> Iterator[BinaryIO]:
-    """A new owner-only file beside `path`, fsynced and renamed onto `path` when the block
-    ends, removed if it raises: `path` is never a file half written."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        temporary.replace(path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    # The rename itself survives a crash once the directory is synced.
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 # --- reading a backup ----------------------------------------------------------------------
@@ -385,7 +336,7 @@ class Opened:
     restore it, before anything is changed."""
 
     header: Header
-    preamble: Preamble
+    origin: Origin
 
 
 def _open(
@@ -397,20 +348,12 @@ def _open(
     first = next(records, None)
     try:
         assert first is not None  # noqa: S101 - turned into BackupDamaged below
-        found = first[1]["backup"]
-        preamble = Preamble(
-            backup_id=str(found["backup_id"]),
-            created_at=str(found["created_at"]),
-            tally_version=str(found["tally_version"]),
-            store=str(found["store"]),
-            schema_version=found["schema_version"],
-            migrations=[str(m) for m in found["migrations"]],
-        )
-    except (AssertionError, KeyError, TypeError):
+        origin = Origin.from_json(first[1]["backup"])
+    except (AssertionError, KeyError, TypeError, ValueError):
         raise BackupDamaged("The backup's content does not start as a Tally backup's.") from None
-    if preamble.backup_id != header.backup_id:
+    if origin.backup_id != header.backup_id:
         raise BackupDamaged("The backup's content belongs to another backup than its header.")
-    return Opened(header, preamble), records
+    return Opened(header, origin), records
 
 
 def peek(path: Path, keyring: Keyring) -> Opened:
@@ -529,13 +472,7 @@ def _manifest(document: Any, index: int) -> Manifest:
 
 
 def _check(manifest: Manifest, opened: Opened, observer: _Observer) -> None:
-    preamble = opened.preamble
-    if (manifest.backup_id, manifest.created_at, manifest.store, manifest.migrations) != (
-        preamble.backup_id,
-        preamble.created_at,
-        preamble.store,
-        preamble.migrations,
-    ):
+    if manifest.origin != opened.origin:
         raise BackupDamaged("The backup is damaged: its manifest and its first record disagree.")
     lines = differences(manifest.figures, observer.figures())
     rows = observer.book.cancellation_rows
@@ -556,12 +493,12 @@ def refuse_unless_empty(snap: Snapshot) -> None:
     would have to overwrite (tables the migrations seed, the cursor secret and yoyo's own
     are replaced)."""
     held = []
-    for table in snap.tables():
+    for table in schema.ordered(list(snap.tables()), set()):
         if table in TABLES and TABLES[table].replaced:
             continue
         count = snap.count(table)
         if count:
-            held.append(f"{count} rows in {table}")
+            held.append(f"{count} row{'s' if count > 1 else ''} in {table}")
     if held:
         raise NotEmpty(
             f"The target store is not empty ({', '.join(held)}): a restore goes only into a new, "
@@ -610,7 +547,7 @@ def restore(
     ManifestMismatch, SealBroken, StoreUnavailable, OSError.
     """
     opened = peek(path, keyring)
-    newer = [m for m in opened.preamble.migrations if m not in known_migrations]
+    newer = [m for m in opened.origin.migrations if m not in known_migrations]
     if newer:
         raise Unsupported(
             f"The backup comes from a newer schema (migration {newer[-1]}) than this version of "

@@ -202,7 +202,7 @@ def restore(
                 "backup.restore",
                 at=utc_now(),
                 target=manifest.backup_id,
-                details={"created_at": manifest.created_at, "store": manifest.store},
+                details={"created_at": manifest.origin.created_at, "store": manifest.origin.store},
             ),
             renew=_renew,
             progress=update,
@@ -215,9 +215,8 @@ def restore(
             as_json=True,
         )
         return
-    out.print(
-        f"Restored backup {manifest.backup_id} (taken {manifest.created_at}): {_totals(manifest)}."
-    )
+    taken = manifest.origin.created_at
+    out.print(f"Restored backup {manifest.backup_id} (taken {taken}): {_totals(manifest)}.")
     if path is not None and configured.keyring is None:
         out.print(f"Serve this store with TALLY_KEYRING={spec}: its data keys need that keyring.")
     if epoch_id is not None:
@@ -249,10 +248,10 @@ def summary(manifest: Manifest) -> dict[str, Any]:
     figures = manifest.figures
     return {
         "backup_id": manifest.backup_id,
-        "created_at": manifest.created_at,
-        "tally_version": manifest.tally_version,
-        "store": manifest.store,
-        "schema_version": manifest.schema_version,
+        "created_at": manifest.origin.created_at,
+        "tally_version": manifest.origin.tally_version,
+        "store": manifest.origin.store,
+        "schema_version": manifest.origin.schema_version,
         "tables": figures.tables,
         "periods": [
             {
@@ -283,9 +282,11 @@ def _totals(manifest: Manifest) -> str:
 def _print_summary(manifest: Manifest) -> None:
     figures = manifest.figures
     out.print(f"backup          {manifest.backup_id}")
-    out.print(f"taken           {manifest.created_at}")
-    out.print(f"from            {manifest.store} store, Tally {manifest.tally_version}")
-    out.print(f"schema          {manifest.schema_version}")
+    out.print(f"taken           {manifest.origin.created_at}")
+    out.print(
+        f"from            {manifest.origin.store} store, Tally {manifest.origin.tally_version}"
+    )
+    out.print(f"schema          {manifest.origin.schema_version}")
     out.print(f"log epoch       {figures.log_epoch or '-'}")
     out.print(f"high-water      {', '.join(str(n) for n in figures.high_water_marks)}")
     out.print("rows            " + ", ".join(f"{t} {n}" for t, n in figures.tables.items()))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import re
 import secrets
 import shlex
@@ -23,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+from tally.files import replacing
 
 KEY_BYTES = 32
 COMMAND_PREFIX = "command:"
@@ -141,17 +142,8 @@ def write(path: Path, keyring: Keyring, *, replace: bool) -> None:
     new one, never half of one). Raises KeyringError if `path` exists and not `replace`."""
     if path.exists() and not replace:
         raise KeyringError(f"Keyring file {path} exists already; it is not overwritten.")
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(render(keyring))
-            file.flush()
-            os.fsync(file.fileno())
-        temporary.replace(path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with replacing(path) as file:
+        file.write(render(keyring).encode())
 
 
 def generate(path: Path) -> Keyring:
