@@ -104,9 +104,8 @@ def test_backup_under_load_verify_restore_elsewhere_and_the_saved_cursor_goes_on
 def backup_and_restore(
     *, source: str, target: str, backup: Path, env: dict[str, str], keyring: Path, workdir: Path
 ) -> None:
-    keyring_file, tmp_path = keyring, workdir
     with (
-        running_server(source, tmp_path, env=env, label="source") as server,
+        running_server(source, workdir, env=env, label="source") as server,
         server.client() as client,
     ):
         admin = bearer(server.admin_key)
@@ -150,9 +149,7 @@ def backup_and_restore(
         writing = threading.Thread(target=write, daemon=True)
         writing.start()
         try:
-            taken = tally(
-                "backup", "--out", str(backup), url=source, keyring=keyring_file, cwd=tmp_path
-            )
+            taken = tally("backup", "--out", str(backup), url=source, keyring=keyring, cwd=workdir)
         finally:
             stop.set()
             writing.join(timeout=30)
@@ -160,24 +157,22 @@ def backup_and_restore(
         assert "written to" in taken.stdout and taken.stderr == ""  # no progress bar off a terminal
         assert during, "no event was written while the backup ran"
 
-        verified = tally(
-            "backup", "verify", str(backup), url=source, keyring=keyring_file, cwd=tmp_path
-        )
+        verified = tally("backup", "verify", str(backup), url=source, keyring=keyring, cwd=workdir)
         assert verified.returncode == 0, verified.stderr
         assert "is intact" in verified.stdout
         audit = client.get("/v1/audit", params={"action": "backup.create"}, headers=admin).json()
         assert len(audit["entries"]) == 1
 
-        restored = tally("restore", str(backup), url=target, keyring=keyring_file, cwd=tmp_path)
+        restored = tally("restore", str(backup), url=target, keyring=keyring, cwd=workdir)
         assert restored.returncode == 0, restored.stderr
         assert "Restored backup" in restored.stdout and "new epoch" in restored.stdout
-        again = tally("restore", str(backup), url=target, keyring=keyring_file, cwd=tmp_path)
+        again = tally("restore", str(backup), url=target, keyring=keyring, cwd=workdir)
         assert again.returncode == 1 and "not empty" in again.stderr
 
         source_entries, _ = everything(client, reader)
 
     with (
-        running_server(target, tmp_path, env=env, label="target") as restored_server,
+        running_server(target, workdir, env=env, label="target") as restored_server,
         restored_server.client() as client,
     ):
         assert restored_server.admin_key == ""  # the keys came back: no new admin key
@@ -202,5 +197,5 @@ def backup_and_restore(
         after, _ = everything(client, reader, cursor)
         assert [identity(e) for e in after] == [("event", "vm", "after")]
 
-        epochs = tally("epoch", "show", "--json", url=target, keyring=keyring_file, cwd=tmp_path)
+        epochs = tally("epoch", "show", "--json", url=target, keyring=keyring, cwd=workdir)
         assert "restored from backup bk-" in epochs.stdout
