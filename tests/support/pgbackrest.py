@@ -15,6 +15,7 @@ process group of its own that is killed on timeout; the cluster's own clean-up s
 from __future__ import annotations
 
 import json
+import secrets
 import shlex
 import shutil
 import time
@@ -33,12 +34,15 @@ STANZA = "tally"
 STEP_TIMEOUT = 60.0  # any one pgBackRest command on a cluster of a few MiB: seconds in fact
 PROMOTE_TIMEOUT = 60.0
 
-# [global] holds what every stanza shares, [tally] the cluster. start-fast: a backup asks
-# for an immediate checkpoint instead of waiting for the next one; archive-timeout: how
-# long a backup (or `check`) waits for its WAL to reach the archive.
+# [global] holds what every stanza shares, [tally] the cluster. The repository is encrypted,
+# as docs/operations.md advises (so the file is the server user's only). start-fast: a
+# backup asks for an immediate checkpoint instead of waiting for the next one;
+# archive-timeout: how long a backup (or `check`) waits for its WAL to reach the archive.
 _CONFIG = """\
 [global]
 repo1-path={repo}
+repo1-cipher-type=aes-256-cbc
+repo1-cipher-pass={cipher_pass}
 repo1-retention-full=2
 repo1-retention-diff=6
 compress-type=lz4
@@ -169,11 +173,14 @@ def repository(cluster: Cluster, *, stanza: str = STANZA) -> Iterator[Repository
         raise FileNotFoundError("pgbackrest")
     folder = cluster.make_folder(cluster.folder / "pgbackrest")
     made = Repository(cluster, folder, stanza, program)
+    made.config.touch(mode=0o600)
+    cluster.own(made.config)
     made.config.write_text(
         _CONFIG.format(
             repo=cluster.make_folder(folder / "repo"),
             lock=cluster.make_folder(folder / "lock"),
             log=cluster.make_folder(folder / "log"),
+            cipher_pass=secrets.token_urlsafe(32),
             stanza=stanza,
             datadir=cluster.datadir,
             socket_dir=cluster.socket_dir,

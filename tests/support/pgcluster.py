@@ -91,6 +91,10 @@ class Cluster:
         """A new folder for the server or its tools: owned by the server's user, mode 0700
         (what PostgreSQL demands of a data directory)."""
         path.mkdir(mode=0o700, parents=True)
+        return self.own(path)
+
+    def own(self, path: Path) -> Path:
+        """`path`, given to the server's user (when we are root and it is another)."""
         if self.as_user:
             owner = pwd.getpwnam("postgres")
             os.chown(path, owner.pw_uid, owner.pw_gid)
