@@ -2,10 +2,11 @@
 pgcluster.py), by pgBackRest: the cycle docs/operations.md tells an operator to run.
 
 Everything pgBackRest keeps is in the cluster's own temporary folder: its configuration file
-(given to every command with --config, so /etc/pgbackrest.conf is never read), the repository,
-its lock and log folders. The server archives each WAL segment with `pgbackrest archive-push`;
-a recovery target is a named restore point (pg_create_restore_point), which recovery reaches
-exactly, where a time target would depend on clocks and commit timestamps.
+(given to every command with --config, so neither /etc/pgbackrest.conf nor, with --config
+alone, an include folder is read), the repository, its lock and log folders. The server
+archives each WAL segment with `pgbackrest archive-push`; a recovery target is a named
+restore point (pg_create_restore_point), which recovery reaches exactly, where a time target
+would depend on clocks and commit timestamps.
 
 No pytest here, like server.py. Every pgBackRest command is bounded in time and runs in a
 process group of its own that is killed on timeout; the cluster's own clean-up stops the server
