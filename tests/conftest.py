@@ -41,7 +41,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 
 _TABLES = (
     "cancellations, events, api_keys, tenant_keys, tenants, applications, audit_log, "
-    "attribute_values, meters"
+    "attribute_values, meters, log_epochs"
 )
 
 
@@ -87,6 +87,11 @@ def empty_postgres(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute(f"TRUNCATE {_TABLES} CASCADE")
         connection.execute("UPDATE log_partitions SET last_offset = 0")
+        # The first epoch, as migration 0007 makes it.
+        connection.execute(
+            "INSERT INTO log_epochs (seq, epoch, started_at, reason, base) "
+            "VALUES (1, uuid_send(gen_random_uuid()), now(), 'created', '[]')"
+        )
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -54,6 +54,16 @@ class PeriodFinal(Conflict):
     HTTP 409, type /problems/period-final; docs/reconciliation.md)."""
 
 
+class LogRewound(Conflict):
+    """The cursor is ahead of the export log it is presented to: a restore rewound the log
+    (ERR-VAL-409, HTTP 409, type /problems/log-rewound). `resume_cursor` continues from the
+    last point the reader and the log agree on (docs/operations.md)."""
+
+    def __init__(self, detail: str, *, resume_cursor: str) -> None:
+        super().__init__(detail)
+        self.resume_cursor = resume_cursor
+
+
 class AlreadyExists(Conflict):
     """A tenant, application or key with this id exists already."""
 

@@ -390,7 +390,15 @@ def _cut_when_failing(entries: Iterator[Streamed]) -> Iterator[Streamed]:
                 CSV: {"schema": {"type": "string"}},
             },
         },
-        **responses((406, "Accept names none of application/json, NDJSON or CSV")),
+        **responses(
+            (406, "Accept names none of application/json, NDJSON or CSV"),
+            (
+                409,
+                "The cursor is ahead of the log: a restore rewound it (type log-rewound). "
+                "Continue with the problem's `resume_cursor`; entries read after that point "
+                "may come again, to be deduplicated by (application, id)",
+            ),
+        ),
     },
 )
 def get_events(

@@ -20,6 +20,7 @@ from tally.errors import (
     FieldError,
     Forbidden,
     InvalidInput,
+    LogRewound,
     NotAcceptable,
     NotFound,
     PeriodFinal,
@@ -73,6 +74,12 @@ class Problem(BaseModel):
     errors: list[ProblemError] | Omitted = Field(
         default=None, description="For invalid input: each problem", json_schema_extra=left_out
     )
+    resume_cursor: str | Omitted = Field(
+        default=None,
+        description="For log-rewound: the cursor to continue with, at the last point the "
+        "reader and the restored log agree on (entries after it may come again)",
+        json_schema_extra=left_out,
+    )
 
 
 # error class -> (HTTP status, code, type slug, title); the most specific class first.
@@ -80,6 +87,7 @@ _KINDS: list[tuple[type[TallyError], int, str, str, str]] = [
     (NotAcceptable, 406, "ERR-VAL-400", "not-acceptable", "Not acceptable"),
     (UnsupportedMediaType, 415, "ERR-VAL-400", "unsupported-media-type", "Unsupported media type"),
     (PeriodFinal, 409, "ERR-VAL-409", "period-final", "Period final"),
+    (LogRewound, 409, "ERR-VAL-409", "log-rewound", "Log rewound"),
     (Conflict, 409, "ERR-VAL-409", "conflict", "Conflict"),
     (InvalidInput, 400, "ERR-VAL-400", "invalid-input", "Invalid input"),
     (Unauthenticated, 401, "ERR-AUTH-401", "invalid-credentials", "Invalid credentials"),
@@ -112,6 +120,7 @@ def problem_response(
     detail: str,
     errors: list[dict[str, str]] | None = None,
     headers: dict[str, str] | None = None,
+    extensions: dict[str, str] | None = None,
 ) -> Response:
     body: dict[str, Any] = {
         "type": f"/problems/{slug}",
@@ -123,6 +132,7 @@ def problem_response(
     }
     if errors:
         body["errors"] = errors
+    body |= extensions or {}
     return Response(
         json.dumps(body, ensure_ascii=False),
         status_code=status,
@@ -155,6 +165,9 @@ def from_error(request: Request, error: TallyError) -> Response:
                     limit=error.limit, remaining=error.remaining, reset=error.reset
                 )
             errors = field_errors(error.errors) if isinstance(error, InvalidInput) else None
+            extensions = (
+                {"resume_cursor": error.resume_cursor} if isinstance(error, LogRewound) else None
+            )
             return problem_response(
                 request,
                 status=status,
@@ -164,6 +177,7 @@ def from_error(request: Request, error: TallyError) -> Response:
                 detail=error.detail,
                 errors=errors,
                 headers=headers,
+                extensions=extensions,
             )
     return internal_error(request, error)
 

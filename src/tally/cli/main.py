@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from tally.bootstrap import admin_key_directory, check_keyring, create_secret_file
-from tally.cli import audit, billing, crypto, keys
+from tally.cli import audit, billing, crypto, epoch, keys
 from tally.cli.common import (
     JsonOption,
     TallyGroup,
@@ -52,6 +52,7 @@ app.add_typer(applications_app, name="applications")
 app.add_typer(keys.app, name="keys")
 app.add_typer(audit.app, name="audit")
 app.add_typer(crypto.app, name="keyring")
+app.add_typer(epoch.app, name="epoch")
 app.command("reencrypt")(crypto.reencrypt)
 app.command("reindex")(crypto.reindex)
 tenants_app.command("shred")(crypto.shred)

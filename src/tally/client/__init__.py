@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tally.client.client import Client
-from tally.client.errors import BufferFull, ClientClosed, TallyError
+from tally.client.errors import BufferFull, ClientClosed, LogRewound, TallyError
 from tally.client.events import Event, new_id
 from tally.client.reading import Export, Meters
 from tally.client.reporter import Failure, FlushResult
@@ -25,6 +25,7 @@ __all__ = [
     "Export",
     "Failure",
     "FlushResult",
+    "LogRewound",
     "Meters",
     "RetryPolicy",
     "TallyError",

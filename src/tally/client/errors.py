@@ -62,3 +62,23 @@ class ClientClosed(TallyError):
 
     def __init__(self) -> None:
         super().__init__(None, {"title": "The client is closed"})
+
+
+class LogRewound(TallyError):
+    """The export cursor is ahead of Tally's log (HTTP 409, type `/problems/log-rewound`):
+    the store was restored from a backup, so entries after the restored point may have been
+    stored again at other positions. Export again from `resume_cursor`, the last point this
+    reader and the log agree on; entries read after it may come again, so deduplicate them
+    by `(application, id, kind)`."""
+
+    @property
+    def resume_cursor(self) -> str | None:
+        cursor = self.problem.get("resume_cursor")
+        return cursor if isinstance(cursor, str) else None
+
+
+def error_of(status: int | None, problem: Mapping[str, Any]) -> TallyError:
+    """The SDK's exception for Tally's answer `status` with `problem`."""
+    if status == 409 and str(problem.get("type", "")).endswith("/log-rewound"):
+        return LogRewound(status, problem)
+    return TallyError(status, problem)

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from tally.client.errors import TallyError
+from tally.client.errors import TallyError, error_of
 
 log = logging.getLogger("tally.client")
 
@@ -190,7 +190,7 @@ class Transport:
                 if stream:
                     response.read()
                     response.close()
-                failure = TallyError(response.status_code, problem_of(response))
+                failure = error_of(response.status_code, problem_of(response))
                 retryable = RETRYABLE if idempotent else NOTHING_DONE
                 if response.status_code not in retryable:
                     raise failure

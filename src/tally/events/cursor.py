@@ -10,9 +10,13 @@ to the partition's head whenever it reads to the end, so readable positions woul
 tenant's reader watch the activity of the others that share its partitions. The offsets are
 fixed-width, so not even the cursor's length changes with them.
 
+It also carries the export log's epoch (events/log.py LogEpoch): a restore rewinds the log,
+and a cursor of an epoch before it is refused with where to resume (services/export.py).
+
 Version 1 cursors (signed with HMAC-SHA256 under the raw secret, positions in readable
-varints) were issued before; billing systems keep them between polls, so they are still
-accepted. Only version 2 is issued.
+varints) and version 2 (sealed, without the epoch) were issued before; billing systems keep
+them between polls, so they are still accepted, as of the log's first epoch. Only version 3
+is issued.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import hmac
 import secrets
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -33,7 +39,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from tally.errors import FieldError, InvalidInput
 
 _SIGNED = 1  # legacy: accepted, never issued
-_SEALED = 2
+_SEALED = 2  # legacy: accepted, never issued
+_WITH_EPOCH = 3
+_EPOCH_BYTES = 16
 _MAC_BYTES = 16
 _DIGEST_BYTES = 12
 _NONCE_BYTES = 12
@@ -61,9 +69,21 @@ def _refused(detail: str) -> InvalidInput:
 _NOT_ISSUED = "The cursor is not one Tally issued."
 
 
-def _layout(partitions: int) -> struct.Struct:
-    """The sealed plaintext: filter digest, one unsigned 64-bit offset per partition, start."""
-    return struct.Struct(f">{_DIGEST_BYTES}s{partitions}QH")
+def _layout(partitions: int, *, epoch: bool) -> struct.Struct:
+    """The sealed plaintext: filter digest, the epoch (from version 3), one unsigned 64-bit
+    offset per partition, start."""
+    epoch_field = f"{_EPOCH_BYTES}s" if epoch else ""
+    return struct.Struct(f">{_DIGEST_BYTES}s{epoch_field}{partitions}QH")
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """What a cursor says: each partition's offset, the partition the next page starts
+    with, and the log's epoch it was issued in (None: issued before epochs)."""
+
+    offsets: list[int]
+    start: int
+    epoch: bytes | None
 
 
 class CursorCodec:
@@ -72,25 +92,29 @@ class CursorCodec:
         key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO).derive(secret)
         self._aead = AESGCM(key)
 
-    def encode(self, positions: Sequence[int], start: int, filter_digest: bytes) -> str:
-        header = bytes([_SEALED])
+    def encode(
+        self, positions: Sequence[int], start: int, filter_digest: bytes, epoch: bytes
+    ) -> str:
+        header = bytes([_WITH_EPOCH])
         nonce = secrets.token_bytes(_NONCE_BYTES)
-        plain = _layout(len(positions)).pack(filter_digest, *positions, start)
+        plain = _layout(len(positions), epoch=True).pack(filter_digest, epoch, *positions, start)
         sealed = self._aead.encrypt(nonce, plain, header)
         return base64.urlsafe_b64encode(header + nonce + sealed).rstrip(b"=").decode()
 
-    def decode(
-        self, cursor: str, *, filter_digest: bytes, partitions: int
-    ) -> tuple[list[int], int]:
-        """The positions and start partition in `cursor`. Raises InvalidInput if it is
-        empty, was altered, was issued by another store, or was issued for another filter."""
+    def decode(self, cursor: str, *, filter_digest: bytes, partitions: int) -> Position:
+        """What `cursor` says. Raises InvalidInput if it is empty, was altered, was issued
+        by another store, or was issued for another filter."""
         if not cursor:
             raise _refused("The cursor is empty: leave it out to start from the beginning.")
         raw = _strict_b64(cursor)
         if raw is None or len(raw) < 2:
             raise _refused(_NOT_ISSUED)
-        if raw[0] == _SEALED:
-            digest, values = self._open(raw, partitions)
+        epoch: bytes | None = None
+        if raw[0] == _WITH_EPOCH:
+            digest, values = self._open(raw, partitions, epoch=True)
+            epoch, *values = values
+        elif raw[0] == _SEALED:
+            digest, values = self._open(raw, partitions, epoch=False)
         elif raw[0] == _SIGNED:
             digest, values = self._verify(raw)
         else:
@@ -99,15 +123,15 @@ class CursorCodec:
             raise _refused("The cursor was issued for other filters; repeat them unchanged.")
         if len(values) != partitions + 1 or values[-1] >= partitions:
             raise _refused(_NOT_ISSUED)
-        return values[:-1], values[-1]
+        return Position(offsets=values[:-1], start=values[-1], epoch=epoch)
 
-    def _open(self, raw: bytes, partitions: int) -> tuple[bytes, list[int]]:
+    def _open(self, raw: bytes, partitions: int, *, epoch: bool) -> tuple[bytes, list[Any]]:
         header, nonce, sealed = raw[:1], raw[1 : 1 + _NONCE_BYTES], raw[1 + _NONCE_BYTES :]
         try:
             plain = self._aead.decrypt(nonce, sealed, header)
         except (InvalidTag, ValueError):
             raise _refused(_NOT_ISSUED) from None
-        layout = _layout(partitions)
+        layout = _layout(partitions, epoch=epoch)
         if len(plain) != layout.size:
             raise _refused(_NOT_ISSUED)
         digest, *values = layout.unpack(plain)

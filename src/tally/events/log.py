@@ -84,6 +84,49 @@ class ExportPage:
     # far the reader was behind the log's head (metrics.py). It counts other tenants'
     # entries in those partitions too, so it is at most, not exactly, what the reader lacks.
     lag: int = 0
+    # The log's epoch and each partition's last offset in the snapshot read: a cursor of
+    # another epoch, or past a head, is one the log has been rewound under.
+    epoch: bytes = b""
+    heads: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class LogEpoch:
+    """One epoch of the export log (migration 0007): a new one starts at every restore.
+
+    `base` is each partition's last offset when it began: a reader of an earlier epoch and
+    this log agree on everything up to it (empty for the log's first epoch, which has no
+    earlier one). Its `id` goes into every cursor issued in it (events/cursor.py).
+    """
+
+    seq: int
+    id: bytes
+    started_at: datetime
+    reason: str
+    base: list[int]
+
+
+def resume_positions(
+    positions: list[int], epoch: bytes | None, history: list[LogEpoch], heads: list[int]
+) -> list[int]:
+    """Where a reader at `positions` of `epoch` (None: a cursor issued before epochs, taken
+    to be of the first) resumes in the log whose epochs are `history` (oldest first) and
+    whose partitions end at `heads`: at no partition past what every later epoch began with,
+    nor past the log's end. It may see again entries it had read (a consumer deduplicates
+    them by identity); it misses none.
+    """
+    ids = [known.id for known in history]
+    if epoch is None:
+        later = history[1:]
+    elif epoch in ids:
+        later = history[ids.index(epoch) + 1 :]
+    else:  # an epoch this log never had (begun after the backup restored): the current
+        later = history[-1:]  # epoch's start is the last point known to be shared
+    resumed = [min(at, head) for at, head in zip(positions, heads, strict=True)]
+    for known in later:
+        if known.base:
+            resumed = [min(at, base) for at, base in zip(resumed, known.base, strict=True)]
+    return resumed
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,10 +9,17 @@ from typing import TypeVar
 from tally.auth.service import Principal, Scope
 from tally.crypto.sealing import TenantCipher
 from tally.crypto.tenant_keys import TenantKeys
-from tally.errors import NotFound
-from tally.events.cursor import CursorCodec
-from tally.events.log import Entry, ExportFilter, ExportPage, partition_of
-from tally.events.model import Cancellation, StoredEvent
+from tally.errors import LogRewound, NotFound
+from tally.events.cursor import CursorCodec, Position
+from tally.events.log import (
+    Entry,
+    ExportFilter,
+    ExportPage,
+    LogEpoch,
+    partition_of,
+    resume_positions,
+)
+from tally.events.model import Cancellation, StoredEvent, format_time
 from tally.metrics import NULL, Metrics
 from tally.store.interface import EventLog
 
@@ -50,12 +57,12 @@ class ExportService:
         Raises Forbidden without events:read or for a tenant outside the key's, InvalidInput
         for a cursor that is empty, was altered or was issued for other filters.
         """
-        scoped, digest, positions, start = self._begin(principal, filters, cursor)
-        page = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
+        scoped, digest, at = self._begin(principal, filters, cursor)
+        _, page = self._first(at, scoped, digest, limit)
         self._reported(principal, cursor, page)
         return Page(
             events=self._opened(page.events),
-            next_cursor=self._cursors.encode(page.positions, page.start, digest),
+            next_cursor=self._cursors.encode(page.positions, page.start, digest, page.epoch),
             has_more=page.has_more,
         )
 
@@ -71,8 +78,8 @@ class ExportService:
         first read happen now, so a refusal is an answer of its own and not a cut stream.
         Later failures raise from the iterator.
         """
-        scoped, digest, positions, start = self._begin(principal, filters, cursor)
-        first = self._store.read(positions=positions, start=start, filters=scoped, limit=limit)
+        scoped, digest, at = self._begin(principal, filters, cursor)
+        positions, first = self._first(at, scoped, digest, limit)
         self._reported(principal, cursor, first)
         entries = self._opened(first.events)
         return self._follow(
@@ -89,7 +96,7 @@ class ExportService:
         entries: list[Entry],
         limit: int,
     ) -> Iterator[Streamed]:
-        partitions = len(positions)
+        partitions, epoch = len(positions), page.epoch
         while True:
             # The cursor after an entry: every position as before the page, the entry's own
             # partition moved to its offset (partitions are read in order, so an entry's
@@ -101,16 +108,16 @@ class ExportService:
                 partition = partition_of(entry.tenant, partitions)
                 after[partition] = offset
                 if index == last:
-                    yield entry, self._cursors.encode(page.positions, page.start, digest)
+                    yield entry, self._cursors.encode(page.positions, page.start, digest, epoch)
                 else:
-                    yield entry, self._cursors.encode(after, partition, digest)
+                    yield entry, self._cursors.encode(after, partition, digest, epoch)
             positions = page.positions
             if not page.has_more:
-                yield None, self._cursors.encode(page.positions, page.start, digest)
+                yield None, self._cursors.encode(page.positions, page.start, digest, epoch)
                 return
-            page = self._store.read(
-                positions=positions, start=page.start, filters=filters, limit=limit
-            )
+            page = self._read(positions, page.start, filters, limit)
+            # Restored under the stream: it is cut, and its last cursor is refused.
+            self._same_log(Position(positions, page.start, epoch), page, digest)
             entries = self._opened(page.events)
 
     def _reported(self, principal: Principal, cursor: str | None, page: ExportPage) -> None:
@@ -118,22 +125,65 @@ class ExportService:
         if cursor is not None:
             self._metrics.export_read(key_id=principal.key_id, lag=page.lag)
 
+    def _read(
+        self, positions: list[int], start: int, filters: ExportFilter, limit: int
+    ) -> ExportPage:
+        return self._store.read(positions=positions, start=start, filters=filters, limit=limit)
+
+    def _first(
+        self, at: Position | None, filters: ExportFilter, digest: bytes, limit: int
+    ) -> tuple[list[int], ExportPage]:
+        """The positions read from and the first page after the cursor at `at` (None: from
+        the start, in whatever epoch the log is in), refused if the log was rewound under
+        it."""
+        if at is None:
+            positions = [0] * self._store.partitions
+            return positions, self._read(positions, 0, filters, limit)
+        page = self._read(at.offsets, at.start, filters, limit)
+        self._same_log(at, page, digest)
+        return at.offsets, page
+
+    def _same_log(self, at: Position, page: ExportPage, digest: bytes) -> None:
+        """Raises LogRewound when the cursor at `at` is ahead of the log `page` was read
+        from: of another epoch (a restore began a new one), or past a partition's head (the
+        log was rewound under the same epoch: a point-in-time recovery before `tally epoch
+        renew`). Reading on would skip the entries that take the offsets it has passed."""
+        history: list[LogEpoch] | None = None
+        if at.epoch is None:  # a cursor from before epochs: of the log's first epoch
+            history = self._store.log_epochs()
+            foreign = page.epoch != history[0].id
+        else:
+            foreign = at.epoch != page.epoch
+        if not foreign and all(o <= h for o, h in zip(at.offsets, page.heads, strict=True)):
+            return
+        history = history or self._store.log_epochs()
+        resumed = resume_positions(at.offsets, at.epoch, history, page.heads)
+        raise LogRewound(
+            "This cursor is ahead of the export log: the log was restored from a backup "
+            f"(its current epoch began {format_time(history[-1].started_at)}), so entries "
+            "after the restored point may have other offsets now. Continue with "
+            "resume_cursor, from the last point your reader and the log agree on; entries "
+            "you had read after it may come again: deduplicate them by (application, id).",
+            resume_cursor=self._cursors.encode(resumed, 0, digest, page.epoch),
+        )
+
     def _begin(
         self, principal: Principal, filters: ExportFilter, cursor: str | None
-    ) -> tuple[ExportFilter, bytes, list[int], int]:
-        """(the filters under the key's restriction, their digest, positions, start)."""
+    ) -> tuple[ExportFilter, bytes, Position | None]:
+        """(the filters under the key's restriction, their digest, the cursor's position,
+        None without a cursor)."""
         principal.require(Scope.EVENTS_READ)
         if filters.tenant is not None:
             principal.require_tenant(filters.tenant)
         scoped = replace(filters, tenants=principal.tenants)
         digest = scoped.digest()
         partitions = self._store.partitions
-        positions, start = (
+        at = (
             self._cursors.decode(cursor, filter_digest=digest, partitions=partitions)
             if cursor is not None
-            else ([0] * partitions, 0)
+            else None
         )
-        return scoped, digest, positions, start
+        return scoped, digest, at
 
     def get(self, principal: Principal, application: str, event_id: str) -> StoredEvent:
         """Raises NotFound when there is no such event among those the key may read.

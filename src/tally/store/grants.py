@@ -37,6 +37,8 @@ SERVICE_PRIVILEGES: Mapping[str, frozenset[str]] = {
     "events": frozenset({"SELECT", "INSERT"}),
     # Append-only, like events: an event's cancellation is never changed or withdrawn.
     "cancellations": frozenset({"SELECT", "INSERT"}),
+    # Append-only: a restore (or `tally epoch renew`) adds an epoch, none is ever changed.
+    "log_epochs": frozenset({"SELECT", "INSERT"}),
     # Append-only, like events.
     "audit_log": frozenset({"SELECT", "INSERT"}),
     # The sealed dictionary of attribute value tokens (docs/usage.md): append-only.

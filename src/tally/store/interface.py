@@ -21,7 +21,7 @@ from typing import Protocol
 
 from tally.auth.records import KeyRecord
 from tally.crypto.records import DataKey
-from tally.events.log import ExportFilter, ExportPage, PeriodFigures, Totals
+from tally.events.log import ExportFilter, ExportPage, LogEpoch, PeriodFigures, Totals
 from tally.events.model import Cancellation, NewEvent, Outcome, StoredEvent
 from tally.events.usage import Meter, TokenFill, UsageQuery, UsageRow
 from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
@@ -75,8 +75,19 @@ class EventLog(Protocol):
         partitions round-robin from `start`.
 
         The returned positions resume exactly after the last event returned; partitions read
-        to their end move to the snapshot's end, so filtered polling stays cheap.
+        to their end move to the snapshot's end, so filtered polling stays cheap. The page
+        also carries the log's epoch and each partition's head in that snapshot.
         """
+
+    def log_epochs(self) -> list[LogEpoch]:
+        """The log's epochs, oldest first (there is always one: migration 0007 makes it)."""
+
+    def renew_log_epoch(
+        self, *, reason: str, at: datetime, audit: AuditEntry | None = None
+    ) -> LogEpoch:
+        """Start a new epoch whose base is every partition's head now (no append commits in
+        between), after a restore rewound the log; returns it. `reason` is free text for
+        operators (`tally epoch show`)."""
 
     def get_event(self, application: str, event_id: str) -> StoredEvent | None:
         """Returns None if no event has this identity."""

@@ -25,7 +25,15 @@ from typing import Any, Protocol
 from tally.auth.records import ADMIN_SCOPES_LIKE, KeyRecord, refuse_last_admin
 from tally.crypto.records import DataKey
 from tally.errors import AlreadyExists
-from tally.events.log import Entry, ExportFilter, ExportPage, PeriodFigures, Totals, partition_of
+from tally.events.log import (
+    Entry,
+    ExportFilter,
+    ExportPage,
+    LogEpoch,
+    PeriodFigures,
+    Totals,
+    partition_of,
+)
 from tally.events.model import Cancellation, NewEvent, StoredEvent
 from tally.events.usage import Meter, TokenFill, UsageQuery, UsageRow
 from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
@@ -40,6 +48,8 @@ EVENT_COLUMNS = (
     "application, id, tenant, type, quantity, time, subject, unit, attributes, region, received_at"
 )
 CANCELLATION_COLUMNS = "application, id, tenant, reason, received_at"
+_EPOCH_COLUMNS = "seq, epoch, started_at, reason, base"
+_CURRENT_EPOCH = "SELECT epoch FROM log_epochs ORDER BY seq DESC LIMIT 1"
 
 
 def _qualified(columns: str, alias: str) -> str:
@@ -266,18 +276,62 @@ class SQLStore:
                     cancellations = [(row["log_offset"], self._cancellation(row)) for row in rows]
                 return plan.merged(events, cancellations, limit=count)
 
-            heads = {
-                row["partition"]: row["last_offset"]
-                for row in session.all("SELECT partition, last_offset FROM log_partitions")
-            }
-            return plan.read_page(
+            heads = self._heads(session)
+            epoch = session.one(_CURRENT_EPOCH)
+            assert epoch is not None  # noqa: S101 - migration 0007 makes the first epoch
+            page = plan.read_page(
                 fetch,
-                heads=heads,
+                heads=dict(enumerate(heads)),
                 positions=positions,
                 start=start,
                 wanted=plan.wanted_partitions(filters, self.partitions),
                 limit=limit,
             )
+            page.epoch, page.heads = bytes(epoch["epoch"]), heads
+            return page
+
+    def _heads(self, session: Session) -> list[int]:
+        """Each partition's last offset, by partition."""
+        rows = session.all("SELECT partition, last_offset FROM log_partitions ORDER BY partition")
+        return [int(row["last_offset"]) for row in rows]
+
+    def log_epochs(self) -> list[LogEpoch]:
+        d = self.dialect
+        rows = self._all(f"SELECT {_EPOCH_COLUMNS} FROM log_epochs ORDER BY seq")
+        return [
+            LogEpoch(
+                seq=int(row["seq"]),
+                id=bytes(row["epoch"]),
+                started_at=d.read_time(row["started_at"]),
+                reason=row["reason"],
+                base=[int(offset) for offset in json.loads(row["base"])],
+            )
+            for row in rows
+        ]
+
+    def renew_log_epoch(
+        self, *, reason: str, at: datetime, audit: AuditEntry | None = None
+    ) -> LogEpoch:
+        with self._write() as session:
+            # Every counter row held (FOR UPDATE; SQLite's write transaction holds them all):
+            # no append commits between reading the heads and starting the epoch on them.
+            rows = session.all(
+                "SELECT partition, last_offset FROM log_partitions "
+                f"ORDER BY partition{self.dialect.for_update}"
+            )
+            base = [int(row["last_offset"]) for row in rows]
+            last = session.one("SELECT MAX(seq) AS seq FROM log_epochs")
+            assert last is not None  # noqa: S101 - an aggregate answers one row
+            seq = int(last["seq"] or 0) + 1
+            epoch = LogEpoch(
+                seq=seq, id=secrets.token_bytes(16), started_at=at, reason=reason, base=base
+            )
+            session.run(
+                f"INSERT INTO log_epochs ({_EPOCH_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                (seq, epoch.id, self.dialect.time(at), reason, json.dumps(base)),
+            )
+            self._audit(session, audit)
+        return epoch
 
     def cancel(self, cancellation: Cancellation) -> tuple[Cancellation, bool]:
         d = self.dialect
