@@ -138,38 +138,40 @@ def throwaway_cluster(*, tls: tuple[bytes, bytes] | None = None) -> Iterator[Clu
     as_user: list[str] = []
     folder = Path(tempfile.mkdtemp(prefix="tally-pg-"))
     datadir = folder / "data"
-    if os.geteuid() == 0:
-        owner = pwd.getpwnam("postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-        os.chown(folder, owner.pw_uid, owner.pw_gid)
-    subprocess.run(
-        [*as_user, str(bindir / "initdb"), "-D", str(datadir), "-A", "trust", "-U", "postgres"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    settings: tuple[str, ...] = ()
-    if tls is not None:
-        cert, key = datadir / "server.crt", datadir / "server.key"
-        cert.write_bytes(tls[0])
-        key.write_bytes(tls[1])
-        key.chmod(0o600)  # PostgreSQL refuses a key that others can read
-        if as_user:
-            for path in (cert, key):
-                os.chown(path, owner.pw_uid, owner.pw_gid)
-        settings = ("ssl=on", f"ssl_cert_file={cert}", f"ssl_key_file={key}")
-    cluster = Cluster(
-        datadir=datadir, port=_free_port(), bindir=bindir, as_user=as_user, settings=settings
-    )
-    cluster.make_folder(cluster.socket_dir)
-    cluster.start()
     try:
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam("postgres")
+            as_user = ["runuser", "-u", "postgres", "--"]
+            os.chown(folder, owner.pw_uid, owner.pw_gid)
+        subprocess.run(
+            [*as_user, str(bindir / "initdb"), "-D", str(datadir), "-A", "trust", "-U", "postgres"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        settings: tuple[str, ...] = ()
+        if tls is not None:
+            cert, key = datadir / "server.crt", datadir / "server.key"
+            cert.write_bytes(tls[0])
+            key.write_bytes(tls[1])
+            key.chmod(0o600)  # PostgreSQL refuses a key that others can read
+            if as_user:
+                for path in (cert, key):
+                    os.chown(path, owner.pw_uid, owner.pw_gid)
+            settings = ("ssl=on", f"ssl_cert_file={cert}", f"ssl_key_file={key}")
+        cluster = Cluster(
+            datadir=datadir, port=_free_port(), bindir=bindir, as_user=as_user, settings=settings
+        )
+        cluster.make_folder(cluster.socket_dir)
+        cluster.start()
         yield cluster
     finally:
-        subprocess.run(
-            [*as_user, str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "stop"],
-            check=False,
-            capture_output=True,
-            timeout=60,
-        )
+        # Also when initdb or the start failed: nothing of the folder stays behind.
+        with suppress(OSError):  # a program missing (initdb's error is the one to see)
+            subprocess.run(
+                [*as_user, str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "stop"],
+                check=False,
+                capture_output=True,
+                timeout=60,
+            )
         shutil.rmtree(folder, ignore_errors=True)
