@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -130,6 +131,17 @@ def cluster() -> Iterator[Cluster]:
         if IN_CI:
             raise
         pytest.skip(f"PostgreSQL server programs are not installed: {missing}")
+
+
+def required_program(name: str, *, package: str) -> str:
+    """The path of program `name` a test runs; the test fails under CI=true without it
+    (.ci/run installs Debian's `package`), else it is skipped."""
+    found = shutil.which(name)
+    if found is None:
+        if IN_CI:
+            pytest.fail(f"{name} is missing under CI=true: install Debian's {package} package")
+        pytest.skip(f"{name} is not installed (Debian's {package} package)")
+    return found
 
 
 @pytest.fixture(scope="session")

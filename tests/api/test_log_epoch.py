@@ -42,30 +42,44 @@ def rewound(client: TestClient, key: str, cursor: str, **headers: str) -> dict[s
     return problem
 
 
-def test_a_cursor_of_an_earlier_epoch_is_refused_with_where_to_resume(
+def cursor_at(services: Services, acme: int, *, epoch: bytes | None = None) -> str:
+    """A cursor as Tally issues them, at offset `acme` of acme's partition (the others at
+    0), in `epoch` (the current one by default): where a reader of an older log had read to."""
+    partitions = services.store.partitions
+    positions = [0] * partitions
+    positions[partition_of("acme", partitions)] = acme
+    epoch = epoch or services.store.log_epochs()[-1].id
+    codec = CursorCodec(services.store.secret("cursor"))
+    return codec.encode(positions, 0, ExportFilter().digest(), epoch)
+
+
+def test_a_cursor_ahead_of_a_restored_log_is_refused_with_where_to_resume(
     client: TestClient, world: World, services: Services
 ) -> None:
     post_events(client, world.writer, {"events": [event(f"a-{i}") for i in range(6)]})
     first = page(client, world.reader, limit=4)
     _, end, _ = follow(client, world.reader, cursor=first["next_cursor"])
-    # The store is "restored" at its current end: the log then holds all six, and a new
-    # epoch begins there. Events sent after it take the offsets the old cursors had passed.
+    old_epoch = services.store.log_epochs()[-1].id
+    # The store "restored" from a backup of its six entries: a reader of the old log that
+    # had read three more entries holds a cursor at offset 9. The events sent after the
+    # restore take offsets 7 to 11: read from 9, the first three would be skipped.
+    ahead = cursor_at(services, 9, epoch=old_epoch)
     renew(services)
-    post_events(client, world.writer, {"events": [event(f"b-{i}") for i in range(3)]})
+    post_events(client, world.writer, {"events": [event(f"b-{i}") for i in range(5)]})
+    after_restore = [f"b-{i}" for i in range(5)]
 
-    for old in (first["next_cursor"], end):
-        problem = rewound(client, world.reader, old)
-        resumed, _, _ = follow(client, world.reader, cursor=problem["resume_cursor"])
-        # Resumed at what the reader had read, before the epoch's base: nothing it had not
-        # seen is missing, and nothing it had seen comes again here.
-        assert ids(resumed) == sorted(
-            [f"b-{i}" for i in range(3)] + ([] if old == end else ["a-4", "a-5"])
-        )
+    problem = rewound(client, world.reader, ahead)
+
+    resumed, _, _ = follow(client, world.reader, cursor=problem["resume_cursor"])
+    assert ids(resumed) == after_restore  # from the restored point (6): nothing skipped
     # The NDJSON stream is refused the same way, before its first byte.
-    rewound(client, world.reader, end, accept="application/x-ndjson")
-    # The resume cursor is of the new epoch: followed again, it is simply served.
-    fresh = page(client, world.reader, cursor=rewound(client, world.reader, end)["resume_cursor"])
-    assert page(client, world.reader, cursor=fresh["next_cursor"])["events"] == []
+    rewound(client, world.reader, ahead, accept="application/x-ndjson")
+    # Cursors of the old epoch behind the restored point continue as they are: no gap, no
+    # repeat; the next cursors are of the new epoch.
+    rest, last, _ = follow(client, world.reader, cursor=first["next_cursor"])
+    assert ids(rest) == sorted(["a-4", "a-5", *after_restore])
+    assert ids(follow(client, world.reader, cursor=end)[0]) == after_restore
+    assert page(client, world.reader, cursor=last)["events"] == []
 
 
 def test_a_cursor_past_the_log_end_in_the_same_epoch_is_refused(
@@ -74,18 +88,10 @@ def test_a_cursor_past_the_log_end_in_the_same_epoch_is_refused(
     """A point-in-time recovery before `tally epoch renew` keeps the epoch but rewinds the
     offsets: a cursor beyond a partition's head is refused, resuming at the head."""
     post_events(client, world.writer, {"events": [event(f"a-{i}") for i in range(3)]})
-    partitions = services.store.partitions
-    heads = [0] * partitions
-    acme = partition_of("acme", partitions)
-    heads[acme] = 3
-    ahead = list(heads)
-    ahead[acme] = 7  # the reader had read four entries the restored log no longer holds
-    epoch = services.store.log_epochs()[-1].id
-    codec = CursorCodec(services.store.secret("cursor"))
-    digest = ExportFilter(tenants=None).digest()
-    assert page(client, world.reader, cursor=codec.encode(heads, 0, digest, epoch))["events"] == []
+    assert page(client, world.reader, cursor=cursor_at(services, 3))["events"] == []
 
-    problem = rewound(client, world.reader, codec.encode(ahead, 0, digest, epoch))
+    # The reader had read four entries the recovered log no longer holds.
+    problem = rewound(client, world.reader, cursor_at(services, 7))
 
     post_events(client, world.writer, {"events": [event(f"b-{i}") for i in range(5)]})
     resumed, _, _ = follow(client, world.reader, cursor=problem["resume_cursor"])
@@ -104,28 +110,34 @@ def v2_cursor(secret: bytes, positions: list[int], start: int, digest: bytes) ->
 def test_cursors_from_before_epochs_are_of_the_first_epoch(
     client: TestClient, world: World, services: Services
 ) -> None:
-    post_events(client, world.writer, {"events": [event(f"a-{i}") for i in range(5)]})
+    post_events(client, world.writer, event("a-0"))
     partitions = services.store.partitions
-    positions = [0] * partitions
-    positions[partition_of("acme", partitions)] = 2
     secret, digest = services.store.secret("cursor"), ExportFilter().digest()
-    legacy = [make(secret, positions, 0, digest) for make in (v1_cursor, v2_cursor)]
-    for cursor in legacy:
-        assert ids(page(client, world.reader, cursor=cursor)["events"]) == ["a-2", "a-3", "a-4"]
 
-    renew(services)
+    def legacy(acme: int) -> list[str]:
+        positions = [0] * partitions
+        positions[partition_of("acme", partitions)] = acme
+        return [make(secret, positions, 0, digest) for make in (v1_cursor, v2_cursor)]
 
-    for cursor in legacy:
+    assert all(page(client, world.reader, cursor=c)["events"] == [] for c in legacy(1))
+    renew(services)  # restored with one entry
+    post_events(client, world.writer, {"events": [event(f"b-{i}") for i in range(4)]})
+
+    for cursor in legacy(0):  # behind the restored point: continues
+        assert ids(page(client, world.reader, cursor=cursor)["events"]) == [
+            "a-0", "b-0", "b-1", "b-2", "b-3"
+        ]  # fmt: skip
+    for cursor in legacy(3):  # had read two entries the restored log lost: refused
         problem = rewound(client, world.reader, cursor)
         resumed, _, _ = follow(client, world.reader, cursor=problem["resume_cursor"])
-        assert ids(resumed) == ["a-2", "a-3", "a-4"]
+        assert ids(resumed) == ["b-0", "b-1", "b-2", "b-3"]
 
 
 def test_the_sdk_raises_log_rewound_with_the_resume_cursor(
     client: TestClient, world: World, services: Services
 ) -> None:
     post_events(client, world.writer, {"events": [event(f"a-{i}") for i in range(3)]})
-    _, end, _ = follow(client, world.reader)
+    end = cursor_at(services, 5)  # two entries past what the restored log holds
     renew(services)
     post_events(client, world.writer, event("b-0"))
     # The SDK over the app in this process (TestClient's transport), as over a network.

@@ -28,6 +28,11 @@ def test_a_cursor_from_before_epochs_is_of_the_first() -> None:
     assert resume_positions([7, 10, 2], None, HISTORY, HEADS) == [4, 9, 0]
 
 
-def test_an_epoch_this_log_never_had_resumes_at_the_current_epochs_start() -> None:
-    """An epoch begun after the backup this log was restored from."""
-    assert resume_positions([7, 10, 2], b"x" * 16, HISTORY, HEADS) == [4, 10, 2]
+def test_an_epoch_this_log_never_had_starts_over() -> None:
+    """An epoch begun after the backup this log was restored from, maybe on a branch of its
+    own: nothing is known to be shared."""
+    assert resume_positions([7, 10, 2], b"x" * 16, HISTORY, HEADS) == [0, 0, 0]
+
+
+def test_a_reader_behind_every_later_epochs_start_continues_as_it_is() -> None:
+    assert resume_positions([3, 9, 0], FIRST.id, HISTORY, HEADS) == [3, 9, 0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import yaml
 
 from tally.metrics import PrometheusMetrics
 from tests.api.helpers import auth
-from tests.conftest import IN_CI, event
+from tests.conftest import event, required_program
 from tests.support.server import Server, free_port, running_server, stop
 
 OPS = Path(__file__).resolve().parents[2] / "ops"
@@ -28,14 +27,8 @@ DASHBOARD = OPS / "grafana" / "tally.json"
 
 
 def tool(name: str) -> str:
-    """The path of a Prometheus program; the test fails under CI=true without it (.ci/run
-    installs Debian's prometheus package), else it is skipped."""
-    found = shutil.which(name)
-    if found is None:
-        if IN_CI:
-            pytest.fail(f"{name} is missing under CI=true: install Debian's prometheus package")
-        pytest.skip(f"{name} is not installed (Debian's prometheus package)")
-    return found
+    """The path of a Prometheus program (Debian's prometheus package)."""
+    return required_program(name, package="prometheus")
 
 
 def test_the_rules_pass_promtool_check() -> None:

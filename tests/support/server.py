@@ -122,6 +122,40 @@ def _wait_until_ready(
     raise RuntimeError(f"tally serve was not ready within {START_TIMEOUT:.0f}s")
 
 
+def tally_environment(
+    database_url: str, workdir: Path, env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a `tally` command over `database_url`: this process's without
+    its TALLY_* variables, the store's URL, then `env`. A PostgreSQL store needs a named
+    keyring: every command of one workdir shares `workdir/tally.keyring`, made on first use."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("TALLY_")}
+    environment |= {"TALLY_DATABASE_URL": database_url, "TALLY_LOG_LEVEL": "warning"}
+    environment |= env or {}
+    if "TALLY_KEYRING" not in environment and not database_url.startswith("sqlite:"):
+        keyring = workdir / "tally.keyring"
+        if not keyring.exists():
+            keyrings.generate(keyring)
+        environment["TALLY_KEYRING"] = str(keyring)
+    return environment
+
+
+def run_tally(
+    database_url: str, workdir: Path, *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`tally <args>` (an operator's command) with the settings `running_server` gives a
+    server of the same `database_url` and `workdir`; bounded in time, not checked."""
+    return subprocess.run(
+        [str(TALLY), *args],
+        env=tally_environment(database_url, workdir, env),
+        cwd=workdir,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 @contextmanager
 def running_server(
     database_url: str,
@@ -141,15 +175,7 @@ def running_server(
     """
     port = port or free_port()
     base_url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("TALLY_")}
-    environment |= {"TALLY_DATABASE_URL": database_url, "TALLY_LOG_LEVEL": "warning"}
-    environment |= env or {}
-    if "TALLY_KEYRING" not in environment and not database_url.startswith("sqlite:"):
-        # A PostgreSQL store needs a named keyring; every server of one workdir shares it.
-        keyring = workdir / "tally.keyring"
-        if not keyring.exists():
-            keyrings.generate(keyring)
-        environment["TALLY_KEYRING"] = str(keyring)
+    environment = tally_environment(database_url, workdir, env)
     run = label or f"serve-{port}"
     stdout, stderr = workdir / f"{run}.stdout", workdir / f"{run}.stderr"
     command = [str(TALLY), "serve", "--host", "127.0.0.1", "--port", str(port), *options]

@@ -30,7 +30,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from tally.api.render import csv_lines, ndjson_lines
 from tally.cli.common import CommandError, JsonOption, emit, out, parse_since, table_of
-from tally.client import Client, TallyError
+from tally.client import Client, LogRewound, TallyError
 from tally.errors import InvalidInput
 from tally.events.digest import DigestAccumulator, canonical_decimal, canonical_time
 from tally.events.log import EXPORT_CSV_COLUMNS
@@ -105,6 +105,8 @@ def _command_error(error: TallyError) -> CommandError:
         f"{item.get('detail', '')}"
         for item in error.errors
     ]
+    if isinstance(error, LogRewound) and error.resume_cursor:
+        details.append(f"resume_cursor: {error.resume_cursor}")
     if error.status is not None:
         details.append(f"HTTP {error.status}" + (f" {error.code}" if error.code else ""))
     return CommandError(

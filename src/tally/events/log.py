@@ -113,15 +113,19 @@ def resume_positions(
     to be of the first) resumes in the log whose epochs are `history` (oldest first) and
     whose partitions end at `heads`: at no partition past what every later epoch began with,
     nor past the log's end. It may see again entries it had read (a consumer deduplicates
-    them by identity); it misses none.
+    them by identity); it misses none. `positions` themselves when the reader is behind
+    all of that: then it has read nothing the log lost, and continues as it is.
     """
     ids = [known.id for known in history]
     if epoch is None:
         later = history[1:]
     elif epoch in ids:
         later = history[ids.index(epoch) + 1 :]
-    else:  # an epoch this log never had (begun after the backup restored): the current
-        later = history[-1:]  # epoch's start is the last point known to be shared
+    else:
+        # An epoch this log never had: begun after the backup it was restored from, perhaps
+        # on a branch of its own (a restore of another backup). Nothing is known to be
+        # shared, so the reader starts over.
+        return [0] * len(positions)
     resumed = [min(at, head) for at, head in zip(positions, heads, strict=True)]
     for known in later:
         if known.base:

@@ -15,7 +15,6 @@ from tally.events.log import (
     Entry,
     ExportFilter,
     ExportPage,
-    LogEpoch,
     partition_of,
     resume_positions,
 )
@@ -145,25 +144,26 @@ class ExportService:
 
     def _same_log(self, at: Position, page: ExportPage, digest: bytes) -> None:
         """Raises LogRewound when the cursor at `at` is ahead of the log `page` was read
-        from: of another epoch (a restore began a new one), or past a partition's head (the
-        log was rewound under the same epoch: a point-in-time recovery before `tally epoch
-        renew`). Reading on would skip the entries that take the offsets it has passed."""
-        history: list[LogEpoch] | None = None
-        if at.epoch is None:  # a cursor from before epochs: of the log's first epoch
-            history = self._store.log_epochs()
-            foreign = page.epoch != history[0].id
-        else:
-            foreign = at.epoch != page.epoch
-        if not foreign and all(o <= h for o, h in zip(at.offsets, page.heads, strict=True)):
+        from: past what an epoch begun after its own started with (a restore rewound the log
+        to before where the reader was), or past a partition's head (rewound under the same
+        epoch: a point-in-time recovery before `tally epoch renew`). Reading on would skip
+        the entries that take the offsets it has passed. A cursor of an earlier epoch that is
+        behind the restored point is not ahead: the log up to there is the one it read, so
+        it continues with no gap and no repeat."""
+        within = all(o <= h for o, h in zip(at.offsets, page.heads, strict=True))
+        if at.epoch == page.epoch and within:
             return
-        history = history or self._store.log_epochs()
+        history = self._store.log_epochs()
         resumed = resume_positions(at.offsets, at.epoch, history, page.heads)
+        if resumed == at.offsets:
+            return
         raise LogRewound(
             "This cursor is ahead of the export log: the log was restored from a backup "
-            f"(its current epoch began {format_time(history[-1].started_at)}), so entries "
-            "after the restored point may have other offsets now. Continue with "
-            "resume_cursor, from the last point your reader and the log agree on; entries "
-            "you had read after it may come again: deduplicate them by (application, id).",
+            f"(its current epoch began {format_time(history[-1].started_at)}) to before the "
+            "point your reader had read to, and entries after the restored point may have "
+            "other offsets now. Continue with resume_cursor, from the last point your reader "
+            "and the log agree on; entries you had read after it may come again: deduplicate "
+            "them by (application, id, kind).",
             resume_cursor=self._cursors.encode(resumed, 0, digest, page.epoch),
         )
 
