@@ -541,7 +541,8 @@ def restore(
     and high-water marks against the manifest, records `audit(manifest)`, and commits. Any
     failure rolls it all back: the target holds nothing of the backup. Last, `renew` gives
     the log a new epoch (store.renew_log_epoch), so that a billing system's cursor that had
-    read past the backup is refused with where to resume instead of skipping what follows.
+    read past the backup is refused with where to resume instead of skipping what follows
+    (one behind the backup's high-water marks goes on as it is).
 
     Raises BackupDamaged, WrongKeyring, Unsupported (a backup from a newer schema), NotEmpty,
     ManifestMismatch, SealBroken, StoreUnavailable, OSError.

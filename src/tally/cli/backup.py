@@ -221,9 +221,9 @@ def restore(
         out.print(f"Serve this store with TALLY_KEYRING={spec}: its data keys need that keyring.")
     if epoch_id is not None:
         out.print(
-            f"The export log is in a new epoch ({epoch_id}): a billing system's cursor from "
-            "before is refused (409 log-rewound) with a resume_cursor at the backup's "
-            "high-water marks; see docs/operations.md, 'Backup and restore'."
+            f"The export log is in a new epoch ({epoch_id}): a billing system's cursor that "
+            "had read past this backup is refused (409 log-rewound) with a resume_cursor, one "
+            "behind it goes on as it is; see docs/operations.md, 'Backup and restore'."
         )
 
 
