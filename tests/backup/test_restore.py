@@ -4,6 +4,7 @@ that looks complete."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from tests.backup.conftest import (
     serving,
     table_rows,
 )
-from tests.backup.test_verify import frames
+from tests.backup.test_verify import frames, rewritten
 from tests.conftest import new_database, open_store
 
 pytestmark = pytest.mark.postgres
@@ -114,7 +115,6 @@ def test_a_store_without_a_schema_is_migrated_first(
         restored = restore_into(made, backup, keyring)
         store = made.reopen()
         assert len(store.list_tenants()) == 3
-        assert restored.epoch is not None
         assert store.log_epochs()[-1].id == restored.epoch.id
         store.close()
 
@@ -166,3 +166,42 @@ def test_a_backup_that_fails_midway_leaves_the_previous_file_and_no_partial_one(
         service.take(source.store, out, keyring=stranger, now=clock())
     assert out.read_bytes() == previous
     assert [p.name for p in out.parent.iterdir()] == ["b.tbk"]
+
+
+def test_a_backup_of_an_older_schema_restores_and_a_newer_one_is_refused(
+    make_store: MakeStore, keyring: Keyring, tmp_path: Path
+) -> None:
+    source = make_store("sqlite")
+    clock = Clock()
+    with serving(source, clock) as (services, client):
+        fill(services, client, clock)
+    path = source.settings.sqlite_path
+    assert path is not None
+    # The store as it was before migration 0007: no epochs.
+    with sqlite3.connect(path) as connection:
+        connection.execute("DROP TABLE log_epochs")
+        connection.execute("DELETE FROM _yoyo_migration WHERE migration_id = '0007.log_epochs'")
+    older = tmp_path / "older.tbk"
+    manifest = service.take(source.store, older, keyring=keyring, now=clock())
+    assert manifest.origin.schema_version == "0006.usage"
+    assert manifest.figures.log_epoch is None and "log_epochs" not in manifest.figures.tables
+
+    target = make_store("postgres")
+    restored = restore_into(target, older, keyring)
+    store = target.reopen()
+    assert len(store.list_tenants()) == 3
+    assert [epoch.id for epoch in store.log_epochs()][-1] == restored.epoch.id
+
+    def from_the_future(lines: list[str]) -> list[str]:
+        for n in (0, -1):
+            record = json.loads(lines[n])
+            (body,) = record.values()
+            body["migrations"].append("0099.future")
+            lines[n] = json.dumps(record)
+        return lines
+
+    newer = rewritten(older, keyring, tmp_path / "newer.tbk", from_the_future)
+    fresh = make_store("sqlite")
+    with pytest.raises(Unsupported, match=r"newer schema \(migration 0099\.future\)"):
+        restore_into(fresh, newer, keyring)
+    seeded_only(fresh)

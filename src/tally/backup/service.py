@@ -518,7 +518,7 @@ class Target:
 @dataclass(frozen=True, slots=True)
 class Restored:
     manifest: Manifest
-    epoch: LogEpoch | None  # the epoch the log is in from now on (None: no epochs yet)
+    epoch: LogEpoch  # the epoch the log is in from now on
 
 
 def restore(
@@ -560,7 +560,8 @@ def restore(
     store = open_store()
     try:
         manifest = _load(path, target, keyring=keyring, audit=audit, progress=progress)
-        epoch = renew(store, manifest) if "log_epochs" in manifest.figures.tables else None
+        # Whatever the backup's schema, the target's (migrated) has epochs.
+        epoch = renew(store, manifest)
     finally:
         store.close()
     return Restored(manifest, epoch)

@@ -208,7 +208,7 @@ def restore(
             progress=update,
         )
     manifest = restored.manifest
-    epoch_id = restored.epoch.id.hex() if restored.epoch is not None else None
+    epoch_id = restored.epoch.id.hex()
     if as_json:
         emit(
             {"file": str(file), "restored": True, **summary(manifest), "new_log_epoch": epoch_id},
@@ -219,12 +219,11 @@ def restore(
     out.print(f"Restored backup {manifest.backup_id} (taken {taken}): {_totals(manifest)}.")
     if path is not None and configured.keyring is None:
         out.print(f"Serve this store with TALLY_KEYRING={spec}: its data keys need that keyring.")
-    if epoch_id is not None:
-        out.print(
-            f"The export log is in a new epoch ({epoch_id}): a billing system's cursor that "
-            "had read past this backup is refused (409 log-rewound) with a resume_cursor, one "
-            "behind it goes on as it is; see docs/operations.md, 'Backup and restore'."
-        )
+    out.print(
+        f"The export log is in a new epoch ({epoch_id}): a billing system's cursor that had "
+        "read past this backup is refused (409 log-rewound) with a resume_cursor, one behind "
+        "it goes on as it is; see docs/operations.md, 'Backup and restore'."
+    )
 
 
 def _renew(store: EventStore, manifest: Manifest) -> LogEpoch:
