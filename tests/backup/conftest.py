@@ -98,15 +98,20 @@ def make_store(tmp_path: Path, keyring_file: Path) -> Iterator[MakeStore]:
 SMALL = 512  # bytes of plaintext per chunk: a small store's backup has dozens
 
 
+def filled(make_store: MakeStore, kind: str = "sqlite") -> Made:
+    """A new store of `kind` that `fill` filled."""
+    made = make_store(kind)
+    clock = Clock()
+    with serving(made, clock) as (services, client):
+        fill(services, client, clock)
+    return made
+
+
 @pytest.fixture
 def backup(make_store: MakeStore, keyring: Keyring, tmp_path: Path) -> Path:
     """A backup of a filled SQLite store, in chunks of SMALL bytes."""
-    source = make_store("sqlite")
-    clock = Clock()
-    with serving(source, clock) as (services, client):
-        fill(services, client, clock)
     path = tmp_path / "good.tbk"
-    service.take(source.store, path, keyring=keyring, now=clock(), chunk_bytes=SMALL)
+    service.take(filled(make_store).store, path, keyring=keyring, now=NOW, chunk_bytes=SMALL)
     return path
 
 
@@ -189,6 +194,28 @@ def fill(services: Services, client: TestClient, clock: Clock) -> Keys:
     registry.shred_tenant("initech")
     assert client.get("/v1/events", headers=auth(reader)).status_code == 200  # last_used_at
     return Keys(admin=admin, writer=writer, reader=reader)
+
+
+def everything(
+    client: Any, key: str, cursor: str | None = None
+) -> tuple[list[dict[str, Any]], str]:
+    """Every entry after `cursor` (from the start when None) to the end of the export, and
+    the cursor after the last; `client` is the in-process API's or a real server's."""
+    entries: list[dict[str, Any]] = []
+    while True:
+        params = {"limit": 50} | ({"cursor": cursor} if cursor else {})
+        response = client.get("/v1/events", params=params, headers=auth(key))
+        assert response.status_code == 200, response.text
+        page = response.json()
+        entries.extend(page["events"])
+        cursor = page["next_cursor"]
+        if not page["has_more"]:
+            return entries, page["next_cursor"]
+
+
+def identity(entry: dict[str, Any]) -> tuple[str, str, str]:
+    """What a billing system de-duplicates entries by."""
+    return (entry["kind"], entry["application"], entry["id"])
 
 
 def export(client: TestClient, keys: Keys) -> list[dict[str, Any]]:

@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
+from tests.backup.conftest import everything, identity
 from tests.conftest import new_database
 from tests.support.server import TALLY, running_server
 
@@ -60,24 +60,6 @@ def event(event_id: str, n: int) -> dict[str, Any]:
         "time": datetime.now(UTC).isoformat(),
         "attributes": {"endpoint": f"/v1/things/{n % 5}", "ok": n % 3 != 0},
     }
-
-
-def identity(entry: dict[str, Any]) -> tuple[str, str, str]:
-    return (entry["kind"], entry["application"], entry["id"])
-
-
-def everything(client: httpx.Client, key: str, cursor: str | None = None) -> tuple[list[Any], str]:
-    """Every entry from `cursor` (the start when None) to the end, and the cursor after."""
-    entries: list[Any] = []
-    while True:
-        params = {"limit": 50} | ({"cursor": cursor} if cursor else {})
-        response = client.get("/v1/events", params=params, headers=bearer(key))
-        assert response.status_code == 200, response.text
-        page = response.json()
-        entries.extend(page["events"])
-        cursor = page["next_cursor"]
-        if not page["has_more"]:
-            return entries, cursor
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from tests.backup.conftest import (
     Clock,
     Made,
     MakeStore,
-    fill,
+    filled,
     restore_into,
     serving,
     table_rows,
@@ -151,10 +151,7 @@ def test_a_backup_refuses_a_table_it_does_not_know_and_writes_nothing(
 def test_a_backup_that_fails_midway_leaves_the_previous_file_and_no_partial_one(
     make_store: MakeStore, keyring: Keyring, tmp_path: Path
 ) -> None:
-    source = make_store("sqlite")
-    clock = Clock()
-    with serving(source, clock) as (services, client):
-        fill(services, client, clock)
+    source, clock = filled(make_store), Clock()
     out = tmp_path / "out" / "b.tbk"
     out.parent.mkdir()
     service.take(source.store, out, keyring=keyring, now=clock())
@@ -171,10 +168,7 @@ def test_a_backup_that_fails_midway_leaves_the_previous_file_and_no_partial_one(
 def test_a_backup_of_an_older_schema_restores_and_a_newer_one_is_refused(
     make_store: MakeStore, keyring: Keyring, tmp_path: Path
 ) -> None:
-    source = make_store("sqlite")
-    clock = Clock()
-    with serving(source, clock) as (services, client):
-        fill(services, client, clock)
+    source, clock = filled(make_store), Clock()
     path = source.settings.sqlite_path
     assert path is not None
     # The store as it was before migration 0007: no epochs.

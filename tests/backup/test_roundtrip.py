@@ -20,8 +20,10 @@ from tests.backup.conftest import (
     Clock,
     MakeStore,
     ev,
+    everything,
     export,
     fill,
+    identity,
     ingest,
     reconciliation,
     restore_into,
@@ -51,22 +53,6 @@ def follow_all(client: Any, key: str, cursor: str) -> tuple[list[dict[str, Any]]
         cursor = page["next_cursor"]
         if not page["has_more"]:
             return entries, refusals
-
-
-def everything(client: Any, key: str) -> tuple[list[dict[str, Any]], str]:
-    """Every entry from the start, and the cursor after the last."""
-    entries: list[dict[str, Any]] = []
-    params: dict[str, Any] = {"limit": 1000}
-    while True:
-        page = client.get("/v1/events", params=params, headers=auth(key)).json()
-        entries.extend(page["events"])
-        params["cursor"] = page["next_cursor"]
-        if not page["has_more"]:
-            return entries, page["next_cursor"]
-
-
-def identity(entry: dict[str, Any]) -> tuple[str, str, str]:
-    return (entry["kind"], entry["application"], entry["id"])
 
 
 @pytest.mark.parametrize(("source_kind", "target_kind"), list(itertools.product(KINDS, KINDS)))
