@@ -258,6 +258,27 @@ def test_connections_over_the_cap_get_503_until_some_close(tmp_path: Path) -> No
                 break
             time.sleep(0.1)
         assert answer.status_code == 200
+        # The refusal counts in the metrics like any answer, under its route.
+        assert answered(server, route="/healthz", method="GET", status=503) >= 1
+
+
+def answered(server: Server, *, route: str, method: str, status: int) -> float:
+    """tally_http_requests_total of `server` for this route, method and status."""
+    scraped = httpx.get(
+        f"{server.base_url}/metrics",
+        headers={"Authorization": f"Bearer {server.admin_key}"},
+        timeout=PATIENCE,
+    )
+    assert scraped.status_code == 200, scraped.text
+    series = f'tally_http_requests_total{{method="{method}",route="{route}",status="{status}"}}'
+    lines = [line for line in scraped.text.splitlines() if line.startswith(series + " ")]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_edge_refusals_count_in_the_metrics(limited: Server) -> None:
+    before = answered(limited, route="unmatched", method="OTHER", status=431)
+    assert status_of(send(limited.port, get_with_headers(MAX_HEADER_BYTES * 2))) == 431
+    assert answered(limited, route="unmatched", method="OTHER", status=431) == before + 1
 
 
 def test_an_admin_body_dribbled_too_slowly_gets_a_408_problem(limited: Server) -> None:

@@ -86,7 +86,11 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     )
     if settings.metrics_port is None:  # else served on that port alone (metrics.supervise)
         routers = (*routers, metrics.router)
-    problems.install(app, [route for router in routers for route in router.routes])
+    routes = [route for router in routers for route in router.routes]
+    problems.install(app, routes)
+    # The routes by themselves (included routers are opaque): the server's edge names the
+    # route of a request it refuses before the application sees it (api/server.py).
+    app.state.routes = routes
     for router in routers:
         app.include_router(router)
     app.add_middleware(RateLimitHeaders)  # inside RequestContext: 2xx get RateLimit-* too

@@ -23,7 +23,7 @@ import asyncio
 import json
 import ssl
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,6 +32,8 @@ from typing import Any, cast
 import httptools
 import uvicorn
 import uvloop
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute, Match
 from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import (
@@ -197,6 +199,28 @@ def edge_response(
     return b"".join(head) + body, request_id
 
 
+def _count_refusal(app: object, status: int, scope: Mapping[str, Any] | None) -> None:
+    """An edge refusal in the metrics like any answer (answered at once), so that the SLO
+    counts what clients got: under the route it was for when the request was parsed (a 503
+    past the connection cap or while draining), else as unmatched (431, 408, 400)."""
+    for _ in range(_WRAPPERS):  # uvicorn's own middlewares wrap the application
+        if isinstance(app, Starlette):
+            break
+        app = getattr(app, "app", None)
+    else:
+        return
+    route, method = metrics.UNMATCHED_ROUTE, "OTHER"
+    if scope is not None:
+        method = str(scope.get("method", method))
+        routes: list[BaseRoute] = getattr(app.state, "routes", [])  # set by api/app.py
+        matched = (r for r in routes if r.matches(dict(scope))[0] is Match.FULL)
+        route = getattr(next(matched, None), "path", route)
+    metrics.of_state(app.state).request(route=route, method=method, status=status, seconds=0.0)
+
+
+_WRAPPERS = 8
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the bounds it lacks:
 
@@ -329,11 +353,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # The one place every request's application starts, uvicorn's 503 past the
         # connection cap included.
         if app is service_unavailable:
-            self._refuse(OVER_CAPACITY, "Too many open connections; retry shortly.")
+            self._refuse(OVER_CAPACITY, "Too many open connections; retry shortly.", cycle.scope)
             return
         if isinstance(self.server_state, DrainState) and self.server_state.draining:
             # api/drain.py: from SIGTERM on, only the requests already running are served.
-            self._refuse(SHUTTING_DOWN, "This server is shutting down; retry shortly.")
+            self._refuse(SHUTTING_DOWN, "This server is shutting down; retry shortly.", cycle.scope)
             return
         self._served = cycle
         super()._start_asgi_task(cycle, self._closing_after_early_refusal(cycle, app))
@@ -409,14 +433,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_timer.cancel()
             self._header_timer = None
 
-    def _refuse(self, problem: EdgeProblem, detail: str) -> None:
-        """Answer with `problem` and close (lingering), whatever the request was."""
+    def _refuse(
+        self, problem: EdgeProblem, detail: str, scope: Mapping[str, Any] | None = None
+    ) -> None:
+        """Answer with `problem` and close (lingering), whatever the request was; `scope` is
+        the request's when it was parsed whole."""
         self._reading_headers = False
         self._stop_header_timer()
         if self.transport.is_closing() or self._lingering is not None:  # refused already
             return
         response, request_id = edge_response(problem, detail, self.server_state.default_headers)
         self.logger.warning("%s request_id=%s", detail, request_id)
+        _count_refusal(self.app, problem.status, scope)
         self.transport.write(response)
         self._linger(parses=False).add_done_callback(lambda _: self.transport.close())
 
