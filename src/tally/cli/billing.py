@@ -10,12 +10,13 @@ from __future__ import annotations
 import copy
 import csv
 import fcntl
+import io
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -29,7 +30,7 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from tally.api.render import csv_lines, ndjson_lines
-from tally.cli.common import CommandError, JsonOption, emit, out, parse_since, table_of
+from tally.cli.common import CommandError, JsonOption, emit, err, out, parse_since, table_of
 from tally.client import Client, LogRewound, TallyError
 from tally.errors import InvalidInput
 from tally.events.digest import DigestAccumulator, canonical_decimal, canonical_time
@@ -106,6 +107,10 @@ def _command_error(error: TallyError) -> CommandError:
         for item in error.errors
     ]
     if isinstance(error, LogRewound) and error.resume_cursor:
+        details.append(
+            "tally export: run it again with --on-rewind resume to go on from where the file "
+            "and the log agree, skipping the entries the file holds"
+        )
         details.append(f"resume_cursor: {error.resume_cursor}")
     if error.status is not None:
         details.append(f"HTTP {error.status}" + (f" {error.code}" if error.code else ""))
@@ -182,6 +187,16 @@ class Checkpoint:
     cursor: str | None = None
     offset: int = 0
     totals: Totals = field(default_factory=Totals)
+    # After Tally's log was rewound under the output (`--on-rewind resume`): where to read
+    # from while no entry has been written since (`cursor` stays the last line's), and the
+    # length of the output then, whose entries are never written again.
+    resume: str | None = None
+    dedupe_below: int | None = None
+
+    @property
+    def read_from(self) -> str | None:
+        """The cursor the next export starts from."""
+        return self.resume or self.cursor
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -190,6 +205,8 @@ class Checkpoint:
             "cursor": self.cursor,
             "offset": self.offset,
             "totals": self.totals.as_json(),
+            "resume": self.resume,
+            "dedupe_below": self.dedupe_below,
         }
 
     def save(self, path: Path) -> None:
@@ -219,6 +236,10 @@ class Checkpoint:
                 cursor=None if data["cursor"] is None else str(data["cursor"]),
                 offset=int(data["offset"]),
                 totals=Totals.of_json(data["totals"]),
+                resume=None if data.get("resume") is None else str(data["resume"]),
+                dedupe_below=None
+                if data.get("dedupe_below") is None
+                else int(data["dedupe_below"]),
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise CommandError(
@@ -236,6 +257,15 @@ def _encode(entry: Mapping[str, Any], cursor: str, form: str) -> bytes:
     lines = csv_lines(CSV_COLUMNS, [row])
     next(lines)  # the header, written once at the start of the file
     return b"".join(lines)
+
+
+def _identity(entry: Mapping[str, Any]) -> tuple[str, str, str]:
+    """An entry's identity in the log: (kind, application, id)."""
+    return (
+        str(entry.get("kind") or "event"),
+        str(entry.get("application", "")),
+        str(entry.get("id", "")),
+    )
 
 
 def _csv_header() -> bytes:
@@ -331,6 +361,7 @@ class ExportFile:
         self._pending: list[bytes] = []  # encoded entries not yet committed
         self._pending_cursor: str | None = None
         self._pending_since = 0.0
+        self._pending_resume: str | None = None  # after entries skipped since the last line
         resuming = cursor_path.exists()
         if resuming:
             self.checkpoint = Checkpoint.load(cursor_path)
@@ -357,10 +388,33 @@ class ExportFile:
             if self.checkpoint.offset == 0 and form == "csv":
                 self._append(_csv_header())
                 self.checkpoint.save(cursor_path)
+            self._written = self._identities(self.checkpoint.dedupe_below or 0)
         except BaseException:
             self._file.close()
             raise
         self._pending_totals = copy.deepcopy(self.checkpoint.totals)
+
+    def _identities(self, end: int) -> set[tuple[str, str, str]]:
+        """(kind, application, id) of every entry in the first `end` bytes of the output."""
+        if end == 0:
+            return set()
+        self._file.seek(0)
+        text = io.TextIOWrapper(io.BytesIO(self._file.read(end)), encoding="utf-8", newline="")
+        self._file.seek(self.checkpoint.offset)
+        if self.form == "ndjson":
+            rows: Iterator[Mapping[str, Any]] = (json.loads(line) for line in text if line.strip())
+        else:
+            rows = csv.DictReader(text)
+        return {_identity(row) for row in rows}
+
+    def rewound(self, resume_cursor: str) -> None:
+        """Tally's log was rewound under this output (restored from a backup): read on from
+        `resume_cursor`, and never write again an entry the output holds already."""
+        self.commit()
+        self.checkpoint.resume = resume_cursor
+        self.checkpoint.dedupe_below = self.checkpoint.offset
+        self.checkpoint.save(self.cursor_path)
+        self._written = self._identities(self.checkpoint.offset)
 
     def _lock(self) -> None:
         """Hold the output for this process: a second export into it (a cron job and a
@@ -429,14 +483,24 @@ class ExportFile:
         os.fsync(self._file.fileno())
         self.checkpoint.offset += len(data)
 
-    def write(self, entry: Mapping[str, Any], cursor: str) -> None:
+    def write(self, entry: Mapping[str, Any], cursor: str) -> bool:
         """Append `entry`; the next `commit` saves `cursor` as the place to resume after it
-        (`write` commits by itself when the group is full or old enough)."""
-        if not self._pending:
+        (`write` commits by itself when the group is full or old enough). False, writing
+        nothing, for an entry the output held when Tally's log was rewound under it."""
+        if not self._pending and self._pending_resume is None:
             self._pending_since = time.monotonic()
+        if self._written and _identity(entry) in self._written:
+            self._pending_resume = cursor
+            self._commit_when_due()
+            return False
         self._pending.append(_encode(entry, cursor, self.form))
         self._pending_cursor = cursor
+        self._pending_resume = None
         self._pending_totals.add(entry)
+        self._commit_when_due()
+        return True
+
+    def _commit_when_due(self) -> None:
         if (
             len(self._pending) >= COMMIT_ENTRIES
             or time.monotonic() - self._pending_since >= COMMIT_SECONDS
@@ -444,13 +508,18 @@ class ExportFile:
             self.commit()
 
     def commit(self) -> None:
-        """Put the written entries on disk, then name the last one in the cursor file."""
-        if not self._pending:
+        """Put the written entries on disk, then name the last one in the cursor file (and
+        where to read on, when entries were skipped after it)."""
+        if not self._pending and self._pending_resume is None:
             return
-        data = b"".join(self._pending)
-        self._pending.clear()  # a failed write is never retried after the bytes it left
-        self._append(data)
-        self.checkpoint.cursor = self._pending_cursor
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()  # a failed write is never retried after the bytes it left
+            self._append(data)
+            self.checkpoint.cursor = self._pending_cursor
+            self.checkpoint.resume = None
+        if self._pending_resume is not None:
+            self.checkpoint.resume, self._pending_resume = self._pending_resume, None
         self.checkpoint.totals = self._pending_totals
         self.checkpoint.save(self.cursor_path)
         self._pending_totals = copy.deepcopy(self.checkpoint.totals)
@@ -507,6 +576,14 @@ def export(
     limit: Annotated[
         int | None, typer.Option(min=1, help="Entries per request (the export's limit).")
     ] = None,
+    on_rewind: Annotated[
+        str,
+        typer.Option(
+            help="When Tally's log was restored to before this file's end (409 "
+            "log-rewound): stop, or resume from the point both agree on, never writing an "
+            "entry the file holds again."
+        ),
+    ] = "stop",
     deadline: DeadlineOption = 60.0,
     as_json: JsonOption = False,
 ) -> None:
@@ -516,6 +593,8 @@ def export(
     --follow, it exits 1."""
     if form not in FORMATS:
         raise CommandError("usage", "--format must be ndjson or csv.", exit_code=2)
+    if on_rewind not in ("stop", "resume"):
+        raise CommandError("usage", "--on-rewind must be stop or resume.", exit_code=2)
     given = {
         "tenant": tenant,
         "application": application,
@@ -538,14 +617,22 @@ def export(
         try:
             with progress or _nothing():
                 task = progress.add_task("export", total=None, latest="") if progress else None
+
+                def advanced(entry: Mapping[str, Any]) -> None:
+                    if progress is not None and task is not None:
+                        progress.update(task, advance=1, latest=entry.get("received_at", ""))
+
                 while True:
-                    entries = tally.export(cursor=target.checkpoint.cursor, **filters)
-                    for entry, cursor in _entries(entries):
-                        with interrupts.deferred():
-                            target.write(entry, cursor)
-                        written += 1
-                        if progress is not None and task is not None:
-                            progress.update(task, advance=1, latest=entry.get("received_at", ""))
+                    passed, rewound = _export_pass(
+                        tally.export(cursor=target.checkpoint.read_from, **filters),
+                        target,
+                        interrupts,
+                        advanced,
+                        resume_rewound=on_rewind == "resume",
+                    )
+                    written += passed
+                    if rewound:
+                        continue  # again, from where the file and the log agree
                     with interrupts.deferred():
                         target.commit()
                     if not follow:
@@ -580,6 +667,38 @@ def export(
         out.print(table_of(rows, ["type", "sum"])())
     if interrupted and not follow:
         raise typer.Exit(1)  # stopped before the end: a script must not take it as complete
+
+
+def _export_pass(
+    entries: Iterator[tuple[dict[str, Any], str]],
+    target: ExportFile,
+    interrupts: Interrupts,
+    advanced: Callable[[Mapping[str, Any]], None],
+    *,
+    resume_rewound: bool,
+) -> tuple[int, bool]:
+    """Write `entries` to `target`: how many were written, and whether Tally's log was found
+    rewound under the output, so that, with `resume_rewound`, the export goes on from where
+    the two agree (LogRewound raises otherwise)."""
+    written = 0
+    try:
+        for entry, cursor in _entries(entries):
+            with interrupts.deferred():
+                if not target.write(entry, cursor):
+                    continue
+            written += 1
+            advanced(entry)
+    except LogRewound as rewound:
+        if not resume_rewound or rewound.resume_cursor is None:
+            raise
+        with interrupts.deferred():
+            target.rewound(rewound.resume_cursor)
+        err.print(
+            f"Tally's log was restored to before the end of {target.path}: resuming from "
+            "where both agree, without writing again the entries the file holds."
+        )
+        return written, True
+    return written, False
 
 
 @contextmanager
