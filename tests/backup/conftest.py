@@ -23,11 +23,9 @@ from tally import bootstrap
 from tally.api.app import create_app
 from tally.auth.service import Scope
 from tally.backup import schema, service
-from tally.backup.manifest import Manifest
 from tally.bootstrap import Services, build
 from tally.crypto import keyring as keyrings
 from tally.crypto.keyring import Keyring
-from tally.events.log import LogEpoch
 from tally.registry.audit import Actor, AuditEntry
 from tally.registry.models import ApplicationIn, KeyIn, TenantIn, TenantPatch
 from tally.settings import Settings
@@ -255,16 +253,9 @@ def restore_into(made: Made, path: Path, keyring: Keyring) -> service.Restored:
         keyring=keyring,
         known_migrations=migrate.known("sqlite" if made.kind == "sqlite" else "postgresql"),
         open_store=lambda: bootstrap.open_store(made.settings, migrate=True),
-        audit=lambda manifest: _entry("backup.restore", manifest.backup_id),
-        renew=_renew,
+        audit=lambda action, manifest: _entry(action, manifest.backup_id),
     )
 
 
 def _entry(action: str, target: str) -> AuditEntry:
     return Actor.cli().entry(action, at=datetime.now(UTC), target=target)
-
-
-def _renew(store: EventStore, manifest: Manifest) -> LogEpoch:
-    return store.renew_log_epoch(
-        reason=f"restored from backup {manifest.backup_id}", at=datetime.now(UTC)
-    )

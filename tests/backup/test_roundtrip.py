@@ -83,12 +83,17 @@ def test_a_restore_brings_back_every_row_on_either_store(
     for table in sorted(before):
         if table not in ("audit_log", "log_epochs"):
             assert after[table] == before[table], table
-    # The audit log as it was, then the restore's own entry; the epochs as they were, then a
-    # new one, which is the log's from now on.
+    # The audit log as it was, then the restore's own entries; the epochs as they were, then
+    # a new one at the backup's high-water marks, which is the log's from now on.
     assert after["audit_log"][: len(before["audit_log"])] == before["audit_log"]
-    assert [row[3] for row in after["audit_log"][len(before["audit_log"]) :]] == ["backup.restore"]
+    assert [row[3] for row in after["audit_log"][len(before["audit_log"]) :]] == [
+        "backup.restore",
+        "log.epoch_renew",
+    ]
     assert after["log_epochs"][:-1] == before["log_epochs"]
     assert restored.epoch.id.hex() != manifest.figures.log_epoch
+    assert restored.epoch.base == manifest.figures.high_water_marks
+    assert restored.epoch.seq == len(before["log_epochs"]) + 1
     assert len(before["events"]) == 7 and len(before["cancellations"]) == 2
     assert {row[0] for row in before["tenant_keys"]} == {"acme", "globex", "initech"}
 

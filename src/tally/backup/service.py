@@ -46,7 +46,7 @@ from tally.crypto.sealing import SealBroken
 from tally.events.log import LogEpoch
 from tally.events.model import format_time
 from tally.files import replacing
-from tally.registry.audit import AuditEntry
+from tally.registry.audit import EPOCH_RENEWED, AuditEntry
 from tally.store import snapshot
 from tally.store.interface import EventStore
 from tally.store.snapshot import Column, Kind, Row, Snapshot
@@ -528,8 +528,7 @@ def restore(
     keyring: Keyring,
     known_migrations: Sequence[str],
     open_store: Callable[[], EventStore],
-    audit: Callable[[Manifest], AuditEntry],
-    renew: Callable[[EventStore, Manifest], LogEpoch],
+    audit: Callable[[str, Manifest], AuditEntry],
     progress: Progress = _nothing,
 ) -> Restored:
     """Restore the backup at `path` into the empty store `target`, in one transaction.
@@ -538,11 +537,13 @@ def restore(
     are checked. Then `open_store` migrates the target (and opens it), and one transaction
     inserts every row in foreign-key order, checks the whole file against its manifest, moves
     sequences past the restored rows, checks the restored store's own counts, sums, digests
-    and high-water marks against the manifest, records `audit(manifest)`, and commits. Any
-    failure rolls it all back: the target holds nothing of the backup. Last, `renew` gives
-    the log a new epoch (store.renew_log_epoch), so that a billing system's cursor that had
-    read past the backup is refused with where to resume instead of skipping what follows
-    (one behind the backup's high-water marks goes on as it is).
+    and high-water marks against the manifest, records `audit("backup.restore", manifest)`,
+    starts a new epoch of the export log at the backup's high-water marks (recorded as
+    `audit(EPOCH_RENEWED, manifest)`), and commits. Any failure rolls it all back: the target holds
+    nothing of the backup. The epoch goes in with the rows, never after them: a billing
+    system's cursor that had read past the backup is refused with where to resume instead of
+    skipping what follows (one behind the backup's high-water marks goes on as it is), even
+    when the restore is killed the moment it commits.
 
     Raises BackupDamaged, WrongKeyring, Unsupported (a backup from a newer schema), NotEmpty,
     ManifestMismatch, SealBroken, StoreUnavailable, OSError.
@@ -557,14 +558,8 @@ def restore(
         )
     with snapshot.inspecting(sqlite_path=target.sqlite_path, url=target.url) as look:
         refuse_unless_empty(look)
-    store = open_store()
-    try:
-        manifest = _load(path, target, keyring=keyring, audit=audit, progress=progress)
-        # Whatever the backup's schema, the target's (migrated) has epochs.
-        epoch = renew(store, manifest)
-    finally:
-        store.close()
-    return Restored(manifest, epoch)
+    open_store().close()  # migrated: whatever the backup's schema, the target's has epochs
+    return _load(path, target, keyring=keyring, audit=audit, progress=progress)
 
 
 def _load(
@@ -572,9 +567,9 @@ def _load(
     target: Target,
     *,
     keyring: Keyring,
-    audit: Callable[[Manifest], AuditEntry],
+    audit: Callable[[str, Manifest], AuditEntry],
     progress: Progress,
-) -> Manifest:
+) -> Restored:
     """The transaction of `restore`."""
     with snapshot.loading(sqlite_path=target.sqlite_path, url=target.url) as session:
         refuse_unless_empty(session)
@@ -607,19 +602,49 @@ def _load(
         lines = differences(manifest.figures, found)
         if lines:
             raise ManifestMismatch("The restored store does not match the backup's manifest", lines)
-        entry = audit(manifest)
-        audit_columns = [(c, k) for c, k in present["audit_log"] if c != "seq"]
-        values = {
-            "at": format_time(entry.at),
-            "actor": entry.actor,
-            "action": entry.action,
-            "target": entry.target,
-            "details": json.dumps(entry.details, sort_keys=True),
-            "source": entry.source,
-            "request_id": entry.request_id,
-        }
-        session.insert("audit_log", audit_columns, [[values[c] for c, _ in audit_columns]])
-    return manifest
+        _insert(session, present, "audit_log", _audit_row(audit("backup.restore", manifest)))
+        renewed = audit(EPOCH_RENEWED, manifest)
+        epoch = LogEpoch(
+            seq=session.largest("log_epochs", "seq") + 1,
+            id=secrets.token_bytes(16),
+            started_at=renewed.at,
+            reason=f"restored from backup {manifest.backup_id}",
+            base=list(manifest.figures.high_water_marks),
+        )
+        _insert(session, present, "log_epochs", _epoch_row(epoch))
+        _insert(session, present, "audit_log", _audit_row(renewed))
+    return Restored(manifest, epoch)
+
+
+def _insert(
+    session: Snapshot, present: Mapping[str, list[Column]], table: str, values: Mapping[str, Any]
+) -> None:
+    """One row of `values` (neutral, by column name) into `table`; columns it leaves out
+    take their defaults (the audit log's `seq`)."""
+    columns = [(name, kind) for name, kind in present[table] if name in values]
+    session.insert(table, columns, [[values[name] for name, _ in columns]])
+
+
+def _audit_row(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "at": format_time(entry.at),
+        "actor": entry.actor,
+        "action": entry.action,
+        "target": entry.target,
+        "details": json.dumps(entry.details, sort_keys=True),
+        "source": entry.source,
+        "request_id": entry.request_id,
+    }
+
+
+def _epoch_row(epoch: LogEpoch) -> dict[str, Any]:
+    return {
+        "seq": epoch.seq,
+        "epoch": base64.b64encode(epoch.id).decode(),
+        "started_at": format_time(epoch.started_at),
+        "reason": epoch.reason,
+        "base": json.dumps(epoch.base),
+    }
 
 
 __all__ = [

@@ -28,17 +28,14 @@ from tally.backup.manifest import Manifest
 from tally.backup.schema import Unsupported
 from tally.backup.service import ManifestMismatch, NotEmpty, Target
 from tally.bootstrap import keyring_spec, open_store, utc_now
-from tally.cli import epoch
 from tally.cli.common import CommandError, JsonOption, emit, err, out, settings, table_of
 from tally.cli.crypto import keyring_errors
 from tally.crypto import keyring as keyrings
 from tally.crypto.keyring import Keyring
 from tally.crypto.sealing import SealBroken
-from tally.events.log import LogEpoch
 from tally.registry.audit import Actor
 from tally.settings import Settings
 from tally.store import migrate as migrations
-from tally.store.interface import EventStore
 
 # verify prints at most this many (tenant, type, month) rows as a table.
 SHOWN_PERIODS = 50
@@ -198,13 +195,13 @@ def restore(
             keyring=ring,
             known_migrations=known,
             open_store=lambda: open_store(configured, migrate=True),
-            audit=lambda manifest: Actor.cli().entry(
-                "backup.restore",
+            # backup.restore and the new epoch's log.epoch_renew, both of this backup.
+            audit=lambda action, manifest: Actor.cli().entry(
+                action,
                 at=utc_now(),
                 target=manifest.backup_id,
                 details={"created_at": manifest.origin.created_at, "store": manifest.origin.store},
             ),
-            renew=_renew,
             progress=update,
         )
     manifest = restored.manifest
@@ -223,17 +220,6 @@ def restore(
         f"The export log is in a new epoch ({epoch_id}): a billing system's cursor that had "
         "read past this backup is refused (409 log-rewound) with a resume_cursor, one behind "
         "it goes on as it is; see docs/operations.md, 'Backup and restore'."
-    )
-
-
-def _renew(store: EventStore, manifest: Manifest) -> LogEpoch:
-    """The restore's last step: a new epoch of the export log, recorded as `tally epoch
-    renew` records one."""
-    at = utc_now()
-    return store.renew_log_epoch(
-        reason=f"restored from backup {manifest.backup_id}",
-        at=at,
-        audit=Actor.cli().entry(epoch.RENEWED, at=at, target=manifest.backup_id),
     )
 
 

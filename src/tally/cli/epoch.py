@@ -17,11 +17,9 @@ from tally.bootstrap import utc_now
 from tally.cli.common import JsonOption, command_store, emit, table_of
 from tally.events.log import LogEpoch
 from tally.events.model import format_time
-from tally.registry.audit import Actor
+from tally.registry.audit import EPOCH_RENEWED, Actor
 
 app = typer.Typer(no_args_is_help=True, help="Show or renew the export log's epoch.")
-
-RENEWED = "log.epoch_renew"
 
 
 def _row(epoch: LogEpoch) -> dict[str, Any]:
@@ -60,7 +58,7 @@ def renew(
     `tally restore` (a point-in-time recovery), before Tally serves again."""
     at = utc_now()
     with command_store() as store:
-        audit = Actor.cli().entry(RENEWED, at=at, target=None)
+        audit = Actor.cli().entry(EPOCH_RENEWED, at=at, target=None)
         epoch = store.renew_log_epoch(reason=reason, at=at, audit=audit)
     emit(
         _row(epoch) | {"base": epoch.base},

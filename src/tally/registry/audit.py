@@ -112,6 +112,8 @@ SYSTEM = Actor(id="system", source="local")
 
 
 DENIED = "access.denied"
+# A new epoch of the export log (`tally epoch renew`, and the last step of `tally restore`).
+EPOCH_RENEWED = "log.epoch_renew"
 
 
 @dataclass(slots=True)

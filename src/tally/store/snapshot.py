@@ -140,6 +140,13 @@ class Snapshot:
         (found,) = self._all(f"SELECT count(*) FROM {self._name(table)}")
         return int(found[0])
 
+    def largest(self, table: str, column: str) -> int:
+        """The largest value of the integer `column` of `table` (0 when it has no rows)."""
+        (found,) = self._all(
+            f"SELECT coalesce(max({self._name(column)}), 0) FROM {self._name(table)}"
+        )
+        return int(found[0])
+
     def _name(self, table: str) -> str:
         """`table` quoted as an SQL identifier. Only names read from the catalog reach here."""
         return '"' + table.replace('"', '""') + '"'
