@@ -21,7 +21,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -30,12 +30,10 @@ from tally.crypto.keyring import Keyring
 from tally.crypto.sealing import SealBroken, TenantCipher
 from tally.events import windows
 from tally.events.digest import DigestAccumulator
-from tally.events.model import StoredEvent, format_decimal, format_time, parse_time
+from tally.events.model import EXACT, StoredEvent, format_decimal, format_time, parse_time
 from tally.services.reconciliation import digest_fields
 from tally.store.snapshot import Column, MonthFigures, Row
 
-# Exact sums of decimals of any size (the default context rounds to 28 digits).
-EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
 # A manifest names at most this many differences; the rest are counted.
 SHOWN = 20
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import csv
 import fcntl
-import io
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
-from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, localcontext
+from decimal import Decimal, localcontext
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, BinaryIO
@@ -35,10 +34,7 @@ from tally.client import Client, LogRewound, TallyError
 from tally.errors import InvalidInput
 from tally.events.digest import DigestAccumulator, canonical_decimal, canonical_time
 from tally.events.log import EXPORT_CSV_COLUMNS
-
-# Exact arithmetic for sums of decimals of any size: Decimal's default context rounds to 28
-# digits, and Tally's quantities may have 38.
-EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
+from tally.events.model import EXACT
 
 CSV_COLUMNS = EXPORT_CSV_COLUMNS
 FORMATS = ("ndjson", "csv")
@@ -259,6 +255,18 @@ def _encode(entry: Mapping[str, Any], cursor: str, form: str) -> bytes:
     return b"".join(lines)
 
 
+def _lines_before(file: BinaryIO, end: int) -> Iterator[bytes]:
+    """The lines of `file` in its first `end` bytes (`end` is at a line's end), read one at a
+    time from the start: a file of any size in bounded memory."""
+    file.seek(0)
+    read = 0
+    for line in file:
+        if read >= end:
+            return
+        read += len(line)
+        yield line
+
+
 def _identity(entry: Mapping[str, Any]) -> tuple[str, str, str]:
     """An entry's identity in the log: (kind, application, id)."""
     return (
@@ -398,14 +406,15 @@ class ExportFile:
         """(kind, application, id) of every entry in the first `end` bytes of the output."""
         if end == 0:
             return set()
-        self._file.seek(0)
-        text = io.TextIOWrapper(io.BytesIO(self._file.read(end)), encoding="utf-8", newline="")
-        self._file.seek(self.checkpoint.offset)
-        if self.form == "ndjson":
-            rows: Iterator[Mapping[str, Any]] = (json.loads(line) for line in text if line.strip())
-        else:
-            rows = csv.DictReader(text)
-        return {_identity(row) for row in rows}
+        try:
+            text = (line.decode("utf-8") for line in _lines_before(self._file, end))
+            if self.form == "ndjson":
+                rows: Iterator[Mapping[str, Any]] = (json.loads(line) for line in text)
+            else:
+                rows = csv.DictReader(text)
+            return {_identity(row) for row in rows}
+        finally:
+            self._file.seek(self.checkpoint.offset)
 
     def rewound(self, resume_cursor: str) -> None:
         """Tally's log was rewound under this output (restored from a backup): read on from
