@@ -27,14 +27,11 @@ from tally.backup.fileformat import BackupDamaged, WrongKeyring
 from tally.backup.manifest import Manifest
 from tally.backup.schema import Unsupported
 from tally.backup.service import ManifestMismatch, NotEmpty, Target
-from tally.bootstrap import keyring_spec, open_store, utc_now
+from tally.bootstrap import open_store, utc_now
 from tally.cli.common import CommandError, JsonOption, emit, err, out, settings, table_of
-from tally.cli.crypto import keyring_errors
-from tally.crypto import keyring as keyrings
-from tally.crypto.keyring import Keyring
+from tally.cli.crypto import configured_keyring
 from tally.crypto.sealing import SealBroken
 from tally.registry.audit import Actor
-from tally.settings import Settings
 from tally.store import migrate as migrations
 
 # verify prints at most this many (tenant, type, month) rows as a table.
@@ -75,12 +72,6 @@ def backup_errors() -> Iterator[None]:
         raise CommandError("not-found", f"There is no file {error.filename}.") from None
     except OSError as error:
         raise CommandError("failed", f"{error.filename or 'The file'}: {error.strerror}.") from None
-
-
-def _keyring(configured: Settings) -> tuple[str, Keyring]:
-    with keyring_errors():
-        spec = keyring_spec(configured)
-        return spec, keyrings.load(spec)
 
 
 @contextmanager
@@ -125,7 +116,7 @@ def backup(
     if out_path is None:
         raise CommandError("usage", "Name the backup file: tally backup --out FILE.", exit_code=2)
     configured = settings(**({"keyring": keyring} if keyring else {}))
-    _, ring = _keyring(configured)
+    _, ring = configured_keyring(configured)
     with closing(open_store(configured)) as store, backup_errors():
         with _progress("Backing up", rows=True, quiet=as_json) as update:
             manifest = service.take(
@@ -159,7 +150,7 @@ def verify(
 ) -> None:
     """Check every chunk of a backup and that its rows add up to its manifest, without a
     store (only the keyring); print the manifest's summary. Exit 1 naming what is wrong."""
-    _, ring = _keyring(settings(**({"keyring": keyring} if keyring else {})))
+    _, ring = configured_keyring(settings(**({"keyring": keyring} if keyring else {})))
     size = _size(file)
     with backup_errors(), _progress("Verifying", rows=False, quiet=as_json) as update:
         update(0, size)
@@ -180,7 +171,7 @@ def restore(
     first): SQLite or PostgreSQL, whichever the backup came from. One transaction, checked
     against the manifest before it commits; a failed restore leaves the store empty."""
     configured = settings(**({"keyring": keyring} if keyring else {}))
-    spec, ring = _keyring(configured)
+    spec, ring = configured_keyring(configured)
     path = configured.sqlite_path
     target = Target(
         sqlite_path=path,

@@ -32,6 +32,7 @@ from tally.crypto.sealing import SealBroken
 from tally.crypto.tenant_keys import TenantKeys
 from tally.registry.audit import Actor
 from tally.services.usage import backfill_tokens
+from tally.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, help="Make and rotate the master keys (TALLY_KEYRING).")
 
@@ -45,9 +46,10 @@ def keyring_errors() -> Iterator[None]:
         raise CommandError("keyring", str(error), exit_code=2) from None
 
 
-def _configured_keyring() -> tuple[str, Keyring]:
+def configured_keyring(configured: Settings | None = None) -> tuple[str, Keyring]:
+    """The keyring of `configured` (default: the command's settings): its spec and keys."""
     with keyring_errors():
-        spec = keyring_spec(settings())
+        spec = keyring_spec(configured or settings())
         return spec, keyrings.load(spec)
 
 
@@ -100,7 +102,7 @@ def rotate(as_json: JsonOption = False) -> None:
 @app.command("status")
 def status(as_json: JsonOption = False) -> None:
     """The keyring's master keys (ids only) and how many data keys each wraps."""
-    _, keyring = _configured_keyring()
+    _, keyring = configured_keyring()
     with command_store() as store:
         usage = store.data_key_usage()
     rows = [
@@ -122,7 +124,7 @@ def reencrypt(
 ) -> None:
     """Move every tenant data key to the newest master key: online (servers keep running),
     resumable (run it again after an interruption), with a progress bar."""
-    spec, keyring = _configured_keyring()
+    spec, keyring = configured_keyring()
     actor = Actor.cli()
     with command_store() as store, keyring_errors():
         keys = TenantKeys(store=store, keyring=KeyringSource(spec, keyring), clock=utc_now)
@@ -165,7 +167,7 @@ def reindex(
     so that usage can group them by attribute: online, resumable, each event opened once. On
     PostgreSQL it runs as the owner role (TALLY_OWNER_DATABASE_URL): the service role may
     never update an event."""
-    spec, keyring = _configured_keyring()
+    spec, keyring = configured_keyring()
     configured = settings()
     owner = configured.owner_database_url
     if configured.sqlite_path is None and owner is not None:
