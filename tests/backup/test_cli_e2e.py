@@ -6,7 +6,6 @@ the backup is refused for the new epoch and resumes with no entry missing."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -19,23 +18,14 @@ import pytest
 
 from tests.backup.conftest import everything, identity
 from tests.conftest import new_database
-from tests.support.server import TALLY, running_server
+from tests.support.server import run_tally, running_server
 
 pytestmark = pytest.mark.postgres
 
 
 def tally(*args: str, url: str, keyring: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("TALLY_")}
-    environment |= {"TALLY_DATABASE_URL": url, "TALLY_KEYRING": str(keyring)}
-    return subprocess.run(
-        [str(TALLY), *args],
-        env=environment,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    """`tally <args>` on the store at `url` with `keyring`, as an operator runs it."""
+    return run_tally(url, cwd, *args, env={"TALLY_KEYRING": str(keyring)}, timeout=120)
 
 
 @contextmanager

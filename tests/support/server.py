@@ -140,7 +140,11 @@ def tally_environment(
 
 
 def run_tally(
-    database_url: str, workdir: Path, *args: str, env: Mapping[str, str] | None = None
+    database_url: str,
+    workdir: Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 60,
 ) -> subprocess.CompletedProcess[str]:
     """`tally <args>` (an operator's command) with the settings `running_server` gives a
     server of the same `database_url` and `workdir`; bounded in time, not checked."""
@@ -151,7 +155,7 @@ def run_tally(
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
 
