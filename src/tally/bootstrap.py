@@ -17,6 +17,7 @@ from tally.crypto.keyring import Keyring, KeyringError, KeyringSource
 from tally.crypto.tenant_keys import TenantKeys
 from tally.errors import StoreUnavailable
 from tally.events.cursor import CursorCodec
+from tally.freshness import Freshness
 from tally.metrics import Metrics, open_metrics
 from tally.ratelimit.failover import FailoverLimiter
 from tally.ratelimit.inprocess import InProcessLimiter
@@ -212,14 +213,20 @@ def build(
         metrics=metrics,
         clock=clock,
     )
+    freshness = Freshness(settings.cache_seconds)
     return Services(
         settings=settings,
         store=store,
         committer=committer,
-        authenticator=Authenticator(store, clock=clock),
-        registry=Registry(store=store, region=settings.region, clock=clock),
+        authenticator=Authenticator(store, clock=clock, freshness=freshness),
+        registry=Registry(store=store, region=settings.region, clock=clock, freshness=freshness),
         ingest=IngestService(
-            store=store, committer=committer, keys=keys, clock=clock, metrics=metrics
+            store=store,
+            committer=committer,
+            keys=keys,
+            clock=clock,
+            metrics=metrics,
+            freshness=freshness,
         ),
         export=ExportService(
             store=store, cursors=CursorCodec(store.secret("cursor")), keys=keys, metrics=metrics

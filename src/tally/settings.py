@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     rate_tenant_requests_burst: int | None = Field(default=None, ge=1, le=MAX_BURST)
     rate_tenant_events_per_second: int = Field(default=100_000, ge=0, le=MAX_RATE)
     rate_tenant_events_burst: int | None = Field(default=None, ge=1, le=MAX_BURST)
+    # How long a process may answer from its copy of a key or a tenant (freshness.py): a
+    # revocation, shred or tenant change made through another process or replica is seen by
+    # this one within it; one made through this process at once. 0: read the store per request.
+    cache_seconds: float = Field(default=1.0, ge=0, le=60)
     # Metrics (metrics.py): on a port of their own, not exposed with the API; unset, on the
     # API port at /metrics for admin keys.
     metrics_port: int | None = Field(

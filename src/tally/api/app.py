@@ -22,6 +22,7 @@ from tally.api import (
     usage,
 )
 from tally.api.encoding import ContentDecoding
+from tally.api.fastpath import TallyAPI
 from tally.api.middleware import RequestContext
 from tally.bootstrap import Services, build
 from tally.logs import configure_logging
@@ -30,7 +31,7 @@ from tally.ratelimit.http import RateLimitHeaders
 from tally.settings import Settings
 
 
-def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, services: Services | None = None) -> TallyAPI:
     """The API. Given `services`, it uses them (and leaves closing them to the caller);
     otherwise it builds them from `settings` at start-up and closes them at shutdown,
     committing in-flight batches first."""
@@ -52,7 +53,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
                 exporter.close()
             await run_in_threadpool(built.close)
 
-    app = FastAPI(
+    app = TallyAPI(
         title="Tally",
         version="1.0.0",
         summary=summary,
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         max_body_bytes=settings.max_body_bytes,
         body_timeout_seconds=settings.request_timeout_seconds,
     )
+    app.serve_events_fast(routes)  # POST /v1/events: this middleware, then api/fastpath.py
 
     openapi.install(app)
     return app

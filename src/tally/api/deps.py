@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -33,11 +34,26 @@ def principal(
     """Raises Unauthenticated (401) for any key that is not valid now, and RateLimited (429)
     once the key, or the tenant the request is for, is over its request rate: checked here,
     before any body is read (ratelimit/policy.py says which tenant a request is for)."""
-    found = services(request)
-    caller = found.authenticator.authenticate(request.headers.get("authorization"))
+    return admitted(request, services(request))
+
+
+def admitted(request: Request, found: Services, caller: Principal | None = None) -> Principal:
+    """`principal`'s work: `caller`, or the key the request presents, charged one request."""
+    if caller is None:
+        caller = found.authenticator.authenticate(request.headers.get("authorization"))
     tenant = request_tenant(caller, request.query_params.get("tenant"))
     found.rate_limits.admit_request(caller, tenant=tenant, note=note_of(request))
     return caller
+
+
+async def principal_on_loop(request: Request, found: Services) -> Principal:
+    """`principal` for a caller on the event loop: answered there when this process's
+    memory holds all it needs (a fresh copy of the key, an in-process limiter), else in a
+    worker thread, which reads the store or asks Redis."""
+    caller = found.authenticator.cached(request.headers.get("authorization"))
+    if caller is not None and found.rate_limits.local:
+        return admitted(request, found, caller)
+    return await asyncio.to_thread(admitted, request, found, caller)
 
 
 ServicesDep = Annotated[Services, Depends(services)]
@@ -97,8 +113,13 @@ def known_query_only(request: Request) -> None:
     to everything the key may read: for a billing system, a wrong answer that looks right.
     """
     route = request.scope.get("route")
-    known = _known_query(route) if isinstance(route, APIRoute) else frozenset()
-    unknown = sorted(set(request.query_params) - known)
+    refuse_unknown_query(request, _known_query(route) if isinstance(route, APIRoute) else None)
+
+
+def refuse_unknown_query(request: Request, known: frozenset[str] | None) -> None:
+    """Raises InvalidInput naming each query parameter of `request` not in `known` (None:
+    the route takes none)."""
+    unknown = sorted(set(request.query_params) - (known or frozenset()))
     if unknown:
         raise InvalidInput(
             "The request names query parameters this route does not take.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -12,7 +13,6 @@ from urllib.parse import unquote_to_bytes
 import structlog
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from tally.api.deps import PrincipalDep, ServicesDep, known_query_only
@@ -218,7 +218,7 @@ def split(kind: str, parsed: object, maximum: int) -> tuple[bool, str, list[Any]
     return False, "", [parsed]
 
 
-def ingest_body(
+def parse_ingest(
     services: Services,
     principal: Principal,
     kind: str,
@@ -226,10 +226,11 @@ def ingest_body(
     note: RateNote,
     *,
     binary: dict[str, str] | None = None,
-) -> tuple[bool, str, IngestReport]:
-    """Parse, validate and ingest a body: (is_batch, pointer prefix, report). With `binary`
-    (`binary_cloudevent`'s attributes), the body is the data of that one CloudEvent, which is
-    validated as a structured one would be.
+) -> tuple[bool, str, list[Candidate], list[str | None]]:
+    """Parse and validate a body, and charge its events to the rate limits: (is_batch,
+    pointer prefix, candidates, ids as sent). With `binary` (`binary_cloudevent`'s
+    attributes), the body is the data of that one CloudEvent, which is validated as a
+    structured one would be.
 
     Raises RateLimited, storing nothing, when the batch's events are over a key or tenant limit.
     """
@@ -243,8 +244,38 @@ def ingest_body(
     candidates: list[Candidate] = [check(raw) for raw in raws]
     tenants = [c.tenant for c in candidates if isinstance(c, EventDraft)]
     services.rate_limits.admit_events(principal, events=len(raws), tenants=tenants, note=note)
-    ids = [_sent_id(raw) for raw in raws]
-    return batch, prefix, services.ingest.ingest(principal, candidates, ids)
+    return batch, prefix, candidates, [_sent_id(raw) for raw in raws]
+
+
+# A body up to this size is parsed, judged and sealed on the event loop, which then awaits
+# its commit: well under a millisecond of work. A larger one (up to TALLY_MAX_BODY_BYTES and
+# max_batch_events) goes to a worker thread, so that it does not hold up the small requests
+# the loop is serving meanwhile.
+INLINE_BODY_BYTES = 32 * 1024
+
+
+async def ingest_request(
+    services: Services,
+    principal: Principal,
+    kind: str,
+    body: bytes,
+    note: RateNote,
+    *,
+    binary: dict[str, str] | None = None,
+) -> tuple[bool, str, IngestReport]:
+    """`parse_ingest`, then ingest: (is_batch, pointer prefix, report). A small body on the
+    event loop, which awaits the commit; a large one in a worker thread, which waits for it.
+    A limiter that is not in this process (Redis) is asked from a worker thread too."""
+    parse = partial(parse_ingest, services, principal, kind, body, note, binary=binary)
+    if len(body) <= INLINE_BODY_BYTES and services.rate_limits.local:
+        batch, prefix, candidates, ids = parse()
+        return batch, prefix, await services.ingest.ingest_async(principal, candidates, ids)
+
+    def in_thread() -> tuple[bool, str, IngestReport]:
+        batch, prefix, candidates, ids = parse()
+        return batch, prefix, services.ingest.ingest(principal, candidates, ids)
+
+    return await asyncio.to_thread(in_thread)
 
 
 def _batch_body(
@@ -299,6 +330,14 @@ async def post_events(request: Request, principal: PrincipalDep, services: Servi
     200 means every accepted event is committed durably. Retrying the same request is safe:
     events already stored come back as `duplicate`.
     """
+    return await answer_post_events(request, principal, services)
+
+
+async def answer_post_events(
+    request: Request, principal: Principal, services: Services
+) -> Response:
+    """What `post_events` answers; also served by api/fastpath.py, which calls it without
+    FastAPI's routing."""
     principal.require(Scope.EVENTS_WRITE)
     binary = binary_cloudevent(request)
     # Without Content-Type, a binary-mode event's data is JSON: the CloudEvents JSON format's
@@ -311,10 +350,8 @@ async def post_events(request: Request, principal: PrincipalDep, services: Servi
             [FieldError("", "unsupported Content-Type")],
         )
     body = await read_body(request)
-    # Parsing and validating up to 1 MiB is CPU work: it runs in the worker thread that then
-    # waits for the commit, not on the event loop.
-    batch, prefix, report = await run_in_threadpool(
-        partial(ingest_body, binary=binary), services, principal, kind, body, note_of(request)
+    batch, prefix, report = await ingest_request(
+        services, principal, kind, body, note_of(request), binary=binary
     )
     locate = _locator(kind, binary is not None)
     if batch:

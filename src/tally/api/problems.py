@@ -213,6 +213,30 @@ def _allowed_methods(routes: Sequence[BaseRoute], request: Request) -> list[str]
     return sorted(methods)
 
 
+def from_http_error(
+    request: Request, error: StarletteHTTPException, routes: Sequence[BaseRoute]
+) -> Response:
+    """The problem document of an HTTP error (a 404, 405, or a body's 408, 413 or 415);
+    `routes` are the app's, for `Allow` on 405."""
+    code, slug, title = _HTTP_KINDS.get(
+        error.status_code, ("ERR-VAL-400", "invalid-input", "Invalid request")
+    )
+    headers = dict(error.headers or {})
+    if error.status_code == 405:
+        # Starlette names only the first route matching the path; GET and POST
+        # /v1/events are two routes, so Allow is worked out from all of them.
+        headers["Allow"] = ", ".join(_allowed_methods(routes, request))
+    return problem_response(
+        request,
+        status=error.status_code,
+        code=code,
+        slug=slug,
+        title=title,
+        detail=str(error.detail),
+        headers=headers,
+    )
+
+
 def install(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
     """Map every error to a problem document; `routes` are the app's, for `Allow` on 405."""
 
@@ -246,23 +270,7 @@ def install(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
 
     async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, StarletteHTTPException)  # noqa: S101 - registered for it only
-        code, slug, title = _HTTP_KINDS.get(
-            error.status_code, ("ERR-VAL-400", "invalid-input", "Invalid request")
-        )
-        headers = dict(error.headers or {})
-        if error.status_code == 405:
-            # Starlette names only the first route matching the path; GET and POST
-            # /v1/events are two routes, so Allow is worked out from all of them.
-            headers["Allow"] = ", ".join(_allowed_methods(routes, request))
-        return problem_response(
-            request,
-            status=error.status_code,
-            code=code,
-            slug=slug,
-            title=title,
-            detail=str(error.detail),
-            headers=headers,
-        )
+        return from_http_error(request, error, routes)
 
     async def unexpected(request: Request, error: Exception) -> Response:
         return internal_error(request, error)

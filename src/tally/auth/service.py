@@ -13,6 +13,7 @@ import structlog
 from tally.auth import keys
 from tally.auth.records import KeyRecord
 from tally.errors import Forbidden, TallyError, Unauthenticated
+from tally.freshness import FreshCache, Freshness
 from tally.store.interface import Registrations
 
 log = structlog.get_logger(__name__)
@@ -74,6 +75,10 @@ class Authenticator:
     being older than that, so several processes together write a key's row about once per
     interval, never once per request. A failed write is logged and ignored: recording a use
     must never fail the request that used the key.
+
+    Records found are kept in a `FreshCache` (freshness.py) for at most `freshness.seconds`,
+    and dropped at once by any key change made through this process: a key revoked through
+    another process is refused here within that bound. Expiry is judged on every request.
     """
 
     def __init__(
@@ -82,8 +87,12 @@ class Authenticator:
         *,
         clock: Callable[[], datetime],
         touch_every: timedelta = TOUCH_EVERY,
+        freshness: Freshness | None = None,
     ) -> None:
         self._store = store
+        self._found: FreshCache[bytes, tuple[KeyRecord, Principal]] = FreshCache(
+            freshness or Freshness(0)
+        )
         self._clock = clock
         self._touch_every = touch_every
         # key id -> when this process last wrote its last_used_at. Races between threads only
@@ -97,19 +106,40 @@ class Authenticator:
         or revoked key (a rotated key after its grace is an expired one), so that a caller
         cannot tell which. Raises StoreUnavailable when the store cannot be read.
         """
-        scheme, _, secret = (authorization or "").partition(" ")
-        secret = secret.strip()
-        if scheme.lower() != "bearer" or not keys.well_formed(secret):
-            raise Unauthenticated
+        secret = _secret(authorization)
         presented = keys.secret_hash(secret)
-        record = self._store.find_key(presented)
-        if record is None or not hmac.compare_digest(record.secret_hash, presented):
-            raise Unauthenticated
+        found = self._found.get(presented)
+        if found is None:
+            if not keys.well_formed(secret):  # what is cached was, so it is checked here only
+                raise Unauthenticated
+            read_at, generation = self._found.stamp()
+            record = self._store.find_key(presented)
+            if record is None or not hmac.compare_digest(record.secret_hash, presented):
+                raise Unauthenticated
+            found = (record, Principal.of(record))
+            self._found.put(presented, found, read_at=read_at, generation=generation)
+        record, principal = found
         now = self._clock()
         if not record.usable_at(now):
             raise Unauthenticated
         self._note_use(record.id, now)
-        return Principal.of(record)
+        return principal
+
+    def cached(self, authorization: str | None) -> Principal | None:
+        """`authenticate` answered from memory alone: None when that needs the store (the key
+        is not cached, or its use is due to be written). Raises Unauthenticated as it does
+        for a header that is not a bearer key, or a cached key not usable now."""
+        found = self._found.get(keys.secret_hash(_secret(authorization)))
+        if found is None:
+            return None
+        record, principal = found
+        now = self._clock()
+        if not record.usable_at(now):
+            raise Unauthenticated
+        last = self._touched.get(record.id)
+        if last is None or now - last >= self._touch_every:
+            return None
+        return principal
 
     def _note_use(self, key_id: str, now: datetime) -> None:
         last = self._touched.get(key_id)
@@ -122,3 +152,13 @@ class Authenticator:
             # Forget the note so the next request tries again.
             self._touched.pop(key_id, None)
             log.warning("key_use_not_recorded", key_id=key_id, error_type=type(error).__name__)
+
+
+def _secret(authorization: str | None) -> str:
+    """The key an `Authorization: Bearer` header presents. Raises Unauthenticated for any
+    other header."""
+    scheme, _, secret = (authorization or "").partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret.isascii():  # keys are ASCII (auth/keys.py)
+        raise Unauthenticated
+    return secret

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hmac
 import os
 import threading
-from hashlib import sha256
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -150,14 +149,13 @@ class TenantCipher:
         """The token of an attribute key: `k` and 16 hex digits, the same for every event of
         the tenant, unrelated between tenants. The letter first: SQLite's `->>` reads a
         label that starts with a digit as something else than an object member."""
-        mac = hmac.new(self._token_key, b"key\x00" + key.encode(), sha256)
-        return "k" + mac.hexdigest()[:16]
+        return "k" + hmac.digest(self._token_key, b"key\x00" + key.encode(), "sha256").hex()[:16]
 
     def value_token(self, key: str, value_json: str) -> str:
         """The token of one attribute's value (`value_json`: its canonical JSON, so `"1"` and
         `1` differ): 32 hex digits, equal exactly when key and value are."""
         message = b"value\x00" + key.encode() + b"\x00" + value_json.encode()
-        return hmac.new(self._token_key, message, sha256).hexdigest()[:32]
+        return hmac.digest(self._token_key, message, "sha256").hex()[:32]
 
     def seal_value(self, token: str, value_json: str) -> bytes:
         """`value_json` sealed for the dictionary entry of `token` (attribute_values)."""
@@ -193,4 +191,5 @@ class TenantCipher:
         return _open(self._aead, sealed, associated, "cancellation reason").decode()
 
     def digest(self, content: bytes) -> bytes:
-        return hmac.new(self._mac_key, content, sha256).digest()
+        # hmac.digest: OpenSSL's one-shot HMAC, without an HMAC object per event.
+        return hmac.digest(self._mac_key, content, "sha256")

@@ -8,6 +8,7 @@ what is stored and exported, and numbers in them never pass through a binary flo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
@@ -48,25 +49,31 @@ def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(UTC)
 
 
+# What json.dumps(text, ensure_ascii=False) writes for a str, without building an encoder
+# per call: the C function it ends in.
+_json_string: Callable[[str], str] = json.encoder.encode_basestring
+
+
 def canonical_value(item: object) -> str:
     """One flat value as canonical JSON: `Decimal`s as exact number literals."""
-    if isinstance(item, bool) or item is None:
-        return json.dumps(item)
+    if isinstance(item, str):
+        return _json_string(item)
+    if item is True:
+        return "true"
+    if item is False:
+        return "false"
+    if item is None:
+        return "null"
     if isinstance(item, Decimal):
         return format_decimal(item)
     if isinstance(item, int):
         return str(item)
-    if isinstance(item, str):
-        return json.dumps(item, ensure_ascii=False)
     raise TypeError(f"attribute values are flat: {type(item).__name__}")
 
 
 def canonical_json(value: dict[str, Any]) -> str:
     """Compact, key-sorted JSON in which `Decimal`s are written as exact number literals."""
-    parts = [
-        f"{json.dumps(key, ensure_ascii=False)}:{canonical_value(value[key])}"
-        for key in sorted(value)
-    ]
+    parts = [f"{_json_string(key)}:{canonical_value(value[key])}" for key in sorted(value)]
     return "{" + ",".join(parts) + "}"
 
 

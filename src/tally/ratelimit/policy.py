@@ -27,6 +27,7 @@ from tally.auth.service import Principal
 from tally.errors import RateLimited
 from tally.events.validation import Name
 from tally.metrics import NULL, Metrics
+from tally.ratelimit.inprocess import InProcessLimiter
 from tally.ratelimit.interface import Charge, Decision, Limiter, Verdict, tightness
 from tally.settings import Settings
 
@@ -97,6 +98,9 @@ class RateGuard:
         self.limiter = limiter
         self.policy = policy
         self._metrics = metrics
+        # Whether a charge is answered from this process's memory alone, without I/O: then
+        # it may be made on the event loop (api/fastpath.py).
+        self.local = isinstance(limiter, InProcessLimiter)
 
     def admit_request(self, principal: Principal, *, tenant: str | None, note: RateNote) -> None:
         """Charge one request to the key and to `tenant` (see request_tenant).

@@ -7,7 +7,8 @@ or the CLI's OS user).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -17,6 +18,7 @@ from tally.auth.service import Scope
 from tally.crypto.records import DataKey
 from tally.errors import Conflict, FieldError, InvalidInput, NotFound, PeriodFinal
 from tally.events.model import format_time
+from tally.freshness import Freshness
 from tally.registry.audit import SYSTEM, Actor, AuditFilter, DenialLog, JsonValue
 from tally.registry.models import (
     MAX_GRACE_SECONDS,
@@ -69,6 +71,9 @@ class Registry:
     store: RegistryStore
     region: str
     clock: Callable[[], datetime]
+    # Bumped after every change to a key or a tenant through this registry, so that this
+    # process's copies of them (freshness.py) are never older than its own changes.
+    freshness: Freshness = field(default_factory=lambda: Freshness(0))
     denials: DenialLog = field(init=False)
 
     def __post_init__(self) -> None:
@@ -144,7 +149,9 @@ class Registry:
                 "name_changed": new.name != old.name,
             }
             audit = actor.entry("tenant.update", at=self.clock(), target=old.id, details=details)
-            if self.store.update_tenant(old, new, audit=audit):
+            with self._changing():
+                updated = self.store.update_tenant(old, new, audit=audit)
+            if updated:
                 return self.get_tenant(tenant_id)
         raise Conflict("This tenant is being changed by someone else; look at it again.")
 
@@ -157,7 +164,9 @@ class Registry:
         """
         now = self.clock()
         audit = actor.entry("tenant.shred", at=now, target=tenant_id)
-        if not self.store.shred_data_key(tenant_id, at=now, audit=audit):
+        with self._changing():
+            shredded = self.store.shred_data_key(tenant_id, at=now, audit=audit)
+        if not shredded:
             raise NotFound("There is no tenant with this id.")
 
     def create_application(self, spec: ApplicationIn, *, actor: Actor = SYSTEM) -> Application:
@@ -265,9 +274,11 @@ class Registry:
                 "new_expires_at": format_time(new.expires_at) if new.expires_at else None,
             },
         )
-        if not self.store.rotate_key(
-            old.id, new=new, old_expires_at=retire_at, now=now, audit=audit
-        ):
+        with self._changing():
+            rotated = self.store.rotate_key(
+                old.id, new=new, old_expires_at=retire_at, now=now, audit=audit
+            )
+        if not rotated:
             # Revoked, expired or rotated between our read and the store's conditional update.
             current = self.store.get_key(key_id)
             if current is not None:
@@ -296,8 +307,19 @@ class Registry:
         audit = actor.entry(
             "key.revoke", at=now, target=key_id, details={"forced": True} if force else None
         )
-        if not self.store.revoke_key(key_id, at=now, audit=audit, keep_an_admin=not force):
+        with self._changing():
+            revoked = self.store.revoke_key(key_id, at=now, audit=audit, keep_an_admin=not force)
+        if not revoked:
             raise NotFound("There is no key with this id.")
+
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Around a change to a key or tenant: this process's copies are stale after it,
+        also when it failed (a lost COMMIT may have stored it)."""
+        try:
+            yield
+        finally:
+            self.freshness.changed()
 
     def bootstrap_admin_key(self, *, actor: Actor = SYSTEM) -> NewKeyOut | None:
         """On a store without any key, issue the first admin key; otherwise None."""

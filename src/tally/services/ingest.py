@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import threading
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from tally.auth.service import Principal, Scope
+from tally.crypto.records import DataKey
 from tally.crypto.sealing import TenantCipher
 from tally.crypto.tenant_keys import TenantKeys
 from tally.errors import FieldError
@@ -22,6 +23,7 @@ from tally.events.model import (
     event_content,
 )
 from tally.events.validation import EventDraft
+from tally.freshness import FreshCache, Freshness
 from tally.metrics import NULL, Metrics
 from tally.registry.records import Tenant
 from tally.store.groupcommit import GroupCommitter
@@ -29,6 +31,7 @@ from tally.store.interface import IngestStore
 
 FUTURE_SKEW = timedelta(minutes=5)
 _MAX_REMEMBERED = 1_000_000
+TOKEN_MEMO_ENTRIES = 100_000  # about 25 MB at most
 
 
 @dataclass(slots=True)
@@ -63,6 +66,24 @@ class IngestReport:
 Candidate = EventDraft | list[FieldError]
 """A parsed event, or the problems that kept it from parsing (see events/validation.py)."""
 
+Found = dict[str, tuple[Tenant, DataKey | None]]
+"""Registered tenants with their data keys, by id."""
+
+
+@dataclass(slots=True)
+class _Work:
+    """A request's events judged: each one's result, those ready to append, and those held
+    (refused for their time or a shred unless their identity is already stored: a retry of
+    what was accepted is a duplicate whatever the clock says now)."""
+
+    application: str
+    results: list[EventResult] = field(default_factory=list)
+    ready: list[tuple[EventResult, NewEvent]] = field(default_factory=list)
+    held: list[tuple[EventResult, EventDraft, TenantCipher | None]] = field(default_factory=list)
+
+    def events(self) -> list[NewEvent]:
+        return [event for _, event in self.ready]
+
 
 class IngestService:
     def __init__(
@@ -73,8 +94,12 @@ class IngestService:
         keys: TenantKeys,
         clock: Callable[[], datetime],
         metrics: Metrics = NULL,
+        freshness: Freshness | None = None,
     ) -> None:
         self._store = store
+        self._tenant_copies: FreshCache[str, tuple[Tenant, DataKey | None]] = FreshCache(
+            freshness or Freshness(0)
+        )
         self._metrics = metrics
         self._committer = committer
         self._keys = keys
@@ -85,6 +110,7 @@ class IngestService:
         # commit, so a failed one never hides an entry that is not stored.
         self._stored_tokens: dict[str, set[str]] = {}
         self._remembered = 0
+        self._token_memo = TokenMemo()
         self._remember_lock = threading.Lock()
 
     def ingest(
@@ -99,22 +125,77 @@ class IngestService:
         safe (what a lost COMMIT did store comes back as duplicates).
         """
         principal.require(Scope.EVENTS_WRITE)
+        work = self._judge(principal, candidates, ids, self._tenants(candidates))
+        if work.held:
+            self._judge_stored(work.application, work.held)
+        outcomes = self._committer.append(work.events()) if work.ready else []
+        return self._report(work, outcomes)
+
+    async def ingest_async(
+        self, principal: Principal, candidates: Sequence[Candidate], ids: Sequence[str | None]
+    ) -> IngestReport:
+        """`ingest` for a caller on the event loop: the commit is awaited, not waited for in
+        a thread, and the store is read in a worker thread only when the tenants are not in
+        this process's fresh copies (freshness.py)."""
+        principal.require(Scope.EVENTS_WRITE)
+        found, missing = self._copies(candidates)
+        if missing:
+            found |= await asyncio.to_thread(self._read_tenants, missing)
+        if all(key is not None for _, key in found.values()):
+            work = self._judge(principal, candidates, ids, found)
+        else:  # a tenant's first event: its data key is made, a write
+            work = await asyncio.to_thread(self._judge, principal, candidates, ids, found)
+        if work.held:
+            await asyncio.to_thread(self._judge_stored, work.application, work.held)
+        outcomes = await self._committer.append_async(work.events()) if work.ready else []
+        return self._report(work, outcomes)
+
+    def _tenants(self, candidates: Sequence[Candidate]) -> Found:
+        """The registered tenants the drafts among `candidates` name, with their data keys:
+        from this process's fresh copies where it has them, else from the store."""
+        found, missing = self._copies(candidates)
+        return found | self._read_tenants(missing) if missing else found
+
+    def _copies(self, candidates: Sequence[Candidate]) -> tuple[Found, list[str]]:
+        """The fresh copies of the tenants `candidates` name, and the tenants without one."""
+        found: Found = {}
+        missing: list[str] = []
+        for tenant in sorted({c.tenant for c in candidates if isinstance(c, EventDraft)}):
+            copy = self._tenant_copies.get(tenant)
+            if copy is None:
+                missing.append(tenant)
+            else:
+                found[tenant] = copy
+        return found, missing
+
+    def _read_tenants(self, tenants: Sequence[str]) -> Found:
+        """`tenants` with their data keys, read from the store, and copies kept of them. A
+        tenant without a data key row is not kept: its key is made by `TenantKeys.ciphers`,
+        a write."""
+        read_at, generation = self._tenant_copies.stamp()
+        found = self._store.tenants_with_keys(tenants)
+        for tenant, read in found.items():
+            if read[1] is not None:
+                self._tenant_copies.put(tenant, read, read_at=read_at, generation=generation)
+        return found
+
+    def _judge(
+        self,
+        principal: Principal,
+        candidates: Sequence[Candidate],
+        ids: Sequence[str | None],
+        found: Mapping[str, tuple[Tenant, DataKey | None]],
+    ) -> _Work:
         assert principal.application is not None  # noqa: S101 - registry binds write keys
-        drafts = [c for c in candidates if isinstance(c, EventDraft)]
-        found = self._store.tenants_with_keys(sorted({d.tenant for d in drafts})) if drafts else {}
         tenants = {tenant_id: tenant for tenant_id, (tenant, _) in found.items()}
         ciphers = self._keys.ciphers(
             {t: key for t, (_, key) in found.items() if principal.may_serve(t)}
         )
         now = self._clock()
-        results: list[EventResult] = []
-        ready: list[tuple[EventResult, NewEvent]] = []
-        # Refused for their time or a shred unless their identity is already stored: a retry
-        # of what was accepted is a duplicate whatever the clock says now.
-        held: list[tuple[EventResult, EventDraft, TenantCipher | None]] = []
+        work = _Work(application=principal.application)
         for index, (candidate, sent_id) in enumerate(zip(candidates, ids, strict=True)):
             result = EventResult(index=index, id=sent_id, status="rejected")
-            results.append(result)
+            work.results.append(result)
             if not isinstance(candidate, EventDraft):
                 result.errors = candidate
                 continue
@@ -126,11 +207,11 @@ class IngestService:
                 result.forbidden = True
             elif (cipher := ciphers[tenant.id]) is None:
                 result.errors = [FieldError("/tenant", "was shredded: it takes no more events")]
-                held.append((result, candidate, None))
+                work.held.append((result, candidate, None))
             else:
                 result.errors = _timeliness(candidate.time, tenant, now)
                 if result.errors:
-                    held.append((result, candidate, cipher))
+                    work.held.append((result, candidate, cipher))
                 else:
                     event = seal_event(
                         candidate,
@@ -138,17 +219,18 @@ class IngestService:
                         region=tenant.region,
                         cipher=cipher,
                         known=self._stored_tokens.get(tenant.id, ()),
+                        memo=self._token_memo,
                     )
-                    ready.append((result, event))
-        if held:
-            self._judge_stored(principal.application, held)
-        if ready:
-            outcomes = self._committer.append([event for _, event in ready])
-            for (result, _), outcome in zip(ready, outcomes, strict=True):
-                _settle(result, outcome)
-            self._remember([event for _, event in ready])
-        self._metrics.events((result.status, result.code) for result in results)
-        return IngestReport(results=results)
+                    work.ready.append((result, event))
+        return work
+
+    def _report(self, work: _Work, outcomes: Sequence[Outcome]) -> IngestReport:
+        for (result, _), outcome in zip(work.ready, outcomes, strict=True):
+            _settle(result, outcome)
+        if work.ready:
+            self._remember(work.events())
+        self._metrics.events((result.status, result.code) for result in work.results)
+        return IngestReport(results=work.results)
 
     def _remember(self, events: Sequence[NewEvent]) -> None:
         """Note the dictionary entries `events` committed (a store writes every entry an
@@ -201,20 +283,50 @@ def _timeliness(time: datetime, tenant: Tenant, now: datetime) -> list[FieldErro
     return []
 
 
+class TokenMemo:
+    """The tokens of attributes seen before: (key token, value token) by tenant, key and
+    value. Tokens are HMACs with the tenant's data key (two per attribute, the most costly
+    part of ingesting an event with attributes), and billing attributes take few values
+    (a region, a plan, a model), so most events find all of theirs here. A tenant's data key
+    never changes (a rewrap keeps it, a shred ends its events), so neither do its tokens.
+    Bounded: full, it starts afresh. Without a lock, like every cache here."""
+
+    def __init__(self, max_entries: int = TOKEN_MEMO_ENTRIES) -> None:
+        self._max_entries = max_entries
+        self._entries: dict[tuple[str, str, str], tuple[str, str]] = {}
+
+    def tokens(self, cipher: TenantCipher, key: str, value_json: str) -> tuple[str, str]:
+        entry = (cipher.tenant, key, value_json)
+        found = self._entries.get(entry)
+        if found is None:
+            found = (cipher.key_token(key), cipher.value_token(key, value_json))
+            if len(self._entries) >= self._max_entries:
+                self._entries = {}
+            self._entries[entry] = found
+        return found
+
+
 def attribute_tokens(
-    cipher: TenantCipher, attributes: Mapping[str, object], known: Container[str] = ()
+    cipher: TenantCipher,
+    attributes: Mapping[str, object],
+    known: Container[str] = (),
+    memo: TokenMemo | None = None,
 ) -> tuple[str, tuple[tuple[str, bytes], ...]]:
     """The tokens of `attributes` as stored in `events.attribute_tokens` (JSON text, key token
     -> value token), and the sealed dictionary entries of the value tokens not in `known`."""
+    memo = memo or TokenMemo()
     tokens: dict[str, str] = {}
     entries: list[tuple[str, bytes]] = []
     for key, value in attributes.items():
         value_json = canonical_value(value)
-        token = cipher.value_token(key, value_json)
-        tokens[cipher.key_token(key)] = token
+        key_token, token = memo.tokens(cipher, key, value_json)
+        tokens[key_token] = token
         if token not in known:
             entries.append((token, cipher.seal_value(token, value_json)))
-    return json.dumps(tokens, sort_keys=True, separators=(",", ":")), tuple(entries)
+    # What json.dumps(tokens, sort_keys=True, separators=(",", ":")) writes: tokens are hex
+    # digits after a letter, which JSON writes as they are.
+    text = ",".join(f'"{key}":"{tokens[key]}"' for key in sorted(tokens))
+    return "{" + text + "}", tuple(entries)
 
 
 def seal_event(
@@ -224,12 +336,13 @@ def seal_event(
     region: str,
     cipher: TenantCipher,
     known: Container[str] = (),
+    memo: TokenMemo | None = None,
 ) -> NewEvent:
     """`draft` ready to append: its attributes sealed, tokenised (dictionary entries for the
-    value tokens not in `known`) and its content digested with the tenant's data key
-    (`cipher`)."""
+    value tokens not in `known`; tokens from `memo` where it has them) and its content
+    digested with the tenant's data key (`cipher`)."""
     attributes_json = canonical_json(draft.attributes)
-    tokens, dictionary = attribute_tokens(cipher, draft.attributes, known)
+    tokens, dictionary = attribute_tokens(cipher, draft.attributes, known, memo)
     return NewEvent(
         application=application,
         id=draft.id,

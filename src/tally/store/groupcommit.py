@@ -9,6 +9,7 @@ or gets that transaction's error (and should retry: duplicates are recognised).
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -66,12 +67,22 @@ class GroupCommitter:
         failed. Then the events were rolled back, or, if the connection was lost during
         COMMIT, may have been stored: either way a retry stores each exactly once.
         """
+        return self._queued(events).result()
+
+    async def append_async(self, events: Sequence[NewEvent]) -> list[Outcome]:
+        """`append` for a caller on an event loop, which goes on serving while it waits.
+
+        The transaction is not cancelled with the caller: once queued, the events are
+        committed (or not) as one with the others, whatever becomes of the request."""
+        return await asyncio.shield(asyncio.wrap_future(self._queued(events)))
+
+    def _queued(self, events: Sequence[NewEvent]) -> Future[list[Outcome]]:
         request = _Request(events=events, done=Future())
         with self._lock:
             if self._closed:
                 raise StoreUnavailable("Tally is shutting down.")
             self._queue.put(request)
-        return request.done.result()
+        return request.done
 
     def close(self) -> None:
         """Commit what is queued, then stop the writer."""

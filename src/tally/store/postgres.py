@@ -2,7 +2,7 @@
 
 Commits are durable (`synchronous_commit=on` is forced per connection). Appends lock the
 touched partitions' counter rows in partition order first, so offsets follow commit order and
-concurrent writers never deadlock on them; events go in with one set-based INSERT.
+concurrent writers never deadlock on them; events go in with one binary COPY.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from tally.errors import StoreFull, StoreUnavailable
 from tally.events.model import NewEvent, Outcome
@@ -30,6 +31,35 @@ from tally.store.sql import Session, SQLStore
 # server became a standby (a failover demoted it; its sessions turned read-only).
 _UNAVAILABLE = (*PostgresDialect.unavailable, pg_errors.ReadOnlySqlTransaction)
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+_EVENT_COLUMNS = (
+    "partition, log_offset, application, id, tenant, type, quantity, time, subject, unit, "
+    "attributes, region, received_at, digest, attribute_tokens"
+)
+_EVENT_TYPES = [
+    "int2",
+    "int8",
+    "text",
+    "text",
+    "text",
+    "text",
+    "numeric",
+    "timestamptz",
+    "text",
+    "text",
+    "bytea",
+    "text",
+    "timestamptz",
+    "bytea",
+    "jsonb",
+]
+_COPY_EVENTS = f"COPY events ({_EVENT_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+
+
+def _as_is(text: str) -> str:
+    """The "dumps" of a value that is JSON text already (attribute_tokens)."""
+    return text
+
 
 Row = dict[str, Any]
 Connection = psycopg.Connection[Row]
@@ -220,10 +250,22 @@ class PostgresStore(SQLStore):
     def append(self, events: Sequence[NewEvent], *, received_at: datetime) -> list[Outcome]:
         if not events:
             return []
+        try:
+            return self._append(events, received_at=received_at, copy=True)
+        except pg_errors.UniqueViolation:
+            # Another writer stored one of these identities between our check and our COPY,
+            # which then rolled the whole transaction back: append again, judging each event
+            # by what is stored now, with an INSERT that skips what is taken.
+            return self._append(events, received_at=received_at, copy=False)
+
+    def _append(
+        self, events: Sequence[NewEvent], *, received_at: datetime, copy: bool
+    ) -> list[Outcome]:
         touched = plan.partitions_of(events, self.partitions)
         # The touched partitions' counter rows, locked in partition order until commit:
         # offsets follow commit order, and concurrent writers never deadlock on them.
-        with self._write() as session:
+        with self._connection() as connection, connection.transaction():
+            session = Session(connection, self.dialect)
             last = {
                 row["partition"]: row["last_offset"]
                 for row in session.all(
@@ -238,36 +280,47 @@ class PostgresStore(SQLStore):
             if not fresh:
                 return outcomes
             places, moved = plan.number(fresh, last, self.partitions)
-            inserted = {
-                (row["application"], row["id"])
-                for row in session.all(
-                    "INSERT INTO events (partition, log_offset, application, id, tenant, type, "
-                    "quantity, time, subject, unit, attributes, region, received_at, digest, "
-                    "attribute_tokens) "
-                    "SELECT * FROM unnest(?::smallint[], ?::bigint[], ?::text[], ?::text[], "
-                    "?::text[], ?::text[], ?::numeric[], ?::timestamptz[], ?::text[], "
-                    "?::text[], ?::bytea[], ?::text[], ?::timestamptz[], ?::bytea[], "
-                    "?::text[]::jsonb[]) "
-                    "ON CONFLICT (application, id) DO NOTHING RETURNING application, id",
-                    (
-                        [p for p, _ in places],
-                        [o for _, o in places],
-                        [e.application for e in fresh],
-                        [e.id for e in fresh],
-                        [e.tenant for e in fresh],
-                        [e.type for e in fresh],
-                        [e.quantity for e in fresh],
-                        [e.time for e in fresh],
-                        [e.subject for e in fresh],
-                        [e.unit for e in fresh],
-                        [e.attributes for e in fresh],
-                        [e.region for e in fresh],
-                        [received_at] * len(fresh),
-                        [e.digest for e in fresh],
-                        [e.attribute_tokens for e in fresh],
-                    ),
+            rows = [
+                (
+                    partition,
+                    offset,
+                    e.application,
+                    e.id,
+                    e.tenant,
+                    e.type,
+                    e.quantity,
+                    e.time,
+                    e.subject,
+                    e.unit,
+                    e.attributes,
+                    e.region,
+                    received_at,
+                    e.digest,
+                    Jsonb(e.attribute_tokens, dumps=_as_is),
                 )
-            }
+                for (partition, offset), e in zip(places, fresh, strict=True)
+            ]
+            if copy:
+                # Binary COPY: each row is encoded by psycopg's C dumpers, with no array of
+                # each column to build and parse. A taken identity fails it (UniqueViolation).
+                with connection.cursor().copy(_COPY_EVENTS) as sink:
+                    sink.set_types(_EVENT_TYPES)
+                    for row in rows:
+                        sink.write_row(row)
+                inserted = {e.key for e in fresh}
+            else:
+                inserted = {
+                    (row["application"], row["id"])
+                    for row in session.all(
+                        f"INSERT INTO events ({_EVENT_COLUMNS}) "
+                        "SELECT * FROM unnest(?::smallint[], ?::bigint[], ?::text[], ?::text[], "
+                        "?::text[], ?::text[], ?::numeric[], ?::timestamptz[], ?::text[], "
+                        "?::text[], ?::bytea[], ?::text[], ?::timestamptz[], ?::bytea[], "
+                        "?::jsonb[]) "
+                        "ON CONFLICT (application, id) DO NOTHING RETURNING application, id",
+                        [list(column) for column in zip(*rows, strict=True)],
+                    )
+                }
             session.run(
                 "UPDATE log_partitions SET last_offset = moved.last_offset "
                 "FROM unnest(?::smallint[], ?::bigint[]) AS moved(partition, last_offset) "

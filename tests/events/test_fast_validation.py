@@ -1,0 +1,96 @@
+"""The fast acceptance of native events (validation._valid_event) accepts exactly what the
+pydantic model accepts, and makes the same drafts: anything it does not accept goes to the
+model, whose errors are then the answer."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tally.events.validation import (
+    EventDraft,
+    EventIn,
+    OutOfRangeNumber,
+    _valid_event,
+    validate_event,
+)
+
+TEXTS = st.one_of(
+    st.sampled_from(
+        ["a", "acme", "vm-1", "x" * 64, "x" * 65, "", " ", "A.b_c", "é", "\x00", "\ud800"]
+    ),
+    st.text(max_size=6),
+)
+VALUES = st.one_of(
+    TEXTS,
+    st.booleans(),
+    st.none(),
+    st.integers(),
+    st.decimals(allow_nan=True, allow_infinity=True),
+    st.just(OutOfRangeNumber()),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+    st.sampled_from(["1", "1.5", "-1", "1e3", " 1", "0.0000000000000000001", "1" * 21]),
+    st.sampled_from(
+        [
+            "2026-12-01T10:00:00Z",
+            "2026-12-01T10:00:00.123456+02:00",
+            "2026-12-01T10:00:00.1234567Z",
+            "2026-13-01T10:00:00Z",
+            "2026-12-01 10:00:00Z",
+            "0001-01-01T00:00:00+01:00",
+        ]
+    ),
+)
+FIELDS = st.sampled_from(
+    ["id", "tenant", "type", "quantity", "time", "subject", "unit", "attributes", "extra"]
+)
+VALID = {
+    "id": "e-1",
+    "tenant": "acme",
+    "type": "compute.seconds",
+    "quantity": Decimal("1.5"),
+    "time": "2026-12-01T10:00:00Z",
+}
+
+
+@st.composite
+def events(draw: st.DrawFn) -> dict[str, Any]:
+    event: dict[str, Any] = dict(VALID)
+    for name in draw(st.lists(FIELDS, max_size=4)):
+        if draw(st.booleans()):
+            event.pop(name, None)
+        elif name == "attributes":
+            event[name] = draw(st.dictionaries(TEXTS, VALUES, max_size=4))
+        else:
+            event[name] = draw(VALUES)
+    return event
+
+
+def _model(raw: dict[str, Any]) -> EventDraft | None:
+    try:
+        return EventIn.model_validate(raw).draft()
+    except ValueError:
+        return None
+
+
+@settings(max_examples=3000, deadline=None)
+@given(events())
+def test_the_fast_path_accepts_exactly_what_the_model_accepts(raw: dict[str, Any]) -> None:
+    fast = _valid_event(raw)
+    model = _model(raw)
+    assert fast == model
+    if model is not None:
+        assert validate_event(raw) == model
+
+
+def test_a_plain_event_is_accepted_by_the_fast_path() -> None:
+    raw = {**VALID, "subject": "vm-7", "unit": "s", "attributes": {"zone": "a", "n": Decimal(0)}}
+    draft = _valid_event(raw)
+    assert draft is not None and draft == _model(raw)
+    assert draft.attributes == {"zone": "a", "n": Decimal(0)}
+    assert _valid_event({**VALID, "quantity": True}) is None
+    assert isinstance(validate_event({**VALID, "quantity": True}), list)
