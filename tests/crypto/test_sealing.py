@@ -106,3 +106,20 @@ def test_nonces_never_repeat_across_blocks_threads_or_a_fork() -> None:
     from_child = os.read(read, 12)
     os.close(read)
     assert from_child != sealing._nonces.take()  # the child did not reuse the parent's block
+
+
+def test_the_token_memo_answers_what_the_cipher_computes_and_stays_bounded() -> None:
+    from tally.services.ingest import TokenMemo  # noqa: PLC0415 - the one test of the memo
+
+    acme, globex = cipher("acme", sealing.new_data_key()), cipher("globex", sealing.new_data_key())
+    memo = TokenMemo(max_entries=3)
+    for _ in range(2):  # computed, then remembered
+        for tenant in (acme, globex):
+            for value in ('"eu"', '"us"', "1"):
+                assert memo.tokens(tenant, "region", value) == (
+                    tenant.key_token("region"),
+                    tenant.value_token("region", value),
+                )
+    # Tenants never share a token, whatever the memo held before.
+    assert memo.tokens(acme, "region", '"eu"') != memo.tokens(globex, "region", '"eu"')
+    assert len(memo._entries) <= 3

@@ -1,15 +1,19 @@
-"""The fast acceptance of native events (validation._valid_event) accepts exactly what the
-pydantic model accepts, and makes the same drafts: anything it does not accept goes to the
-model, whose errors are then the answer."""
+"""The ingest path's fast forms say exactly what their reference forms say: the fast
+acceptance of native events (validation._valid_event) accepts what the pydantic model accepts
+and makes the same drafts (anything it does not accept goes to the model, whose errors are
+then the answer), and the written-out content digest input and time format are byte for byte
+the generic canonical ones."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tally.events.model import _clear_fields, canonical_json, event_content, format_time
 from tally.events.validation import (
     EventDraft,
     EventIn,
@@ -94,3 +98,38 @@ def test_a_plain_event_is_accepted_by_the_fast_path() -> None:
     assert draft.attributes == {"zone": "a", "n": Decimal(0)}
     assert _valid_event({**VALID, "quantity": True}) is None
     assert isinstance(validate_event({**VALID, "quantity": True}), list)
+
+
+DRAFTS = st.builds(
+    EventDraft,
+    id=st.just("e-1"),
+    tenant=st.sampled_from(["acme", "a.b-c"]),
+    type=st.sampled_from(["compute.seconds", "x"]),
+    quantity=st.decimals(min_value=0, max_value=10**20, places=6, allow_nan=False),
+    time=st.datetimes(
+        min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+    ),
+    subject=st.one_of(st.none(), st.text(max_size=8)),
+    unit=st.one_of(st.none(), st.text(max_size=8)),
+    attributes=st.just({}),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(DRAFTS, st.text(max_size=20))
+def test_the_written_out_content_is_the_canonical_json_of_the_fields(
+    draft: EventDraft, attributes_json: str
+) -> None:
+    """event_content is written out for speed; it must stay byte for byte what the generic
+    canonical form gives, or every stored digest would stop matching its retries."""
+    reference = canonical_json({**_clear_fields(draft), "attributes": attributes_json}).encode()
+    assert event_content(draft, attributes_json) == reference
+
+
+@given(st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30))])))
+def test_format_time_is_the_instant_in_utc_with_microseconds(value: datetime) -> None:
+    try:
+        expected = value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
+    except OverflowError:
+        return
+    assert format_time(value) == expected + "Z"

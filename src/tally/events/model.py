@@ -41,7 +41,9 @@ def format_time(value: datetime) -> str:
     Not `strftime("%Y…")`: glibc writes year 999 as `999`, which sorts after `2026` as text
     and is not RFC 3339. `isoformat` pads every year to four digits.
     """
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(timespec="microseconds")[:-6] + "Z"  # "+00:00" written as "Z"
 
 
 def parse_time(text: str) -> datetime:
@@ -117,7 +119,26 @@ def event_content(event: EventFields, attributes_json: str) -> bytes:
     reports are the same event exactly when these bytes match (`1.0` equals `1`, `+02:00`
     equals the same instant in `Z`, attribute order is ignored). It is digested with the
     tenant's key (crypto/sealing.py), never stored."""
-    return canonical_json({**_clear_fields(event), "attributes": attributes_json}).encode()
+    # canonical_json({**_clear_fields(event), "attributes": attributes_json}), written out
+    # (keys in their sorted order): this runs for every event ingested.
+    subject, unit = event.subject, event.unit
+    return (
+        '{"attributes":'
+        + _json_string(attributes_json)
+        + ',"quantity":'
+        + canonical_value(event.quantity)
+        + ',"subject":'
+        + ("null" if subject is None else _json_string(subject))
+        + ',"tenant":'
+        + _json_string(event.tenant)
+        + ',"time":"'
+        + format_time(event.time)
+        + '","type":'
+        + _json_string(event.type)
+        + ',"unit":'
+        + ("null" if unit is None else _json_string(unit))
+        + "}"
+    ).encode()
 
 
 def clear_content(event: EventFields) -> bytes:

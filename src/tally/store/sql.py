@@ -82,6 +82,7 @@ class _Cursor(Protocol):
 
 class _Connection(Protocol):
     def execute(self, query: str, params: Sequence[object], /) -> _Cursor: ...
+    def executemany(self, query: str, rows: Sequence[Sequence[object]], /) -> object: ...
 
 
 class Session:
@@ -101,6 +102,10 @@ class Session:
     def run(self, sql: str, params: Sequence[object] = ()) -> int:
         """Execute a statement; how many rows it changed."""
         return self._connection.execute(self._dialect.sql(sql), params).rowcount
+
+    def many(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        """Execute a statement once per row of parameters."""
+        self._connection.executemany(self._dialect.sql(sql), rows)
 
 
 class SQLStore:

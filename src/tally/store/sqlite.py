@@ -7,7 +7,6 @@ connections from a small pool; WAL gives each read transaction a stable snapshot
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import queue
@@ -206,7 +205,7 @@ class SQLiteStore(SQLStore):
                 places, moved = plan.number(fresh, last, self.partitions)
                 received = format_time(received_at)
                 rows = [
-                    [
+                    (
                         partition,
                         offset,
                         e.application,
@@ -217,24 +216,21 @@ class SQLiteStore(SQLStore):
                         format_time(e.time),
                         e.subject,
                         e.unit,
-                        # Sealed bytes travel through JSON (json_each) as base64 text.
-                        base64.b64encode(e.attributes).decode(),
+                        self.dialect.sealed(e.attributes),
                         e.region,
                         received,
                         e.digest.hex(),
                         e.attribute_tokens,
-                    ]
+                    )
                     for e, (partition, offset) in zip(fresh, places, strict=True)
                 ]
-                session.run(
+                # One prepared statement bound row by row in C: no JSON text of the batch to
+                # write and have SQLite parse again.
+                session.many(
                     "INSERT INTO events (partition, log_offset, application, id, tenant, type, "
                     "quantity, time, subject, unit, attributes, region, received_at, digest, "
-                    "attribute_tokens) "
-                    "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, "
-                    "value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, "
-                    "value ->> 10, value ->> 11, value ->> 12, value ->> 13, value ->> 14 "
-                    "FROM json_each(?)",
-                    (json.dumps(rows),),
+                    "attribute_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
                 )
                 session.run(
                     "UPDATE log_partitions SET last_offset = moved.value ->> 1 "
