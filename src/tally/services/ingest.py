@@ -193,6 +193,10 @@ class IngestService:
         )
         now = self._clock()
         work = _Work(application=principal.application)
+        # The entries this request's events carry already, per tenant: its events are
+        # appended in one transaction, which stores every entry any of them carries, so an
+        # entry is sealed once per request, not once per event that uses its value.
+        offered: dict[str, _Known] = {}
         for index, (candidate, sent_id) in enumerate(zip(candidates, ids, strict=True)):
             result = EventResult(index=index, id=sent_id, status="rejected")
             work.results.append(result)
@@ -213,14 +217,19 @@ class IngestService:
                 if result.errors:
                     work.held.append((result, candidate, cipher))
                 else:
+                    known = offered.get(tenant.id)
+                    if known is None:
+                        stored = self._stored_tokens.get(tenant.id, set())
+                        known = offered[tenant.id] = _Known(stored)
                     event = seal_event(
                         candidate,
                         application=principal.application,
                         region=tenant.region,
                         cipher=cipher,
-                        known=self._stored_tokens.get(tenant.id, ()),
+                        known=known,
                         memo=self._token_memo,
                     )
+                    known.offered.update(token for token, _ in event.dictionary)
                     work.ready.append((result, event))
         return work
 
@@ -281,6 +290,20 @@ def _timeliness(time: datetime, tenant: Tenant, now: datetime) -> list[FieldErro
     if time > now + FUTURE_SKEW:
         return [FieldError("/time", "is more than 5 minutes in the future")]
     return []
+
+
+class _Known:
+    """The value tokens a tenant's event need not carry: committed already, or carried by an
+    earlier event of the same request."""
+
+    __slots__ = ("offered", "stored")
+
+    def __init__(self, stored: set[str]) -> None:
+        self.stored = stored
+        self.offered: set[str] = set()
+
+    def __contains__(self, token: object) -> bool:
+        return token in self.stored or token in self.offered
 
 
 class TokenMemo:
