@@ -41,7 +41,8 @@ def admitted(request: Request, found: Services, caller: Principal | None = None)
     """`principal`'s work: `caller`, or the key the request presents, charged one request."""
     if caller is None:
         caller = found.authenticator.authenticate(request.headers.get("authorization"))
-    tenant = request_tenant(caller, request.query_params.get("tenant"))
+    query = request.query_params.get("tenant") if request.scope.get("query_string") else None
+    tenant = request_tenant(caller, query)
     found.rate_limits.admit_request(caller, tenant=tenant, note=note_of(request))
     return caller
 
@@ -119,6 +120,8 @@ def known_query_only(request: Request) -> None:
 def refuse_unknown_query(request: Request, known: frozenset[str] | None) -> None:
     """Raises InvalidInput naming each query parameter of `request` not in `known` (None:
     the route takes none)."""
+    if not request.scope.get("query_string"):
+        return
     unknown = sorted(set(request.query_params) - (known or frozenset()))
     if unknown:
         raise InvalidInput(

@@ -7,6 +7,8 @@ problem document and is not re-raised to the server (which would log its traceba
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import re
 import time
 import uuid
@@ -61,6 +63,21 @@ def _bounded(receive: Receive, *, declared: bytes, limit: int, seconds: float) -
     return bounded
 
 
+_ID_PREFIX: tuple[int, str] = (0, "")
+_ID_COUNTER = itertools.count()
+
+
+def _new_request_id() -> str:
+    """A request id no other request of any process gets: a random prefix drawn once per
+    process (again after a fork) and a counter. Unique rather than secret: it names the
+    request in logs and answers, and a uuid4 per request cost a system call for randomness."""
+    global _ID_PREFIX  # noqa: PLW0603 - one prefix per process, replaced only after a fork
+    pid, prefix = _ID_PREFIX
+    if pid != os.getpid():
+        pid, prefix = _ID_PREFIX = (os.getpid(), uuid.uuid4().hex[:20])
+    return f"{prefix}{next(_ID_COUNTER):012x}"
+
+
 class RequestContext:
     """Request ids, the access log, the last line of defence, and a bound on every body.
 
@@ -86,8 +103,9 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        offered = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = offered if _SAFE_REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+        headers = dict(scope["headers"])
+        offered = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = offered if _SAFE_REQUEST_ID.fullmatch(offered) else _new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
@@ -108,7 +126,7 @@ class RequestContext:
         try:
             bounded = _bounded(
                 receive,
-                declared=dict(scope["headers"]).get(b"content-length", b""),
+                declared=headers.get(b"content-length", b""),
                 limit=self.max_body_bytes,
                 seconds=self.body_timeout_seconds,
             )
