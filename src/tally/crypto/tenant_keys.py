@@ -4,9 +4,9 @@ demand and kept in memory; moved to a newer master key by `tally reencrypt`; des
 
 The store holds only wrapped data keys; the keyring holds the master keys. Shredding deletes
 the wrapped key, so every copy of the tenant's sealed data is unreadable from then on. Which
-tenants are shredded is read from the store on every request (with the tenant lookup the
-request makes anyway), never from this process's memory, so a shred done by another process
-takes effect at once.
+tenants are shredded is read from the store with the tenant (IngestService keeps that copy for
+at most TALLY_CACHE_SECONDS, freshness.py), so a shred done by another process takes effect
+within that bound, and at once through this one.
 """
 
 from __future__ import annotations
