@@ -9,7 +9,12 @@
 --   BENCH_DUP_EVERY    in a batch, every DUP_EVERY-th event repeats one sent LAG requests
 --                      earlier by this thread (same id, same content: a duplicate); 0: none
 --   BENCH_DUP_LAG      how many requests back (more than a thread's connections: answered)
---   BENCH_DELAY_MS     milliseconds each connection waits between requests (pacing); 0: none
+--   BENCH_RATE         pacing: requests per second of the whole run (0: as fast as answered).
+--                      Each thread keeps a fixed schedule of BENCH_RATE / BENCH_THREADS
+--                      requests per second and delay() holds each request until its slot, so
+--                      the offered rate does not fall as latency rises (a slot missed because
+--                      every connection was busy is skipped, not made up in a burst)
+--   BENCH_THREADS      wrk's thread count (for the per-thread share of BENCH_RATE)
 --   BENCH_MAX_REQUESTS per-thread cap on requests (a bound on top of wrk's --duration)
 --
 -- Every event is a pure function of (thread, request, index), so a repeated one has exactly
@@ -22,7 +27,8 @@ local tenants = tonumber(os.getenv("BENCH_TENANTS") or "1")
 local batch = tonumber(os.getenv("BENCH_BATCH") or "1")
 local dup_every = tonumber(os.getenv("BENCH_DUP_EVERY") or "0")
 local dup_lag = tonumber(os.getenv("BENCH_DUP_LAG") or "0")
-local pause = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
+local rate = tonumber(os.getenv("BENCH_RATE") or "0")
+local thread_total = tonumber(os.getenv("BENCH_THREADS") or "1")
 local max_requests = tonumber(os.getenv("BENCH_MAX_REQUESTS") or "100000000")
 
 local threads = {}
@@ -103,8 +109,34 @@ function request()
   return wrk.format("POST", "/v1/events", headers, body)
 end
 
+local now_ms = function() return 0 end
+if rate > 0 then
+  local ffi = require("ffi")  -- wrk runs LuaJIT; os.clock is CPU time, os.time is in seconds
+  ffi.cdef([[
+    typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
+    int clock_gettime(int clock, bench_timespec *now);
+  ]])
+  local now = ffi.new("bench_timespec")
+  now_ms = function()
+    ffi.C.clock_gettime(1, now) -- CLOCK_MONOTONIC
+    return tonumber(now.tv_sec) * 1000 + tonumber(now.tv_nsec) / 1e6
+  end
+end
+local interval_ms = rate > 0 and 1000 * thread_total / rate or 0
+local next_slot = nil
+
 function delay()
-  return pause
+  if interval_ms == 0 then
+    return 0
+  end
+  local now = now_ms()
+  if next_slot == nil or next_slot < now - interval_ms then
+    next_slot = now -- behind schedule (all connections were busy): no catch-up burst
+  else
+    next_slot = next_slot + interval_ms
+  end
+  local wait = next_slot - now
+  return wait > 0 and math.floor(wait + 0.5) or 0
 end
 
 function response(status, _, body)

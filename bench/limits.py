@@ -22,6 +22,7 @@ from pathlib import Path
 import psycopg
 
 from bench import bigstore, servers
+from bench.report import Row
 from tally.crypto import keyring as keyrings
 from tally.services.ingest import seal_event
 
@@ -41,6 +42,19 @@ class Copy:
     @property
     def rows_per_s(self) -> float:
         return self.rows / self.seconds if self.seconds else 0.0
+
+    def row(self, key: str, scenario: str, note: str) -> Row:
+        return Row(
+            key=key,
+            scenario=scenario,
+            store="postgres",
+            system="postgres",
+            events_per_s=self.rows_per_s,
+            count=self.rows,
+            seconds=self.seconds,
+            problems=self.problems,
+            notes=[note],
+        )
 
 
 def psql(

@@ -94,8 +94,6 @@ class Target:
 
 
 def _verdict(rows: list[Row | None], passed: bool) -> str:
-    if any(row is None for row in rows):
-        return "n/a"
     if not all(row.valid for row in rows if row is not None):
         return "INVALID"
     return "PASS" if passed else "MISS"
@@ -105,121 +103,58 @@ def _num(value: float | None, digits: int = 0, suffix: str = "") -> str:
     return "-" if value is None else f"{value:,.{digits}f}{suffix}"
 
 
+# Issue 10's targets: (name, row, figure of the row, ">=" or "<=", bound, unit, other rows
+# the figure needs). A unit "%" shows a ratio as a percentage.
+TARGETS = (
+    ("single-event PG >= 5,000 req/s", "single.postgres", "requests_per_s", ">=", 5000,
+     "req/s", ()),
+    ("single-event PG >= 5x the peer", "single.postgres", "ratio_peer", ">=", 5, "x",
+     ("ref.peer.single",)),
+    ("single-event PG >= 20% of bare ASGI", "single.postgres", "ratio_limit", ">=", 0.2, "%",
+     ("ref.bare.single",)),
+    ("single-event PG p99 <= 25 ms at 80% load", "single80.postgres", "p99_ms", "<=", 25, "ms",
+     ()),
+    ("batch PG >= 50,000 events/s", "batch.postgres", "events_per_s", ">=", 50_000, "ev/s", ()),
+    ("batch PG >= 3x the peer", "batch.postgres", "ratio_peer", ">=", 3, "x",
+     ("ref.peer.batch",)),
+    ("batch PG >= 40% of COPY in", "batch.postgres", "ratio_limit", ">=", 0.4, "%",
+     ("ref.copy.in",)),
+    ("batch SQLite >= 50,000 events/s", "batch.sqlite", "events_per_s", ">=", 50_000, "ev/s",
+     ()),
+    ("NDJSON export >= 100,000 events/s", "export.ndjson", "events_per_s", ">=", 100_000,
+     "ev/s", ()),
+    ("NDJSON export >= 50% of COPY TO", "export.ndjson", "ratio_limit", ">=", 0.5, "%",
+     ("ref.copy.out",)),
+    ("usage p99 <= 200 ms, by subject and day", "usage.subject_day", "p99_ms", "<=", 200, "ms",
+     ()),
+    ("usage p99 <= 200 ms, by an attribute", "usage.attribute", "p99_ms", "<=", 200, "ms", ()),
+    ("growth: big-store batch rate >= 80% of empty", "growth.big", "ratio_limit", ">=", 0.8,
+     "%", ("batch.postgres",)),
+)  # fmt: skip
+RSS_BOUND_MB = 300
+
+
 def targets(results: Results) -> list[Target]:
     """Issue 10's targets against this run's figures."""
-    r = results.get
     found: list[Target] = []
-    single, single80 = r("single.postgres"), r("single80.postgres")
-    peer, bare = r("ref.peer.single"), r("ref.bare.single")
-    rate = single.requests_per_s if single else None
-    found.append(
-        Target(
-            "single-event PG >= 5,000 req/s",
-            _num(rate, 0, " req/s"),
-            _verdict([single], (rate or 0) >= 5000),
-        )
-    )
-    ratio = single.ratio_peer if single else None
-    found.append(
-        Target(
-            "single-event PG >= 5x the peer",
-            _num(ratio, 2, "x"),
-            _verdict([single, peer], (ratio or 0) >= 5),
-        )
-    )
-    ratio = single.ratio_limit if single else None
-    found.append(
-        Target(
-            "single-event PG >= 20% of bare ASGI",
-            _num(None if ratio is None else 100 * ratio, 1, "%"),
-            _verdict([single, bare], (ratio or 0) >= 0.2),
-        )
-    )
-    p99 = single80.p99_ms if single80 else None
-    found.append(
-        Target(
-            "single-event PG p99 <= 25 ms at 80% load",
-            _num(p99, 1, " ms"),
-            _verdict([single80], p99 is not None and p99 <= 25),
-        )
-    )
-    batch, peer_batch, copy = r("batch.postgres"), r("ref.peer.batch"), r("ref.copy.in")
-    rate = batch.events_per_s if batch else None
-    found.append(
-        Target(
-            "batch PG >= 50,000 events/s",
-            _num(rate, 0, " ev/s"),
-            _verdict([batch], (rate or 0) >= 50_000),
-        )
-    )
-    ratio = batch.ratio_peer if batch else None
-    found.append(
-        Target(
-            "batch PG >= 3x the peer",
-            _num(ratio, 2, "x"),
-            _verdict([batch, peer_batch], (ratio or 0) >= 3),
-        )
-    )
-    ratio = batch.ratio_limit if batch else None
-    found.append(
-        Target(
-            "batch PG >= 40% of COPY in",
-            _num(None if ratio is None else 100 * ratio, 1, "%"),
-            _verdict([batch, copy], (ratio or 0) >= 0.4),
-        )
-    )
-    lite = r("batch.sqlite")
-    rate = lite.events_per_s if lite else None
-    found.append(
-        Target(
-            "batch SQLite >= 50,000 events/s",
-            _num(rate, 0, " ev/s"),
-            _verdict([lite], (rate or 0) >= 50_000),
-        )
-    )
-    stream, copy_out = r("export.ndjson"), r("ref.copy.out")
-    rate = stream.events_per_s if stream else None
-    found.append(
-        Target(
-            "NDJSON export >= 100,000 events/s",
-            _num(rate, 0, " ev/s"),
-            _verdict([stream], (rate or 0) >= 100_000),
-        )
-    )
-    ratio = stream.ratio_limit if stream else None
-    found.append(
-        Target(
-            "NDJSON export >= 50% of COPY TO",
-            _num(None if ratio is None else 100 * ratio, 1, "%"),
-            _verdict([stream, copy_out], (ratio or 0) >= 0.5),
-        )
-    )
-    usage = [r("usage.subject_day"), r("usage.attribute")]
-    worst = max((u.p99_ms or 0 for u in usage if u is not None), default=None)
-    found.append(
-        Target(
-            "usage p99 <= 200 ms (subject+day, attribute)",
-            _num(worst, 1, " ms"),
-            _verdict(usage, worst is not None and worst <= 200),
-        )
-    )
-    growth = r("growth.big")
-    ratio = growth.ratio_limit if growth else None
-    found.append(
-        Target(
-            "growth: big-store batch rate within 20% of empty",
-            _num(None if ratio is None else 100 * ratio, 1, "% of empty"),
-            _verdict([growth, r("batch.postgres")], (ratio or 0) >= 0.8),
-        )
-    )
+    for name, key, figure, sense, bound, unit, needs in TARGETS:
+        row = results.get(key)
+        value = getattr(row, figure) if row is not None else None
+        rows = [row, *(results.get(other) for other in needs)]
+        if value is None or any(r is None for r in rows):
+            found.append(Target(name, "-", "n/a"))
+            continue
+        passed = value >= bound if sense == ">=" else value <= bound
+        shown = (
+            _num(100 * value, 1, "%") if unit == "%"
+            else _num(value, 2 if unit == "x" else (1 if unit == "ms" else 0), f" {unit}")
+        )  # fmt: skip
+        found.append(Target(name, shown, _verdict(rows, passed)))
     tally = [row for row in results.rows if row.system == "tally" and row.rss_mb is not None]
     peak = max((row.rss_mb or 0 for row in tally), default=None)
+    verdict = "n/a" if peak is None else ("PASS" if peak <= RSS_BOUND_MB else "MISS")
     found.append(
-        Target(
-            "RSS <= 300 MB per worker throughout",
-            _num(peak, 0, " MB"),
-            "n/a" if peak is None else ("PASS" if peak <= 300 else "MISS"),
-        )
+        Target(f"RSS <= {RSS_BOUND_MB} MB per worker throughout", _num(peak, 0, " MB"), verdict)
     )
     return found
 

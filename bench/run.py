@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a file: python bench/run.py
 import psycopg
 
 from bench import bigstore, limits, report, scenarios, servers, wrk
-from bench.report import Results, Row
+from bench.report import Results
 from bench.scenarios import Load
 
 SCENARIOS = ("single", "batch", "sdk", "export", "usage", "reconciliation", "growth")
@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.duration = 2
         args.events, args.tenants = 10_000, 20
         args.requests = min(args.requests, 20)
-        args.export_seconds, args.stream_seconds = 2, 30
+        args.export_seconds, args.stream_seconds = 10, 30
         args.copy_rows = 5_000
         args.sdk_processes = min(args.sdk_processes, 2)
     if args.duration < 1 or args.connections < 1 or args.workers < 1 or args.events < 1:
@@ -211,19 +211,8 @@ def references(results: Results, args: argparse.Namespace, load: Load, workdir: 
     if wanted(args, "batch", "sdk"):
         say(f"[reference] psql \\copy of {args.copy_rows:,} rows into Tally's events table ...")
         copy = limits.copy_in(workdir, args.copy_rows)
-        results.add(
-            Row(
-                key="ref.copy.in",
-                scenario="COPY in (psql \\copy)",
-                store="postgres",
-                system="postgres",
-                events_per_s=copy.rows_per_s,
-                count=copy.rows,
-                seconds=copy.seconds,
-                problems=copy.problems,
-                notes=["rows/s into a fresh Tally-migrated events table"],
-            )
-        )
+        note = "rows/s into a fresh Tally-migrated events table"
+        results.add(copy.row("ref.copy.in", "COPY in (psql \\copy)", note))
 
 
 def fresh_store(
@@ -270,7 +259,6 @@ def fresh_store(
             )
             if store == "postgres" and single.requests_per_s:
                 rate = 0.8 * single.requests_per_s
-                delay = 1000 * load.connections / rate
                 say(f"[tally {store}] single events paced at 80%: {rate:,.0f} req/s ...")
                 paced = scenarios.ingest(
                     "single80.postgres",
@@ -281,11 +269,11 @@ def fresh_store(
                     url=base,
                     token=keys.write,
                     load=load,
-                    delay_ms=delay,
+                    rate=rate,
                 )
                 paced.notes.append(
-                    f"paced to {rate:,.0f} req/s (each connection waits {delay:.1f} ms "
-                    f"between requests); achieved {paced.requests_per_s or 0:,.0f} req/s"
+                    f"paced to {rate:,.0f} req/s (wrk delay() on a fixed schedule per thread); "
+                    f"achieved {paced.requests_per_s or 0:,.0f} req/s"
                 )
                 results.add(paced)
         if store == "postgres" and wanted(args, "sdk"):
@@ -381,19 +369,8 @@ def big_store(results: Results, args: argparse.Namespace, load: Load, workdir: P
         if wanted(args, "export"):
             say("[reference] COPY (SELECT ...) TO STDOUT of the big store ...")
             copy = limits.copy_out(big.url)
-            results.add(
-                Row(
-                    key="ref.copy.out",
-                    scenario="COPY TO (psql, to /dev/null)",
-                    store="postgres",
-                    system="postgres",
-                    events_per_s=copy.rows_per_s,
-                    count=copy.rows,
-                    seconds=copy.seconds,
-                    problems=copy.problems,
-                    notes=["rows/s of the whole big store"],
-                )
-            )
+            note = "rows/s of the whole big store"
+            results.add(copy.row("ref.copy.out", "COPY TO (psql, to /dev/null)", note))
     finally:
         if big.throwaway:
             bigstore.drop(big)

@@ -70,10 +70,10 @@ def ingest(
     token: str,
     load: Load,
     batch: int = 1,
-    delay_ms: float = 0.0,
+    rate: float = 0.0,
 ) -> Row:
     """One wrk load of POST /v1/events (single events or batches), metered. Batches use
-    `load.batch_connections`."""
+    `load.batch_connections`; `rate` > 0 paces the load to that many requests per second."""
     procs.settle(root)
     with procs.Meter(root) as meter:
         result = wrk.run(
@@ -85,7 +85,7 @@ def ingest(
             threads=load.threads,
             batch=batch,
             tenants=load.tenants,
-            delay_ms=delay_ms,
+            rate=rate,
         )
     row = Row(
         key=key,
@@ -234,9 +234,10 @@ def export_stream(root: int, base_url: str, keys: Keys, seconds: float, stored: 
 
 
 def _requests(
-    root: int, base_url: str, token: str, paths: list[tuple[str, dict[str, Any], Any]]
-) -> tuple[list[float], list[str], procs.Meter, float]:
-    """GET each (path, params, check) in turn; latencies in ms and what `check` found."""
+    key: str, scenario: str, *, root: int, base_url: str, token: str, paths: list[Any]
+) -> Row:
+    """GET each (path, params, check) in turn, sequentially: latencies, and what `check`
+    (given the answer's JSON) found wrong."""
     latencies: list[float] = []
     problems: list[str] = []
     headers = {"Authorization": f"Bearer {token}"}
@@ -258,7 +259,20 @@ def _requests(
             if len(problems) > 5:
                 break
         took = time.perf_counter() - start
-    return latencies, problems, meter, took
+    return Row(
+        key=key,
+        scenario=scenario,
+        store="postgres",
+        system="tally",
+        requests_per_s=len(latencies) / took,
+        p50_ms=percentile(latencies, 0.5),
+        p99_ms=percentile(latencies, 0.99),
+        cpu_percent=meter.cpu_percent,
+        rss_mb=meter.rss_mb,
+        count=len(latencies),
+        seconds=took,
+        problems=problems,
+    )
 
 
 def _tenant_months(big: BigStore, count: int, seed: int) -> list[tuple[int, int]]:
@@ -291,25 +305,19 @@ def usage(root: int, base_url: str, keys: Keys, big: BigStore, *, requests: int,
             return None
 
         paths.append(("/v1/usage", params, check))
-    latencies, problems, meter, took = _requests(root, base_url, keys.usage, paths)
     name = "by subject and day" if by == "subject_day" else "by attribute (model)"
-    return Row(
-        key=f"usage.{by}",
-        scenario=f"usage, tenant-month {name}",
-        store="postgres",
-        system="tally",
-        requests_per_s=len(latencies) / took,
-        p50_ms=percentile(latencies, 0.5),
-        p99_ms=percentile(latencies, 0.99),
-        cpu_percent=meter.cpu_percent,
-        rss_mb=meter.rss_mb,
-        count=len(latencies),
-        seconds=took,
-        problems=problems,
-        notes=[
-            f"{len(latencies)} sequential requests for random tenants among {big.layout.tenants:,}"
-        ],
+    row = _requests(
+        f"usage.{by}",
+        f"usage, tenant-month {name}",
+        root=root,
+        base_url=base_url,
+        token=keys.usage,
+        paths=paths,
     )
+    row.notes.append(
+        f"{row.count} sequential requests for random tenants among {big.layout.tenants:,}"
+    )
+    return row
 
 
 def reconciliation(root: int, base_url: str, keys: Keys, big: BigStore, requests: int) -> Row:
@@ -332,25 +340,18 @@ def reconciliation(root: int, base_url: str, keys: Keys, big: BigStore, requests
             return None
 
         paths.append(("/v1/reconciliation", params, check))
-    latencies, problems, meter, took = _requests(root, base_url, keys.usage, paths)
-    return Row(
-        key="reconciliation",
-        scenario="reconciliation, tenant-month",
-        store="postgres",
-        system="tally",
-        requests_per_s=len(latencies) / took,
-        p50_ms=percentile(latencies, 0.5),
-        p99_ms=percentile(latencies, 0.99),
-        cpu_percent=meter.cpu_percent,
-        rss_mb=meter.rss_mb,
-        count=len(latencies),
-        seconds=took,
-        problems=problems,
-        notes=[
-            f"{len(latencies)} sequential requests; each row's count checked against "
-            "the loaded events"
-        ],
+    row = _requests(
+        "reconciliation",
+        "reconciliation, tenant-month",
+        root=root,
+        base_url=base_url,
+        token=keys.usage,
+        paths=paths,
     )
+    row.notes.append(
+        f"{row.count} sequential requests; each row's count checked against the loaded events"
+    )
+    return row
 
 
 def sdk(
@@ -376,7 +377,7 @@ def sdk(
             )
             for n in range(processes)
         ]
-        outputs = [worker.communicate(timeout=seconds + 180) for worker in workers]
+        outputs = [worker.communicate(timeout=seconds + 660) for worker in workers]
     problems: list[str] = []
     found: list[dict[str, Any]] = []
     for worker, (out, err) in zip(workers, outputs, strict=True):

@@ -41,7 +41,7 @@ def main() -> int:
                     )
                 )
                 reported += 1
-        result = client.flush(timeout=120)
+        result = client.flush(timeout=600)
     seconds = time.perf_counter() - began
     sys.stdout.write(
         json.dumps(

@@ -105,7 +105,7 @@ def run(
     threads: int,
     batch: int = 1,
     tenants: int = 1,
-    delay_ms: float = 0.0,
+    rate: float = 0.0,
 ) -> Load:
     """wrk against `url` (POST /v1/events) for `seconds`; raises RuntimeError when wrk fails.
 
@@ -123,7 +123,8 @@ def run(
         "BENCH_BATCH": str(batch),
         "BENCH_DUP_EVERY": str(DUP_EVERY if batch >= DUP_EVERY else 0),
         "BENCH_DUP_LAG": "1",
-        "BENCH_DELAY_MS": f"{delay_ms:.3f}",
+        "BENCH_RATE": f"{rate:.1f}",
+        "BENCH_THREADS": str(threads),
         "BENCH_MAX_REQUESTS": str(MAX_REQUESTS_PER_THREAD),
     }
     command = [
