@@ -160,14 +160,10 @@ def references(results: Results, args: argparse.Namespace, load: Load, workdir: 
             scenarios.warm_up(app.base_url, "", load)
             results.add(
                 scenarios.ingest(
+                    scenarios.Target(app.process.pid, app.base_url, "", "-", "bare-asgi"),
                     "ref.bare.single",
                     "single-event ingest",
-                    "-",
-                    "bare-asgi",
-                    root=app.process.pid,
-                    url=app.base_url,
-                    token="",
-                    load=load,
+                    load,
                 )
             )
     if wanted(args, "single", "batch", "sdk"):
@@ -180,31 +176,24 @@ def references(results: Results, args: argparse.Namespace, load: Load, workdir: 
                 "bench.peers.afternoon:app", workdir, "peer", args.workers, env
             ) as app:
                 scenarios.warm_up(app.base_url, "", load)
+                peer = scenarios.Target(app.process.pid, app.base_url, "", "postgres", "peer")
                 if wanted(args, "single"):
                     say("[reference] afternoon peer, single events ...")
                     results.add(
                         scenarios.ingest(
+                            peer,
                             "ref.peer.single",
                             "single-event ingest",
-                            "postgres",
-                            "peer",
-                            root=app.process.pid,
-                            url=app.base_url,
-                            token="",
-                            load=load,
+                            load,
                         )
                     )
                 say(f"[reference] afternoon peer, batches of {BATCH} ...")
                 results.add(
                     scenarios.ingest(
+                        peer,
                         "ref.peer.batch",
                         f"batch ingest ({BATCH})",
-                        "postgres",
-                        "peer",
-                        root=app.process.pid,
-                        url=app.base_url,
-                        token="",
-                        load=load,
+                        load,
                         batch=BATCH,
                     )
                 )
@@ -226,19 +215,16 @@ def fresh_store(
     ):
         keys = servers.register(server, load.tenants)
         root, base = server.process.pid, server.base_url
+        tally = scenarios.Target(root, base, keys.write, store, "tally")
         if wanted(args, "batch", "growth"):
             scenarios.warm_up(base, keys.write, load)
             say(f"[tally {store}] batches of {BATCH} into the empty store ...")
             results.add(
                 scenarios.ingest(
+                    tally,
                     f"batch.{store}",
                     f"batch ingest ({BATCH})",
-                    store,
-                    "tally",
-                    root=root,
-                    url=base,
-                    token=keys.write,
-                    load=load,
+                    load,
                     batch=BATCH,
                 )
             )
@@ -247,28 +233,20 @@ def fresh_store(
             say(f"[tally {store}] single events ...")
             single = results.add(
                 scenarios.ingest(
+                    tally,
                     f"single.{store}",
                     "single-event ingest",
-                    store,
-                    "tally",
-                    root=root,
-                    url=base,
-                    token=keys.write,
-                    load=load,
+                    load,
                 )
             )
             if store == "postgres" and single.requests_per_s:
                 rate = 0.8 * single.requests_per_s
                 say(f"[tally {store}] single events paced at 80%: {rate:,.0f} req/s ...")
                 paced = scenarios.ingest(
+                    tally,
                     "single80.postgres",
                     "single-event ingest at 80%",
-                    store,
-                    "tally",
-                    root=root,
-                    url=base,
-                    token=keys.write,
-                    load=load,
+                    load,
                     rate=rate,
                 )
                 paced.notes.append(
@@ -286,6 +264,7 @@ def fresh_store(
                     processes=args.sdk_processes,
                     seconds=0.5 if args.quick else args.duration,
                     tenants=load.tenants,
+                    most=2_000 if args.quick else None,
                 )
             )
         metrics_check(results, server, keys, store)
@@ -334,6 +313,7 @@ def big_store(results: Results, args: argparse.Namespace, load: Load, workdir: P
         keys = servers.issue_keys(big.url, big.keyring)
         with servers.tally(big.url, workdir, "tally-big", args.workers, env) as server:
             root, base = server.process.pid, server.base_url
+            tally = scenarios.Target(root, base, keys.write, "postgres", "tally")
             if wanted(args, "export"):
                 with psycopg.connect(big.url) as connection:
                     found = connection.execute("SELECT count(*) FROM events").fetchone()
@@ -354,14 +334,10 @@ def big_store(results: Results, args: argparse.Namespace, load: Load, workdir: P
             if wanted(args, "growth"):
                 say(f"[big store] growth: batches of {BATCH} into the big store ...")
                 row = scenarios.ingest(
+                    tally,
                     "growth.big",
                     f"batch ingest ({BATCH}), big store",
-                    "postgres",
-                    "tally",
-                    root=root,
-                    url=base,
-                    token=keys.write,
-                    load=load,
+                    load,
                     batch=BATCH,
                 )
                 results.add(row)

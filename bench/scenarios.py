@@ -33,6 +33,17 @@ class Load:
     warm_up: bool = True
 
 
+@dataclass(frozen=True)
+class Target:
+    """A server under load: its root process (metered with its children), URL and key."""
+
+    root: int
+    url: str
+    token: str
+    store: str
+    system: str
+
+
 def percentile(values: list[float], fraction: float) -> float | None:
     if not values:
         return None
@@ -60,25 +71,15 @@ def warm_up(url: str, token: str, load: Load) -> None:
 
 
 def ingest(
-    key: str,
-    scenario: str,
-    store: str,
-    system: str,
-    *,
-    root: int,
-    url: str,
-    token: str,
-    load: Load,
-    batch: int = 1,
-    rate: float = 0.0,
+    target: Target, key: str, scenario: str, load: Load, *, batch: int = 1, rate: float = 0.0
 ) -> Row:
     """One wrk load of POST /v1/events (single events or batches), metered. Batches use
     `load.batch_connections`; `rate` > 0 paces the load to that many requests per second."""
-    procs.settle(root)
-    with procs.Meter(root) as meter:
+    procs.settle(target.root)
+    with procs.Meter(target.root) as meter:
         result = wrk.run(
-            url,
-            token=token,
+            target.url,
+            token=target.token,
             prefix=prefix(),
             seconds=load.seconds,
             connections=load.batch_connections if batch > 1 else load.connections,
@@ -90,8 +91,8 @@ def ingest(
     row = Row(
         key=key,
         scenario=scenario,
-        store=store,
-        system=system,
+        store=target.store,
+        system=target.system,
         requests_per_s=result.requests_per_s,
         events_per_s=result.events_per_s,
         p50_ms=result.p50_ms,
@@ -355,12 +356,25 @@ def reconciliation(root: int, base_url: str, keys: Keys, big: BigStore, requests
 
 
 def sdk(
-    root: int, base_url: str, keys: Keys, *, processes: int, seconds: float, tenants: int
+    root: int,
+    base_url: str,
+    keys: Keys,
+    *,
+    processes: int,
+    seconds: float,
+    tenants: int,
+    most: int | None = None,
 ) -> Row:
     """`processes` processes each reporting through tally.client as fast as they can for
-    `seconds`, then flushing (bench/sdk_worker.py)."""
+    `seconds` (and at most `most` events each, if given), then flushing (sdk_worker.py)."""
     run = prefix()
-    spec = {"url": base_url, "key": keys.write, "seconds": seconds, "tenants": tenants}
+    spec = {
+        "url": base_url,
+        "key": keys.write,
+        "seconds": seconds,
+        "tenants": tenants,
+        "most": most,
+    }
     with procs.Meter(root) as meter:
         workers = [
             subprocess.Popen(  # noqa: S603 - fixed argument list

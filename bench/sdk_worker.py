@@ -1,5 +1,5 @@
 """One process of the SDK scenario: `python -m bench.sdk_worker '{"url", "key", "seconds",
-"tenants", "prefix"}'` reports events through tally.client as fast as `report()` takes them
+"tenants", "prefix", "most"?}'` reports events through tally.client as fast as `report()` takes them
 for `seconds`, flushes, and prints one JSON line of what became of them."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def main() -> int:
     began = time.perf_counter()
     with Client([spec["url"]], spec["key"]) as client:
         stop = began + spec["seconds"]
-        while time.perf_counter() < stop:
+        most = spec.get("most") or float("inf")  # --quick: a bound on the events too
+        while time.perf_counter() < stop and reported < most:
             for _ in range(100):
                 n = reported
                 client.report(
