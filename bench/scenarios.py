@@ -235,10 +235,10 @@ def export_stream(root: int, base_url: str, keys: Keys, seconds: float, stored: 
 
 
 def _requests(
-    key: str, scenario: str, *, root: int, base_url: str, token: str, paths: list[Any]
+    key: str, scenario: str, *, root: int, base_url: str, token: str, paths: list[Any], note: str
 ) -> Row:
     """GET each (path, params, check) in turn, sequentially: latencies, and what `check`
-    (given the answer's JSON) found wrong."""
+    (given the answer's JSON) found wrong. `note` follows "N sequential requests"."""
     latencies: list[float] = []
     problems: list[str] = []
     headers = {"Authorization": f"Bearer {token}"}
@@ -273,6 +273,7 @@ def _requests(
         count=len(latencies),
         seconds=took,
         problems=problems,
+        notes=[f"{len(latencies)} sequential requests{note}"],
     )
 
 
@@ -307,18 +308,15 @@ def usage(root: int, base_url: str, keys: Keys, big: BigStore, *, requests: int,
 
         paths.append(("/v1/usage", params, check))
     name = "by subject and day" if by == "subject_day" else "by attribute (model)"
-    row = _requests(
+    return _requests(
         f"usage.{by}",
         f"usage, tenant-month {name}",
         root=root,
         base_url=base_url,
         token=keys.usage,
         paths=paths,
+        note=f" for random tenants among {big.layout.tenants:,}",
     )
-    row.notes.append(
-        f"{row.count} sequential requests for random tenants among {big.layout.tenants:,}"
-    )
-    return row
 
 
 def reconciliation(root: int, base_url: str, keys: Keys, big: BigStore, requests: int) -> Row:
@@ -341,18 +339,15 @@ def reconciliation(root: int, base_url: str, keys: Keys, big: BigStore, requests
             return None
 
         paths.append(("/v1/reconciliation", params, check))
-    row = _requests(
+    return _requests(
         "reconciliation",
         "reconciliation, tenant-month",
         root=root,
         base_url=base_url,
         token=keys.usage,
         paths=paths,
+        note="; each row's count checked against the loaded events",
     )
-    row.notes.append(
-        f"{row.count} sequential requests; each row's count checked against the loaded events"
-    )
-    return row
 
 
 def sdk(
