@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint lock clean
+.PHONY: serve test lint lock clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ lint: $(VENV)/.dev
 
 test: lint $(CODEGEN)/.installed
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The benchmark harness (bench/README.md): options pass through, e.g.
+#   make bench BENCH_ARGS="--quick"     make bench BENCH_ARGS="--only single,batch --duration 5"
+bench: $(VENV)/.dev
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock: $(BIN)/python

@@ -1,21 +1,35 @@
--- wrk script for bench/run.py: POST /v1/events with unique event ids.
+-- wrk script of the benchmark harness: POST /v1/events with unique, realistic events.
 --
--- Configured through the environment (run.py sets these):
---   BENCH_TOKEN         the events:write key
---   BENCH_PREFIX        random prefix of this run; ids are PREFIX-THREAD-COUNTER[-INDEX]
---   BENCH_TIME          the events' time, RFC 3339 (must be within the tenant's lateness window)
---   BENCH_TENANT        the tenant the events are for
---   BENCH_BATCH         1: one event object per request; N > 1: {"events": [N events]}
---   BENCH_MAX_REQUESTS  per-thread cap on requests (a bound on top of wrk's --duration)
+-- Configured through the environment (bench/wrk.py sets these):
+--   BENCH_TOKEN        the events:write key ("" for the peers, which take no key)
+--   BENCH_PREFIX       random prefix of this run; ids are PREFIX-THREAD-REQUEST-INDEX
+--   BENCH_TIME         the events' time, RFC 3339 (the run's start: inside the lateness window)
+--   BENCH_TENANTS      how many tenants the events are spread over: t00000, t00001, ...
+--   BENCH_BATCH        1: one event object per request; N > 1: {"events": [N events]}
+--   BENCH_DUP_EVERY    in a batch, every DUP_EVERY-th event repeats one sent LAG requests
+--                      earlier by this thread (same id, same content: a duplicate); 0: none
+--   BENCH_DUP_LAG      how many requests back (more than a thread's connections: answered)
+--   BENCH_RATE         pacing: requests per second of the whole run (0: as fast as answered).
+--                      Each thread keeps a fixed schedule of BENCH_RATE / BENCH_THREADS
+--                      requests per second and delay() holds each request until its slot, so
+--                      the offered rate does not fall as latency rises (a slot missed because
+--                      every connection was busy is skipped, not made up in a burst)
+--   BENCH_THREADS      wrk's thread count (for the per-thread share of BENCH_RATE)
+--   BENCH_MAX_REQUESTS per-thread cap on requests (a bound on top of wrk's --duration)
 --
--- done() prints one line starting with "BENCH_RESULT " holding a JSON object for run.py.
+-- Every event is a pure function of (thread, request, index), so a repeated one has exactly
+-- the content of the original. done() prints one line "BENCH_RESULT {json}" for the harness.
 
-local token = assert(os.getenv("BENCH_TOKEN"), "BENCH_TOKEN is not set")
+local token = os.getenv("BENCH_TOKEN") or ""
 local prefix = assert(os.getenv("BENCH_PREFIX"), "BENCH_PREFIX is not set")
 local event_time = assert(os.getenv("BENCH_TIME"), "BENCH_TIME is not set")
-local tenant = os.getenv("BENCH_TENANT") or "bench"
+local tenants = tonumber(os.getenv("BENCH_TENANTS") or "1")
 local batch = tonumber(os.getenv("BENCH_BATCH") or "1")
-local max_requests = tonumber(os.getenv("BENCH_MAX_REQUESTS") or "10000000")
+local dup_every = tonumber(os.getenv("BENCH_DUP_EVERY") or "0")
+local dup_lag = tonumber(os.getenv("BENCH_DUP_LAG") or "0")
+local rate = tonumber(os.getenv("BENCH_RATE") or "0")
+local thread_total = tonumber(os.getenv("BENCH_THREADS") or "1")
+local max_requests = tonumber(os.getenv("BENCH_MAX_REQUESTS") or "100000000")
 
 local threads = {}
 local thread_count = 0
@@ -29,38 +43,100 @@ end
 -- Per-thread state (each wrk thread has its own Lua state).
 tid = 0
 sent = 0
+sent_events = 0
+dup_sent = 0
 responses = 0
 ok = 0
 non2xx = 0
+answered_events = 0
 accepted = 0
-not_accepted = 0
+duplicates = 0
+rejected = 0
 capped = 0
 
-local headers = {
-  ["Authorization"] = "Bearer " .. token,
-  ["Content-Type"] = "application/json",
-}
+local headers = { ["Content-Type"] = "application/json" }
+if token ~= "" then
+  headers["Authorization"] = "Bearer " .. token
+end
 
-local function event(id, n)
-  return '{"id":"' .. id .. '","tenant":"' .. tenant
-    .. '","type":"compute.vcpu_seconds","quantity":"0.25","time":"' .. event_time
-    .. '","subject":"vm-' .. (n % 100) .. '","unit":"s","attributes":{"zone":"eu-1a"}}'
+local regions = { "eu-west", "eu-central", "us-east", "ap-south" }
+local plans = { "free", "pro", "enterprise" }
+local models = { "small", "medium", "large", "xl", "embed" }
+local features = { "chat", "search", "batch", "tools", "vision", "audio" }
+local sizes = { 128, 256, 512, 1024, 2048 }
+local types = { { "llm.tokens", "token" }, { "llm.tokens", "token" }, { "compute.vcpu_seconds", "s" } }
+
+local function pick(list, n)
+  return list[(n % #list) + 1]
+end
+
+local function event(request, index)
+  local n = request * 1009 + index * 7919 + tid * 104729
+  local kind = pick(types, n)
+  local attributes = '{"region":"' .. pick(regions, n) .. '","plan":"' .. pick(plans, math.floor(n / 4))
+    .. '","model":"' .. pick(models, math.floor(n / 12)) .. '","feature":"' .. pick(features, math.floor(n / 60))
+  if n % 2 == 0 then
+    attributes = attributes .. '","context":' .. pick(sizes, math.floor(n / 7)) .. '}'
+  else
+    attributes = attributes .. '"}'
+  end
+  return '{"id":"' .. prefix .. "-" .. tid .. "-" .. request .. "-" .. index
+    .. '","tenant":"' .. string.format("t%05d", (request * 31 + index) % tenants)
+    .. '","type":"' .. kind[1] .. '","quantity":"' .. (n % 4000) / 4
+    .. '","time":"' .. event_time .. '","subject":"user-' .. (n % 97)
+    .. '","unit":"' .. kind[2] .. '","attributes":' .. attributes .. "}"
 end
 
 function request()
   sent = sent + 1
-  local base = prefix .. "-" .. tid .. "-" .. sent
+  sent_events = sent_events + batch
   local body
   if batch == 1 then
-    body = event(base, sent)
+    body = event(sent, 1)
   else
     local parts = {}
     for i = 1, batch do
-      parts[i] = event(base .. "-" .. i, sent + i)
+      if dup_every > 0 and i % dup_every == 0 and sent > dup_lag then
+        -- The event at i - 1 of an earlier request: never itself a repeat.
+        parts[i] = event(sent - dup_lag, i - 1)
+        dup_sent = dup_sent + 1
+      else
+        parts[i] = event(sent, i)
+      end
     end
     body = '{"events":[' .. table.concat(parts, ",") .. "]}"
   end
   return wrk.format("POST", "/v1/events", headers, body)
+end
+
+local now_ms = function() return 0 end
+if rate > 0 then
+  local ffi = require("ffi")  -- wrk runs LuaJIT; os.clock is CPU time, os.time is in seconds
+  ffi.cdef([[
+    typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
+    int clock_gettime(int clock, bench_timespec *now);
+  ]])
+  local now = ffi.new("bench_timespec")
+  now_ms = function()
+    ffi.C.clock_gettime(1, now) -- CLOCK_MONOTONIC
+    return tonumber(now.tv_sec) * 1000 + tonumber(now.tv_nsec) / 1e6
+  end
+end
+local interval_ms = rate > 0 and 1000 * thread_total / rate or 0
+local next_slot = nil
+
+function delay()
+  if interval_ms == 0 then
+    return 0
+  end
+  local now = now_ms()
+  if next_slot == nil or next_slot < now - interval_ms then
+    next_slot = now -- behind schedule (all connections were busy): no catch-up burst
+  else
+    next_slot = next_slot + interval_ms
+  end
+  local wait = next_slot - now
+  return wait > 0 and math.floor(wait + 0.5) or 0
 end
 
 function response(status, _, body)
@@ -69,14 +145,20 @@ function response(status, _, body)
     non2xx = non2xx + 1
   else
     ok = ok + 1
-    local count
+    answered_events = answered_events + batch
     if batch == 1 then
-      count = body:find('"status": *"accepted"') and 1 or 0
+      if body:find('"status": *"accepted"') then
+        accepted = accepted + 1
+      elseif body:find('"status": *"duplicate"') then
+        duplicates = duplicates + 1
+      else
+        rejected = rejected + 1
+      end
     else
-      count = tonumber(body:match('"accepted": *(%d+)')) or 0
+      accepted = accepted + (tonumber(body:match('"accepted": *(%d+)')) or 0)
+      duplicates = duplicates + (tonumber(body:match('"duplicates": *(%d+)')) or 0)
+      rejected = rejected + (tonumber(body:match('"rejected": *(%d+)')) or 0)
     end
-    accepted = accepted + count
-    not_accepted = not_accepted + (batch - count)
   end
   if responses >= max_requests then
     capped = 1
@@ -85,23 +167,27 @@ function response(status, _, body)
 end
 
 function done(summary, latency, _)
-  local totals = { sent = 0, responses = 0, ok = 0, non2xx = 0, accepted = 0,
-                   not_accepted = 0, capped = 0 }
-  for _, thread in ipairs(threads) do
-    for name, _ in pairs(totals) do
+  local names = { "sent", "sent_events", "dup_sent", "responses", "ok", "non2xx",
+                  "answered_events", "accepted", "duplicates", "rejected", "capped" }
+  local totals = {}
+  for _, name in ipairs(names) do
+    totals[name] = 0
+    for _, thread in ipairs(threads) do
       totals[name] = totals[name] + thread:get(name)
     end
   end
   local e = summary.errors
-  io.write(string.format(
-    'BENCH_RESULT {"requests":%d,"duration_us":%d,"bytes":%d,'
-      .. '"connect_errors":%d,"read_errors":%d,"write_errors":%d,"status_errors":%d,'
-      .. '"timeouts":%d,"p50_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f,'
-      .. '"sent":%d,"responses":%d,"ok":%d,"non2xx":%d,"accepted":%d,'
-      .. '"not_accepted":%d,"capped":%d}\n',
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(99), latency.max, latency.mean,
-    totals.sent, totals.responses, totals.ok, totals.non2xx, totals.accepted,
-    totals.not_accepted, totals.capped))
+  local parts = {
+    string.format('"requests":%d,"duration_us":%d,"bytes":%d', summary.requests,
+                  summary.duration, summary.bytes),
+    string.format('"connect_errors":%d,"read_errors":%d,"write_errors":%d,"status_errors":%d,'
+                  .. '"timeouts":%d', e.connect, e.read, e.write, e.status, e.timeout),
+    string.format('"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f',
+                  latency:percentile(50), latency:percentile(90), latency:percentile(99),
+                  latency.max, latency.mean),
+  }
+  for _, name in ipairs(names) do
+    table.insert(parts, string.format('"%s":%d', name, totals[name]))
+  end
+  io.write("BENCH_RESULT {" .. table.concat(parts, ",") .. "}\n")
 end

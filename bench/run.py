@@ -1,554 +1,425 @@
 # ruff: noqa: T201
 # (T201: this harness reports its figures on the terminal; printing is its job.)
-"""Benchmark harness: a real `tally serve` under wrk load, figures printed, no thresholds.
+"""Benchmark harness (issue 10): Tally beside its peers and limits, in one run on one machine.
 
-    .venv/bin/python bench/run.py [--store sqlite|postgres|both] [--duration 10] [--connections 32]
+    make bench [BENCH_ARGS="--quick"]     or     .venv/bin/python -m bench --help
 
-Per store it measures single-event POSTs, 100-event batches, single-event POSTs with group
-commit effectively off (TALLY_COMMIT_MAX_EVENTS=1), and a full export through the cursor, all in
-one run so that the ratios between them compare like with like. See bench/README.md.
+Reference points (bare ASGI ceiling, the afternoon peer, COPY in and out), then Tally on
+PostgreSQL and SQLite: single-event ingest (and at 80% of its rate), 1,000-event batches, the
+SDK from several processes, and on the big store (10,000 tenants, 10 M events) the export as
+JSON pages and as the NDJSON stream, usage, reconciliation and growth. Prints one table and the
+issue's targets, and writes bench/results/<UTC time>.json and .md. See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import secrets
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import httpx
+if __package__ in (None, ""):  # run as a file: python bench/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import psycopg
 
-# The harness shares the end-to-end tests' way of running a server (tests/support/server.py).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support.server import STOP_TIMEOUT, TALLY, Server, running_server
+from bench import bigstore, limits, report, scenarios, servers, wrk
+from bench.report import Results
+from bench.scenarios import Load
 
-HERE = Path(__file__).resolve().parent
-LUA_SCRIPT = HERE / "events.lua"
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-TENANT = "bench"
-APPLICATION = "bench-app"
-BATCH_SIZE = 100
-WARMUP_SECONDS = 2
-LOAD_BUDGET_SECONDS = 180  # wrk time per invocation, all stores together
-EXPORT_PAGE = 1000
-EXPORT_TIME_LIMIT = 60.0
-MAX_REQUESTS_PER_THREAD = 5_000_000  # far above what one process serves in a minute
-HTTP_TIMEOUT = 30.0
+SCENARIOS = ("single", "batch", "sdk", "export", "usage", "reconciliation", "growth")
+RESULTS = Path(__file__).resolve().parent / "results"
+BATCH = 1000
 
 
-# --- results ---------------------------------------------------------------------------------
+_BEGAN = time.perf_counter()
 
 
-@dataclass
-class Figure:
-    """One measured line of the table."""
-
-    store: str
-    name: str
-    events_per_s: float
-    requests_per_s: float | None = None
-    p50_ms: float | None = None
-    p99_ms: float | None = None
-    server_cpu: float | None = None
-    events: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def valid(self) -> bool:
-        return not self.problems
+def say(message: str) -> None:
+    print(f"[{time.perf_counter() - _BEGAN:5.0f} s] {message}", flush=True)
 
 
-@dataclass(frozen=True)
-class WrkResult:
-    raw: dict[str, int | float]
-    output: str
-
-    def get(self, name: str) -> int:
-        return int(self.raw.get(name, 0))
-
-    @property
-    def seconds(self) -> float:
-        return self.raw["duration_us"] / 1e6
-
-    def problems(self) -> list[str]:
-        found: list[str] = []
-        socket_errors = {
-            name: self.get(name)
-            for name in ("connect_errors", "read_errors", "write_errors", "timeouts")
-        }
-        if any(socket_errors.values()):
-            found.append(f"socket errors {socket_errors}")
-        if self.get("non2xx") or self.get("status_errors"):
-            found.append(
-                f"{self.get('non2xx')} non-2xx responses ({self.get('status_errors')} >= 400)"
-            )
-        if self.get("not_accepted"):
-            found.append(f"{self.get('not_accepted')} events in 2xx answers were not 'accepted'")
-        if self.get("capped"):
-            found.append("a wrk thread hit the request cap: the rate is a lower bound")
-        if self.get("ok") == 0:
-            found.append("no successful request")
-        return found
-
-
-@dataclass(frozen=True)
-class Keys:
-    admin: str
-    write: str
-    read: str
-
-
-@dataclass
-class StoreRun:
-    store: str
-    figures: list[Figure] = field(default_factory=list)
-    acknowledged: int = 0
-    in_flight_bound: int = 0
-    log_findings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-# --- the store under test --------------------------------------------------------------------
-
-
-@contextmanager
-def sqlite_database(workdir: Path) -> Iterator[str]:
-    yield f"sqlite:///{workdir / 'bench.db'}"
-
-
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[str]:
-    """A throwaway database bench_<pid> on the local server, dropped on exit."""
-    name = f"bench_{os.getpid()}"
-    with psycopg.connect(admin_url, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        connection.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-# --- the server ------------------------------------------------------------------------------
-
-
-@contextmanager
-def tally_server(
-    database_url: str, workdir: Path, label: str, extra_env: dict[str, str] | None = None
-) -> Iterator[Server]:
-    """`tally serve --json` on a free port of 127.0.0.1, stopped (TERM, then KILL) on exit."""
-    with running_server(database_url, workdir, "--json", env=extra_env, label=label) as server:
-        yield server
-    if server.process.returncode == -signal.SIGKILL:
-        print(f"  warning: tally serve did not stop within {STOP_TIMEOUT:.0f}s; it was killed")
-
-
-def log_findings(server: Server, label: str) -> list[str]:
-    """What the server logged (it runs at TALLY_LOG_LEVEL=warning), counted by kind."""
-    counts: Counter[str] = Counter()
-    for path in (server.stdout, server.stderr):
-        for line in path.read_text(errors="replace").splitlines():
-            if not line.strip():
-                continue
-            if line.startswith("{"):
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    counts[line[:200]] += 1
-                    continue
-                if "key" in entry and "scopes" in entry:
-                    continue  # the admin key document printed on first start
-                kind = ", ".join(
-                    f"{name}={entry[name]}"
-                    for name in ("level", "logger", "event", "error_type")
-                    if name in entry
-                )
-                counts[kind] += 1
-            elif not line.startswith("INFO:"):
-                counts[line[:200]] += 1
-    return [f"{label}: {count} x {kind}" for kind, count in counts.most_common()]
-
-
-def register(base_url: str, admin_key: str) -> Keys:
-    """A tenant, an application, and an events:write and an events:read key, via the API."""
-    headers = {"Authorization": f"Bearer {admin_key}"}
-    with httpx.Client(base_url=base_url, headers=headers, timeout=HTTP_TIMEOUT) as client:
-        client.post("/v1/tenants", json={"id": TENANT, "name": "Bench"}).raise_for_status()
-        client.post("/v1/applications", json={"id": APPLICATION}).raise_for_status()
-        write = client.post(
-            "/v1/keys", json={"scopes": ["events:write"], "application": APPLICATION}
-        )
-        write.raise_for_status()
-        read = client.post("/v1/keys", json={"scopes": ["events:read"]})
-        read.raise_for_status()
-    return Keys(admin=admin_key, write=write.json()["key"], read=read.json()["key"])
-
-
-# --- load ------------------------------------------------------------------------------------
-
-
-def cpu_seconds(process: subprocess.Popen[bytes]) -> float:
-    """User + system CPU time of the server process so far (Linux /proc), 0.0 elsewhere."""
-    stat = Path(f"/proc/{process.pid}/stat")
-    if not stat.exists():
-        return 0.0
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rfc3339_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def run_wrk(
-    server: Server,
-    keys: Keys,
-    *,
-    batch: int,
-    seconds: int,
-    connections: int,
-    threads: int,
-    prefix: str,
-) -> WrkResult:
-    env = os.environ | {
-        "BENCH_TOKEN": keys.write,
-        "BENCH_PREFIX": prefix,
-        "BENCH_TIME": rfc3339_now(),
-        "BENCH_TENANT": TENANT,
-        "BENCH_BATCH": str(batch),
-        "BENCH_MAX_REQUESTS": str(MAX_REQUESTS_PER_THREAD),
-    }
-    wrk = shutil.which("wrk") or "wrk"
-    cpu_before = cpu_seconds(server.process)
-    command = [
-        wrk,
-        f"--threads={threads}",
-        f"--connections={connections}",
-        f"--duration={seconds}s",
-        "--timeout=10s",
-        f"--script={LUA_SCRIPT}",
-        f"{server.base_url}/v1/events",
-    ]
-    done = subprocess.run(  # noqa: S603 - fixed argument list; target is 127.0.0.1 only
-        command, env=env, capture_output=True, text=True, timeout=seconds + 60, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    for line in done.stdout.splitlines():
-        if line.startswith("BENCH_RESULT "):
-            raw: dict[str, int | float] = json.loads(line.removeprefix("BENCH_RESULT "))
-            raw["server_cpu_s"] = cpu_seconds(server.process) - cpu_before
-            return WrkResult(raw=raw, output=done.stdout)
-    raise RuntimeError(f"wrk printed no BENCH_RESULT line:\n{done.stdout}\n{done.stderr}")
-
-
-def load_figure(store: str, name: str, result: WrkResult) -> Figure:
-    seconds = result.seconds
-    return Figure(
-        store=store,
-        name=name,
-        events_per_s=result.get("accepted") / seconds,
-        requests_per_s=result.get("responses") / seconds,
-        p50_ms=result.get("p50_us") / 1000,
-        p99_ms=result.get("p99_us") / 1000,
-        server_cpu=float(result.raw["server_cpu_s"]) / seconds,
-        events=result.get("accepted"),
-        problems=result.problems(),
-    )
-
-
-@dataclass(frozen=True)
-class Export:
-    events: int
-    unique: int
-    pages: int
-    seconds: float
-    page_ms: list[float]
-    complete: bool
-    non2xx: list[str]
-    server_cpu_s: float
-
-
-def export_all(server: Server, keys: Keys, max_pages: int) -> Export:
-    """GET /v1/events?limit=1000, following next_cursor until has_more is false (bounded)."""
-    headers = {"Authorization": f"Bearer {keys.read}"}
-    identities: set[tuple[str, str]] = set()
-    events = pages = 0
-    page_ms: list[float] = []
-    non2xx: list[str] = []
-    cursor: str | None = None
-    complete = False
-    cpu_before = cpu_seconds(server.process)
-    with httpx.Client(base_url=server.base_url, headers=headers, timeout=HTTP_TIMEOUT) as client:
-        start = time.perf_counter()
-        while pages < max_pages and time.perf_counter() - start < EXPORT_TIME_LIMIT:
-            params: dict[str, str | int] = {"limit": EXPORT_PAGE}
-            if cursor is not None:
-                params["cursor"] = cursor
-            asked = time.perf_counter()
-            answer = client.get("/v1/events", params=params)
-            page_ms.append((time.perf_counter() - asked) * 1000)
-            if not answer.is_success:
-                non2xx.append(f"page {pages}: {answer.status_code} {answer.text[:200]}")
-                break
-            page: dict[str, Any] = answer.json()
-            pages += 1
-            events += len(page["events"])
-            identities.update((e["application"], e["id"]) for e in page["events"])
-            cursor = page["next_cursor"]
-            if not page["has_more"]:
-                complete = True
-                break
-        seconds = time.perf_counter() - start
-    server_cpu_s = cpu_seconds(server.process) - cpu_before
-    return Export(events, len(identities), pages, seconds, page_ms, complete, non2xx, server_cpu_s)
-
-
-def export_figure(store: str, export: Export, run: StoreRun) -> Figure:
-    problems = list(export.non2xx)
-    if not export.complete:
-        problems.append(f"export stopped at the bound after {export.pages} pages (incomplete)")
-    if export.unique != export.events:
-        problems.append(f"export repeated events: {export.events} read, {export.unique} unique")
-    if export.complete and export.unique < run.acknowledged:
-        problems.append(
-            f"export holds {export.unique} events but {run.acknowledged} were acknowledged"
-        )
-    if export.complete and export.unique > run.acknowledged + run.in_flight_bound:
-        problems.append(
-            f"export holds {export.unique} events, more than {run.acknowledged} acknowledged "
-            f"+ {run.in_flight_bound} possibly in flight"
-        )
-    ordered = sorted(export.page_ms)
-    return Figure(
-        store=store,
-        name=f"export, limit={EXPORT_PAGE}",
-        events_per_s=export.events / export.seconds if export.seconds else 0.0,
-        requests_per_s=export.pages / export.seconds if export.seconds else 0.0,
-        p50_ms=ordered[len(ordered) // 2] if ordered else None,
-        p99_ms=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else None,
-        server_cpu=export.server_cpu_s / export.seconds if export.seconds else None,
-        events=export.events,
-        problems=problems,
-    )
-
-
-# --- one store -------------------------------------------------------------------------------
-
-
-def measure_store(
-    store: str, database_url: str, workdir: Path, args: argparse.Namespace
-) -> StoreRun:
-    run = StoreRun(store=store)
-    prefix = secrets.token_hex(4)
-
-    def wrk(server: Server, keys: Keys, label: str, batch: int, seconds: int) -> WrkResult:
-        result = run_wrk(
-            server,
-            keys,
-            batch=batch,
-            seconds=seconds,
-            connections=args.connections,
-            threads=args.threads,
-            prefix=f"{prefix}{label}",
-        )
-        run.acknowledged += result.get("accepted")
-        run.in_flight_bound += args.connections * batch
-        return result
-
-    # Group commit effectively off first, on the fresh store: it prints the admin key.
-    print(f"[{store}] single events, group commit off (TALLY_COMMIT_MAX_EVENTS=1) ...")
-    extra = {"TALLY_COMMIT_MAX_EVENTS": "1"}
-    with tally_server(database_url, workdir, f"{store}-gc-off", extra) as server:
-        if not server.admin_key:
-            raise RuntimeError(f"tally serve printed no admin key:\n{server.logs()}")
-        keys = register(server.base_url, server.admin_key)
-        wrk(server, keys, "w0", 1, WARMUP_SECONDS)
-        off = wrk(server, keys, "s0", 1, args.duration)
-        run.log_findings += log_findings(server, "gc-off server")
-    run.figures.append(load_figure(store, "single, group commit off", off))
-
-    print(f"[{store}] single events, group commit on (default) ...")
-    with tally_server(database_url, workdir, f"{store}-gc-on") as server:
-        wrk(server, keys, "w1", 1, WARMUP_SECONDS)
-        single = wrk(server, keys, "s1", 1, args.duration)
-        run.figures.insert(0, load_figure(store, "single, group commit on", single))
-        print(f"[{store}] batches of {BATCH_SIZE} events ...")
-        batch = wrk(server, keys, "b1", BATCH_SIZE, args.duration)
-        run.figures.insert(1, load_figure(store, f"batch of {BATCH_SIZE}", batch))
-        print(f"[{store}] export of everything stored ...")
-        max_pages = (run.acknowledged + run.in_flight_bound) // EXPORT_PAGE + 10
-        export = export_all(server, keys, max_pages)
-        run.figures.append(export_figure(store, export, run))
-        run.log_findings += log_findings(server, "gc-on server")
-    return run
-
-
-# --- report ----------------------------------------------------------------------------------
-
-
-def machine(stores: list[str]) -> list[tuple[str, str]]:
-    cpu = "?"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    wrk = subprocess.run(  # noqa: S603 - fixed argument list
-        [shutil.which("wrk") or "wrk", "--version"],
+def git_commit() -> str:
+    found = subprocess.run(  # noqa: S603 - fixed argument list
+        [shutil.which("git") or "git", "-C", str(servers.ROOT), "describe", "--always", "--dirty"],
         capture_output=True,
         text=True,
         check=False,
     )
-    rows = [
-        ("nproc", str(os.cpu_count())),
-        ("cpu", cpu),
-        ("python", platform.python_version()),
-        ("sqlite", sqlite3.sqlite_version),
-        ("wrk", ((wrk.stdout or wrk.stderr or "?").splitlines() or ["?"])[0].split(" [")[0]),
-    ]
-    if "postgres" in stores:
-        with psycopg.connect(PG_ADMIN_URL) as connection:
-            found = connection.execute("SHOW server_version").fetchone()
-        rows.append(("postgresql", str(found[0]) if found else "?"))
-    return rows
+    return found.stdout.strip() or "?"
 
 
-def number(value: float | None, digits: int = 0) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.{digits}f}"
-
-
-def ratio(top: Figure | None, bottom: Figure | None) -> str:
-    if top is None or bottom is None or not bottom.events_per_s:
-        return "-"
-    value = f"{top.events_per_s / bottom.events_per_s:.1f}x"
-    return value if top.valid and bottom.valid else f"{value} (INVALID)"
-
-
-def report(runs: list[StoreRun], args: argparse.Namespace, stores: list[str]) -> None:
-    print()
-    print(
-        f"Tally benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {args.duration}s per load, "
-        f"{args.connections} connections, {args.threads} wrk threads"
-    )
-    for name, value in machine(stores):
-        print(f"  {name:<11} {value}")
-    print()
-    header = (
-        "store",
-        "figure",
-        "events/s",
-        "req/s",
-        "p50 ms",
-        "p99 ms",
-        "srv CPU",
-        "events",
-        "valid",
-    )
-    rows = [
-        (
-            f.store,
-            f.name,
-            number(f.events_per_s),
-            number(f.requests_per_s),
-            number(f.p50_ms, 1),
-            number(f.p99_ms, 1),
-            "-" if f.server_cpu is None else f"{f.server_cpu:.0%}",
-            number(f.events),
-            "yes" if f.valid else "NO",
-        )
-        for run in runs
-        for f in run.figures
-    ]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print(
-            "  ".join(
-                str(c).ljust(w) if i < 2 else str(c).rjust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
-    print("(srv CPU: the server process's CPU time over wall time; 100% = one core)")
-    print("(export: req/s is pages/s; p50/p99 are per page, measured by the client)")
-    print()
-    for run in runs:
-        by_name = {f.name: f for f in run.figures}
-        single = by_name.get("single, group commit on")
-        print(
-            f"{run.store}: batch/single {ratio(by_name.get(f'batch of {BATCH_SIZE}'), single)}, "
-            f"group commit on/off {ratio(single, by_name.get('single, group commit off'))}"
-        )
-    for run in runs:
-        for f in run.figures:
-            for problem in f.problems:
-                print(f"WARNING {run.store} / {f.name}: {problem} -> figure INVALID")
-        for line in run.log_findings[:10]:
-            print(f"WARNING {run.store} server log: {line}")
-        if len(run.log_findings) > 10:
-            print(f"WARNING {run.store}: {len(run.log_findings) - 10} more server log lines")
-
-
-# --- main ------------------------------------------------------------------------------------
+def machine() -> dict[str, str]:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    with psycopg.connect(servers.PG_ADMIN_URL) as connection:
+        found = connection.execute("SHOW server_version").fetchone()
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "postgresql": str(found[0]) if found else "?",
+        "sqlite": sqlite3.sqlite_version,
+        "wrk": wrk.version(),
+        "commit": git_commit(),
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--store", choices=("sqlite", "postgres", "both"), default="both")
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured load")
-    parser.add_argument("--connections", type=int, default=32, help="wrk connections")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser = argparse.ArgumentParser(
+        prog="bench",
+        description=(__doc__ or "").splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke mode: 1 s loads, a 20,000-event big store of 20 tenants "
+        "(a throwaway database), no warm-ups, few requests; every scenario still runs",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated scenarios among {','.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--store",
+        choices=("postgres", "sqlite", "both"),
+        default="both",
+        help="stores of the single and batch scenarios (the big store is PG)",
+    )
+    parser.add_argument("--duration", type=int, default=10, help="seconds of each wrk load")
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections")
+    parser.add_argument(
+        "--batch-connections",
+        type=int,
+        default=8,
+        help="wrk connections of the batch loads (each holds 1,000 events)",
+    )
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="wrk threads")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="server worker processes (Tally, peer, bare ASGI alike)",
+    )
+    parser.add_argument("--events", type=int, default=10_000_000, help="events of the big store")
+    parser.add_argument("--tenants", type=int, default=10_000, help="tenants of the big store")
+    parser.add_argument("--rebuild", action="store_true", help="load the big store again")
+    parser.add_argument("--sdk-processes", type=int, default=4, help="processes of the SDK run")
+    parser.add_argument(
+        "--requests", type=int, default=200, help="requests of each usage and reconciliation figure"
+    )
+    parser.add_argument(
+        "--export-seconds", type=float, default=60, help="bound of the JSON-pages export"
+    )
+    parser.add_argument(
+        "--stream-seconds",
+        type=float,
+        default=300,
+        help="bound of the NDJSON stream (it stops earlier at the store's end)",
+    )
+    parser.add_argument("--copy-rows", type=int, default=200_000, help="rows of the COPY-in limit")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where JSON and Markdown go")
     args = parser.parse_args(argv)
-    stores = ["sqlite", "postgres"] if args.store == "both" else [args.store]
-    per_store = 3 * args.duration + 2 * WARMUP_SECONDS
-    if args.duration < 1 or per_store * len(stores) > LOAD_BUDGET_SECONDS:
-        most = (LOAD_BUDGET_SECONDS // len(stores) - 2 * WARMUP_SECONDS) // 3
-        parser.error(f"--duration must be 1..{most} for {len(stores)} store(s) (3 min of load)")
-    if not 1 <= args.threads <= args.connections:
-        parser.error("need 1 <= --threads <= --connections")
-    args.stores = stores
+    args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(args.only) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose among {SCENARIOS}")
+    if args.quick:
+        args.duration = 2
+        args.events, args.tenants = 10_000, 20
+        args.requests = min(args.requests, 20)
+        args.export_seconds, args.stream_seconds = 10, 30
+        args.copy_rows = 5_000
+        args.sdk_processes = min(args.sdk_processes, 2)
+    if args.duration < 1 or args.connections < 1 or args.workers < 1 or args.events < 1:
+        parser.error("--duration, --connections, --workers and --events must be at least 1")
+    args.stores = ["postgres", "sqlite"] if args.store == "both" else [args.store]
     return args
+
+
+def wanted(args: argparse.Namespace, *names: str) -> bool:
+    return any(name in args.only for name in names)
+
+
+def references(results: Results, args: argparse.Namespace, load: Load, workdir: Path) -> None:
+    if wanted(args, "single"):
+        say("[reference] bare ASGI app, single events ...")
+        with servers.uvicorn_app("bench.peers.bare_asgi:app", workdir, "bare", args.workers) as app:
+            scenarios.warm_up(app.base_url, "", load)
+            results.add(
+                scenarios.ingest(
+                    scenarios.Target(app.process.pid, app.base_url, "", "-", "bare-asgi"),
+                    "ref.bare.single",
+                    "single-event ingest",
+                    load,
+                )
+            )
+    if wanted(args, "single", "batch", "sdk"):
+        with servers.throwaway_database("peer") as url:
+            from bench.peers import afternoon  # noqa: PLC0415 - only here
+
+            afternoon.create_table(url)
+            env = {"PEER_DATABASE_URL": url}
+            with servers.uvicorn_app(
+                "bench.peers.afternoon:app", workdir, "peer", args.workers, env
+            ) as app:
+                scenarios.warm_up(app.base_url, "", load)
+                peer = scenarios.Target(app.process.pid, app.base_url, "", "postgres", "peer")
+                if wanted(args, "single"):
+                    say("[reference] afternoon peer, single events ...")
+                    results.add(
+                        scenarios.ingest(
+                            peer,
+                            "ref.peer.single",
+                            "single-event ingest",
+                            load,
+                        )
+                    )
+                say(f"[reference] afternoon peer, batches of {BATCH} ...")
+                results.add(
+                    scenarios.ingest(
+                        peer,
+                        "ref.peer.batch",
+                        f"batch ingest ({BATCH})",
+                        load,
+                        batch=BATCH,
+                    )
+                )
+    if wanted(args, "batch", "sdk"):
+        say(f"[reference] psql \\copy of {args.copy_rows:,} rows into Tally's events table ...")
+        copy = limits.copy_in(workdir, args.copy_rows)
+        note = "rows/s into a fresh Tally-migrated events table"
+        results.add(copy.row("ref.copy.in", "COPY in (psql \\copy)", note))
+
+
+def fresh_store(
+    results: Results, args: argparse.Namespace, load: Load, workdir: Path, store: str
+) -> None:
+    """Tally on a new store: batches first (into the empty store: also growth's baseline),
+    then single events, then single events at 80% of that rate, then the SDK."""
+    with (
+        servers.throwaway_database("tally") if store == "postgres" else _sqlite(workdir) as url,
+        servers.tally(url, workdir, f"tally-{store}", args.workers) as server,
+    ):
+        keys = servers.register(server, load.tenants)
+        root, base = server.process.pid, server.base_url
+        tally = scenarios.Target(root, base, keys.write, store, "tally")
+        if wanted(args, "batch", "growth"):
+            scenarios.warm_up(base, keys.write, load)
+            say(f"[tally {store}] batches of {BATCH} into the empty store ...")
+            results.add(
+                scenarios.ingest(
+                    tally,
+                    f"batch.{store}",
+                    f"batch ingest ({BATCH})",
+                    load,
+                    batch=BATCH,
+                )
+            )
+        if wanted(args, "single"):
+            scenarios.warm_up(base, keys.write, load)
+            say(f"[tally {store}] single events ...")
+            single = results.add(
+                scenarios.ingest(
+                    tally,
+                    f"single.{store}",
+                    "single-event ingest",
+                    load,
+                )
+            )
+            if store == "postgres" and single.requests_per_s:
+                rate = 0.8 * single.requests_per_s
+                say(f"[tally {store}] single events paced at 80%: {rate:,.0f} req/s ...")
+                paced = scenarios.ingest(
+                    tally,
+                    "single80.postgres",
+                    "single-event ingest at 80%",
+                    load,
+                    rate=rate,
+                )
+                paced.notes.append(
+                    f"paced to {rate:,.0f} req/s (wrk delay() on a fixed schedule per thread); "
+                    f"achieved {paced.requests_per_s or 0:,.0f} req/s"
+                )
+                results.add(paced)
+        if store == "postgres" and wanted(args, "sdk"):
+            say(f"[tally {store}] SDK report() from {args.sdk_processes} processes ...")
+            results.add(
+                scenarios.sdk(
+                    root,
+                    base,
+                    keys,
+                    processes=args.sdk_processes,
+                    seconds=0.5 if args.quick else args.duration,
+                    tenants=load.tenants,
+                    most=2_000 if args.quick else None,
+                )
+            )
+        metrics_check(results, server, keys, store)
+
+
+def metrics_check(results: Results, server: servers.Server, keys: servers.Keys, store: str) -> None:
+    """Metrics are on: /metrics answers the admin key on the API port."""
+    with server.client(timeout=servers.HTTP_TIMEOUT) as client:
+        answer = client.get("/metrics", headers={"Authorization": f"Bearer {keys.admin}"})
+    if answer.status_code != 200 or b"tally_" not in answer.content:
+        results.notes.append(
+            f"WARNING: /metrics of the {store} server answered {answer.status_code}"
+        )
+
+
+class _sqlite:
+    def __init__(self, workdir: Path) -> None:
+        self.path = workdir / f"bench-{time.time_ns()}.db"
+
+    def __enter__(self) -> str:
+        return f"sqlite:///{self.path}"
+
+    def __exit__(self, *_: object) -> None:
+        for path in self.path.parent.glob(self.path.name + "*"):
+            path.unlink()
+
+
+def big_store(results: Results, args: argparse.Namespace, load: Load, workdir: Path) -> None:
+    say(f"[big store] {args.events:,} events over {args.tenants:,} tenants ...")
+    big = bigstore.ensure(
+        args.events,
+        args.tenants,
+        processes=max(2, os.cpu_count() or 2),
+        rebuild=args.rebuild,
+        throwaway=args.quick,
+        say=say,
+    )
+    results.notes.append(
+        f"big store: {args.events:,} events, {args.tenants:,} tenants, "
+        f"{big.layout.months} months from {big.layout.first_month:%Y-%m}; "
+        + ("reused, " if big.reused else "")
+        + f"loaded in {big.load_seconds:.0f} s"
+    )
+    try:
+        env = {"TALLY_KEYRING": str(big.keyring)}
+        keys = servers.issue_keys(big.url, big.keyring)
+        with servers.tally(big.url, workdir, "tally-big", args.workers, env) as server:
+            root, base = server.process.pid, server.base_url
+            tally = scenarios.Target(root, base, keys.write, "postgres", "tally")
+            if wanted(args, "export"):
+                with psycopg.connect(big.url) as connection:
+                    found = connection.execute("SELECT count(*) FROM events").fetchone()
+                stored = int(found[0]) if found else 0
+                say(f"[big store] export, JSON pages (at most {args.export_seconds:.0f} s) ...")
+                results.add(scenarios.export_pages(root, base, keys, args.export_seconds))
+                say(f"[big store] export, NDJSON stream (at most {args.stream_seconds:.0f} s) ...")
+                results.add(scenarios.export_stream(root, base, keys, args.stream_seconds, stored))
+            if wanted(args, "usage"):
+                for by in ("subject_day", "attribute"):
+                    say(f"[big store] usage {by}, {args.requests} requests ...")
+                    results.add(
+                        scenarios.usage(root, base, keys, big, requests=args.requests, by=by)
+                    )
+            if wanted(args, "reconciliation"):
+                say(f"[big store] reconciliation, {args.requests} requests ...")
+                results.add(scenarios.reconciliation(root, base, keys, big, args.requests))
+            if wanted(args, "growth"):
+                say(f"[big store] growth: batches of {BATCH} into the big store ...")
+                row = scenarios.ingest(
+                    tally,
+                    "growth.big",
+                    f"batch ingest ({BATCH}), big store",
+                    load,
+                    batch=BATCH,
+                )
+                results.add(row)
+            metrics_check(results, server, keys, "big-store")
+        if wanted(args, "export"):
+            say("[reference] COPY (SELECT ...) TO STDOUT of the big store ...")
+            copy = limits.copy_out(big.url)
+            note = "rows/s of the whole big store"
+            results.add(copy.row("ref.copy.out", "COPY TO (psql, to /dev/null)", note))
+    finally:
+        if big.throwaway:
+            bigstore.drop(big)
+
+
+def measure(args: argparse.Namespace, results: Results, workdir: Path) -> None:
+    # The ingest loads spread their events over the first 50 tenants (all of them in --quick):
+    # registered on the fresh stores, and the big store's own on it.
+    load = Load(
+        args.duration,
+        args.connections,
+        args.threads,
+        min(50, args.tenants),
+        args.batch_connections,
+        warm_up=not args.quick,
+    )
+    references(results, args, load, workdir)
+    for store in args.stores:
+        if wanted(args, "single", "batch") or (
+            store == "postgres" and wanted(args, "sdk", "growth")
+        ):
+            fresh_store(results, args, load, workdir, store)
+    if "postgres" in args.stores and wanted(args, "export", "usage", "reconciliation", "growth"):
+        big_store(results, args, load, workdir)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if shutil.which("wrk") is None:
-        print("wrk is not installed; on Debian: apt-get install -y wrk", file=sys.stderr)
-        return 2
-    if not TALLY.exists():
-        print(f"{TALLY} is missing: run this with the project's .venv/bin/python", file=sys.stderr)
-        return 2
-    runs: list[StoreRun] = []
+    for program in ("wrk", "psql"):
+        if shutil.which(program) is None:
+            package = "wrk" if program == "wrk" else "postgresql-client"
+            print(f"{program} is missing (Debian: apt-get install -y {package})", file=sys.stderr)
+            return 2
+    began = datetime.now(UTC)
+    stamp = began.strftime("%Y%m%dT%H%M%SZ")
+    options = {
+        name: getattr(args, name)
+        for name in (
+            "quick",
+            "only",
+            "store",
+            "duration",
+            "connections",
+            "batch_connections",
+            "threads",
+            "workers",
+            "events",
+            "tenants",
+            "sdk_processes",
+            "requests",
+            "export_seconds",
+            "stream_seconds",
+            "copy_rows",
+        )
+    }
+    options["only"] = ",".join(args.only)
+    results = Results(started=f"{began:%Y-%m-%d %H:%M} UTC", options=options, machine=machine())
+    results.notes.append(
+        f"rate limits on at {servers.RATE_LIMIT}/s per key and tenant (requests and events), "
+        "metrics on (/metrics on the API port); wrk closed-loop, sharing the machine"
+    )
     with tempfile.TemporaryDirectory(prefix="tally-bench-") as temp:
-        workdir = Path(temp)
-        for store in args.stores:
-            if store == "sqlite":
-                database = sqlite_database(workdir)
-            else:
-                database = postgres_database(PG_ADMIN_URL)
-            with database as url:
-                runs.append(measure_store(store, url, workdir, args))
-    report(runs, args, args.stores)
+        try:
+            measure(args, results, Path(temp))
+        finally:
+            results.notes.append(
+                f"the run took {(datetime.now(UTC) - began).total_seconds():.0f} s"
+            )
+            report.compare(results)
+            print()
+            print(report.text(results))
+            as_json, as_md = report.write(results, args.out, stamp)
+            print(f"\nwrote {as_json} and {as_md}")
     return 0
 
 
