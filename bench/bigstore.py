@@ -277,6 +277,16 @@ def _create(
     return seconds
 
 
+def _sessions(name: str) -> int:
+    """How many sessions of other clients are connected to database `name`."""
+    with psycopg.connect(servers.PG_ADMIN_URL, autocommit=True) as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def ensure(
     events: int, tenants: int, *, processes: int, rebuild: bool, throwaway: bool, say: Any
 ) -> BigStore:
@@ -292,6 +302,12 @@ def ensure(
         layout = Layout(events, tenants, found["first_month"].astimezone(UTC), found["months"])
         say(f"  big store: reusing {name} (loaded in {found['load_seconds']:.0f} s)")
         return BigStore(url, keyring, layout, found["load_seconds"], True, False)
+    busy = _sessions(name)
+    if busy:
+        raise RuntimeError(
+            f"{name} is incomplete and {busy} other session(s) use it: another run is loading "
+            "it (wait for it to finish; loading it again here would drop that run's work)"
+        )
     layout = Layout(events, tenants, _first_month(datetime.now(UTC)))
     say(f"  big store: loading {events:,} events into {name} with {processes} processes ...")
     seconds = _create(url, name, keyring, layout, processes=processes, say=say)

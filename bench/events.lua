@@ -6,9 +6,11 @@
 --   BENCH_TIME         the events' time, RFC 3339 (the run's start: inside the lateness window)
 --   BENCH_TENANTS      how many tenants the events are spread over: t00000, t00001, ...
 --   BENCH_BATCH        1: one event object per request; N > 1: {"events": [N events]}
---   BENCH_DUP_EVERY    in a batch, every DUP_EVERY-th event repeats one sent LAG requests
---                      earlier by this thread (same id, same content: a duplicate); 0: none
---   BENCH_DUP_LAG      how many requests back (more than a thread's connections: answered)
+--   BENCH_DUP_EVERY    in a batch, every DUP_EVERY-th event repeats one of the request this
+--                      thread last had answered (same id, same content: a duplicate); 0: none.
+--                      Batch loads run one connection per thread, so that request is the one
+--                      just before. (Not "request number - 1": wrk calls request() once more,
+--                      on thread 1, to check the script, and never sends that request.)
 --   BENCH_RATE         pacing: requests per second of the whole run (0: as fast as answered).
 --                      Each thread keeps a fixed schedule of BENCH_RATE / BENCH_THREADS
 --                      requests per second and delay() holds each request until its slot, so
@@ -26,7 +28,6 @@ local event_time = assert(os.getenv("BENCH_TIME"), "BENCH_TIME is not set")
 local tenants = tonumber(os.getenv("BENCH_TENANTS") or "1")
 local batch = tonumber(os.getenv("BENCH_BATCH") or "1")
 local dup_every = tonumber(os.getenv("BENCH_DUP_EVERY") or "0")
-local dup_lag = tonumber(os.getenv("BENCH_DUP_LAG") or "0")
 local rate = tonumber(os.getenv("BENCH_RATE") or "0")
 local thread_total = tonumber(os.getenv("BENCH_THREADS") or "1")
 local max_requests = tonumber(os.getenv("BENCH_MAX_REQUESTS") or "100000000")
@@ -43,8 +44,11 @@ end
 -- Per-thread state (each wrk thread has its own Lua state).
 tid = 0
 sent = 0
+last_answered = 0
 sent_events = 0
 dup_sent = 0
+dup_pending = 0
+dup_answered = 0
 responses = 0
 ok = 0
 non2xx = 0
@@ -95,11 +99,13 @@ function request()
     body = event(sent, 1)
   else
     local parts = {}
+    dup_pending = 0
     for i = 1, batch do
-      if dup_every > 0 and i % dup_every == 0 and sent > dup_lag then
-        -- The event at i - 1 of an earlier request: never itself a repeat.
-        parts[i] = event(sent - dup_lag, i - 1)
+      if dup_every > 0 and i % dup_every == 0 and last_answered > 0 then
+        -- The event at i - 1 of an answered request: never itself a repeat.
+        parts[i] = event(last_answered, i - 1)
         dup_sent = dup_sent + 1
+        dup_pending = dup_pending + 1
       else
         parts[i] = event(sent, i)
       end
@@ -141,6 +147,10 @@ end
 
 function response(status, _, body)
   responses = responses + 1
+  if status >= 200 and status <= 299 then
+    last_answered = sent -- one connection per thread in batch loads: the request just made
+    dup_answered = dup_answered + dup_pending -- the repeats that request carried
+  end
   if status < 200 or status > 299 then
     non2xx = non2xx + 1
   else
@@ -167,7 +177,7 @@ function response(status, _, body)
 end
 
 function done(summary, latency, _)
-  local names = { "sent", "sent_events", "dup_sent", "responses", "ok", "non2xx",
+  local names = { "sent", "sent_events", "dup_sent", "dup_answered", "responses", "ok", "non2xx",
                   "answered_events", "accepted", "duplicates", "rejected", "capped" }
   local totals = {}
   for _, name in ipairs(names) do

@@ -105,8 +105,9 @@ def ingest(
     )
     if batch > 1 and result.get("dup_sent"):
         row.notes.append(
-            f"{result.get('duplicates'):,} duplicates answered of {result.get('dup_sent'):,} "
-            f"repeats sent (1% of each batch)"
+            f"{result.get('duplicates'):,} duplicates answered for the "
+            f"{result.get('dup_answered'):,} repeats of answered requests "
+            f"({result.get('dup_sent'):,} sent, 1% of each batch)"
         )
     return row
 
