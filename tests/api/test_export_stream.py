@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tally.bootstrap import Services
-from tally.events.log import ExportFilter, ExportPage
+from tally.events.log import ExportFilter, ExportPage, LogRow
 from tests.api.helpers import assert_problem, auth, export_all, post_events
 from tests.conftest import World, event
 
@@ -224,18 +224,18 @@ def test_the_stream_reads_the_store_in_pages_of_its_limit(
     seed(client, world, count=100)
     store = services.store
     reads: list[int] = []
-    original = store.read
+    original = store.read_rows
 
-    def counted(**kwargs: Any) -> ExportPage:
+    def counted(**kwargs: Any) -> ExportPage[LogRow]:
         page = original(**kwargs)
         assert kwargs["limit"] == 8 and isinstance(kwargs["filters"], ExportFilter)
         reads.append(len(page.events))
         return page
 
-    store.read = counted  # type: ignore[method-assign]
+    store.read_rows = counted  # type: ignore[method-assign]
     try:
         lines = stream_lines(client, world.reader, limit=8)
     finally:
-        del store.read  # type: ignore[method-assign]
+        del store.read_rows  # type: ignore[method-assign]
     assert len(lines) == 100 + 12 + 1
     assert max(reads) <= 8 and len(reads) >= (100 + 12) // 8

@@ -171,10 +171,14 @@ def test_a_backup_of_an_older_schema_restores_and_a_newer_one_is_refused(
     source, clock = filled(make_store), Clock()
     path = source.settings.sqlite_path
     assert path is not None
-    # The store as it was before migration 0007: no epochs.
+    # The store as it was before migration 0007 (and so before 0008): no epochs.
     with sqlite3.connect(path) as connection:
         connection.execute("DROP TABLE log_epochs")
-        connection.execute("DELETE FROM _yoyo_migration WHERE migration_id = '0007.log_epochs'")
+        connection.execute("DROP INDEX tenant_keys_shredded")
+        connection.execute(
+            "DELETE FROM _yoyo_migration "
+            "WHERE migration_id IN ('0007.log_epochs', '0008.shredded_tenants')"
+        )
     older = tmp_path / "older.tbk"
     manifest = service.take(source.store, older, keyring=keyring, now=clock())
     assert manifest.origin.schema_version == "0006.usage"

@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 
 from tally.api.deps import PrincipalDep, ServicesDep, known_query_only
 from tally.api.problems import field_errors, responses
-from tally.api.render import CSV, NDJSON, csv_lines, ndjson_lines, negotiate
+from tally.api.render import CSV, NDJSON, csv_chunks, ndjson_chunks, negotiate
 from tally.api.schemas import INGEST_ANSWER, ExportedEvent, ExportPageOut, ingest_body_schema
 from tally.auth.service import Principal, Scope
 from tally.bootstrap import Services
@@ -28,8 +28,7 @@ from tally.errors import (
     InvalidInput,
     UnsupportedMediaType,
 )
-from tally.events.log import EXPORT_CSV_COLUMNS, Entry, ExportFilter
-from tally.events.model import Cancellation, StoredEvent
+from tally.events.log import EXPORT_CSV_COLUMNS, ExportFilter, Opened, row_fields, row_json
 from tally.events.validation import (
     CloudEventIn,
     EventDraft,
@@ -380,19 +379,18 @@ def _range(low: object, high: object, names: tuple[str, str]) -> None:
         )
 
 
-def _ndjson_line(entry: Entry | None, cursor: str) -> str:
+def _ndjson_line(entry: Opened | None, cursor: str) -> str:
     if entry is None:
         return json.dumps({"next_cursor": cursor, "has_more": False})
-    return f'{entry.to_json()[:-1]},"cursor":{json.dumps(cursor)}}}'
+    # A cursor is URL-safe base64: its JSON string is itself in quotes.
+    return row_json(*entry, f',"cursor":"{cursor}"')
 
 
-def _csv_row(entry: Entry | None, cursor: str) -> dict[str, Any]:
+def _csv_row(entry: Opened | None, cursor: str) -> dict[str, Any]:
     if entry is None:
         return {"kind": "end", "cursor": cursor}
-    row = entry.to_dict() if isinstance(entry, Cancellation) else entry.fields()
-    if isinstance(entry, StoredEvent):
-        row["attributes"] = entry.attributes_json  # JSON text as stored; empty if shredded
-        row["shredded"] = True if entry.shredded else None
+    # Attributes as their JSON text as stored; empty if shredded.
+    row = row_fields(*entry)
     row["cursor"] = cursor
     return row
 
@@ -485,16 +483,22 @@ def get_events(
     )
     if form == JSON:
         page = services.export.page(principal, filters, cursor=cursor, limit=limit)
-        events = ",".join(entry.to_json() for entry in page.events)
+        events = ",".join([row_json(row, opened) for row, opened in page.events])
         tail = json.dumps({"next_cursor": page.next_cursor, "has_more": page.has_more})
         return Response(f'{{"events":[{events}],{tail[1:]}', media_type=JSON)
     entries = _cut_when_failing(
         services.export.stream(principal, filters, cursor=cursor, limit=limit)
     )
+    # One chunk per read (a page of `limit` entries): a write per line would cost more than
+    # the line.
     if form == NDJSON:
-        body = ndjson_lines(_ndjson_line(entry, after) for entry, after in entries)
+        body = ndjson_chunks(
+            [_ndjson_line(entry, after) for entry, after in read] for read in entries
+        )
     else:
-        body = csv_lines(CSV_COLUMNS, (_csv_row(entry, after) for entry, after in entries))
+        body = csv_chunks(
+            CSV_COLUMNS, ([_csv_row(entry, after) for entry, after in read] for read in entries)
+        )
     return StreamingResponse(body, media_type=form)
 
 

@@ -102,6 +102,15 @@ def json_text(value: object, *, decimals_as_numbers: bool = False) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default)
 
 
+def ndjson_chunks(groups: Iterable[Iterable[str]]) -> Iterator[bytes]:
+    """One chunk of lines per group of JSON texts (never re-parsed): a stream written a
+    page at a time goes out in one piece per page, not one per line."""
+    for group in groups:
+        text = "\n".join(group)
+        if text:
+            yield (text + "\n").encode()
+
+
 def ndjson_lines(
     documents: Iterable[Mapping[str, Any] | str], *, decimals_as_numbers: bool = False
 ) -> Iterator[bytes]:
@@ -128,16 +137,26 @@ def _cell(value: object) -> str:
 
 def csv_lines(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Iterator[bytes]:
     """A header of `columns`, then each row's values for them (missing ones empty)."""
+    return csv_chunks(columns, ([row] for row in rows))
+
+
+def csv_chunks(
+    columns: Sequence[str], groups: Iterable[Iterable[Mapping[str, Any]]]
+) -> Iterator[bytes]:
+    """`csv_lines`, one chunk per group of rows (the header alone first)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
 
-    def line(values: Iterable[object]) -> bytes:
-        writer.writerow(values)
+    def taken() -> bytes:
         text = buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
         return text.encode()
 
-    yield line(columns)
-    for row in rows:
-        yield line(_cell(row.get(column)) for column in columns)
+    writer.writerow(columns)
+    yield taken()
+    for group in groups:
+        writer.writerows([_cell(row.get(column)) for column in columns] for row in group)
+        chunk = taken()
+        if chunk:
+            yield chunk

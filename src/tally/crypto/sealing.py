@@ -25,6 +25,7 @@ from tally.errors import TallyError
 VERSION = b"\x01"  # the first byte of a sealed value; plaintext JSON (from before 0002) is "{"
 _NONCE = 12
 _TAG = 16
+_APPLICATIONS_KEPT = 64  # per tenant cipher: the associated data's head per application
 
 
 class SealBroken(TallyError):
@@ -118,6 +119,7 @@ class TenantCipher:
 
     __slots__ = (
         "_aead",
+        "_applications",
         "_mac_key",
         "_prefix",
         "_reason_prefix",
@@ -132,6 +134,9 @@ class TenantCipher:
         # Length-prefixed parts concatenate: the tenant's half of the associated data is
         # encoded once, not once per event.
         self._prefix = _associated("tally/attributes", tenant)
+        # The associated data of attributes up to the event's id, per application: an
+        # export opens one attribute set per event, of a handful of applications.
+        self._applications: dict[str, bytes] = {}
         # A cancellation reason has associated data of its own kind: sealed reason bytes
         # copied into an event's attributes (or back) do not open there.
         self._reason_prefix = _associated("tally/cancellation-reason", tenant)
@@ -177,7 +182,13 @@ class TenantCipher:
         as they are."""
         if sealed[:1] == b"{":
             return sealed.decode()
-        associated = self._prefix + _associated(application, event_id)
+        head = self._applications.get(application)
+        if head is None:
+            if len(self._applications) >= _APPLICATIONS_KEPT:
+                self._applications.clear()
+            head = self._applications[application] = self._prefix + _associated(application)
+        eid = event_id.encode()
+        associated = head + len(eid).to_bytes(4, "big") + eid  # + _associated(event_id)
         return _open(self._aead, sealed, associated, "attribute set").decode()
 
     def seal_reason(self, *, application: str, event_id: str, reason: str) -> bytes:

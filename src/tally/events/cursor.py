@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
-import secrets
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,11 +70,20 @@ def _refused(detail: str) -> InvalidInput:
 _NOT_ISSUED = "The cursor is not one Tally issued."
 
 
+@functools.cache
 def _layout(partitions: int, *, epoch: bool) -> struct.Struct:
     """The sealed plaintext: filter digest, the epoch (from version 3), one unsigned 64-bit
     offset per partition, start."""
     epoch_field = f"{_EPOCH_BYTES}s" if epoch else ""
     return struct.Struct(f">{_DIGEST_BYTES}s{epoch_field}{partitions}QH")
+
+
+_OFFSET = struct.Struct(">Q")
+_START = struct.Struct(">H")
+_HEADER = bytes([_WITH_EPOCH])
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+# Where the offsets begin in a version 3 plaintext.
+_OFFSETS_AT = _DIGEST_BYTES + _EPOCH_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +105,17 @@ class CursorCodec:
     def encode(
         self, positions: Sequence[int], start: int, filter_digest: bytes, epoch: bytes
     ) -> str:
-        header = bytes([_WITH_EPOCH])
-        nonce = secrets.token_bytes(_NONCE_BYTES)
-        plain = _layout(len(positions), epoch=True).pack(filter_digest, epoch, *positions, start)
-        sealed = self._aead.encrypt(nonce, plain, header)
-        return base64.urlsafe_b64encode(header + nonce + sealed).rstrip(b"=").decode()
+        return self.walk(positions, start, filter_digest, epoch).current()
+
+    def walk(
+        self, positions: Sequence[int], start: int, filter_digest: bytes, epoch: bytes
+    ) -> CursorWalk:
+        """Cursors for a reader moving on from `positions`, one partition's offset at a
+        time: what a stream needs after every line, for a fraction of an `encode` each."""
+        plain = bytearray(
+            _layout(len(positions), epoch=True).pack(filter_digest, epoch, *positions, start)
+        )
+        return CursorWalk(self._aead, plain)
 
     def decode(self, cursor: str, *, filter_digest: bytes, partitions: int) -> Position:
         """What `cursor` says. Raises InvalidInput if it is empty, was altered, was issued
@@ -147,6 +163,40 @@ class CursorCodec:
         except ValueError:
             raise _refused(_NOT_ISSUED) from None
         return payload[1 : 1 + _DIGEST_BYTES], values
+
+
+class CursorWalk:
+    """The cursor of a position that moves: `move` sets one partition's offset and the
+    partition the next page starts with, `current` seals the position as it stands (a fresh
+    nonce each time, so two cursors for the same place still differ). The plaintext is
+    kept and changed in place, not packed again per cursor: a stream seals one per line."""
+
+    __slots__ = ("_aead", "_nonces", "_plain", "_used")
+
+    # Random nonces drawn from the OS a block at a time: one `os.urandom` per line cost as
+    # much as the sealing. A walk belongs to one reader (one thread), so needs no lock.
+    _BLOCK = _NONCE_BYTES * 1024
+
+    def __init__(self, aead: AESGCM, plain: bytearray) -> None:
+        self._aead = aead
+        self._plain = plain
+        self._nonces = b""
+        self._used = self._BLOCK
+
+    def move(self, partition: int, offset: int, start: int) -> None:
+        _OFFSET.pack_into(self._plain, _OFFSETS_AT + 8 * partition, offset)
+        _START.pack_into(self._plain, len(self._plain) - 2, start)
+
+    def current(self) -> str:
+        used = self._used
+        if used == self._BLOCK:
+            self._nonces, used = os.urandom(self._BLOCK), 0
+        self._used = used + _NONCE_BYTES
+        nonce = self._nonces[used : used + _NONCE_BYTES]
+        sealed = self._aead.encrypt(nonce, self._plain, _HEADER)
+        # base64.urlsafe_b64encode, without its two calls in Python per cursor.
+        text = binascii.b2a_base64(_HEADER + nonce + sealed, newline=False)
+        return text.translate(_URLSAFE).rstrip(b"=").decode()
 
 
 def _strict_b64(text: str) -> bytes | None:

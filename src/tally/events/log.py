@@ -19,13 +19,88 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from typing import Any, Generic, TypeVar
 
-from tally.events.model import Cancellation, StoredEvent
+from tally.events.model import Cancellation, StoredEvent, cancellation_json, event_json
 
 KINDS = ("event", "cancellation")
 """The kinds of export-log entry: an event, and the cancellation of one (appended later)."""
 
 Entry = StoredEvent | Cancellation
+
+LogRow = tuple[Any, ...]
+"""One export-log entry as the store reads it for the export, a plain row of the columns
+below: what the export writes, without an object per entry (services/export.py). The
+quantity and the times are text already as the export writes them (`format_decimal`,
+`format_time`); `SEALED` is an event's sealed attributes or a cancellation's sealed reason
+(bytes); a cancellation has None in the event's columns `TYPE` to `UNIT` and `REGION`."""
+
+ROW_PARTITION, ROW_OFFSET, ROW_KIND, ROW_APPLICATION, ROW_ID, ROW_TENANT, ROW_TYPE = range(7)
+ROW_QUANTITY, ROW_TIME, ROW_SUBJECT, ROW_UNIT, ROW_SEALED, ROW_REGION = range(7, 13)
+ROW_RECEIVED_AT = 13
+EVENT_ROW, CANCELLATION_ROW = "e", "c"  # the values of ROW_KIND
+
+Opened = tuple[LogRow, str | None]
+"""An export row and what was opened of it (services/export.py): an event's attributes as
+JSON text, a cancellation's reason; None when its tenant was shredded."""
+
+
+def row_json(row: LogRow, opened: str | None, tail: str = "") -> str:
+    """The export representation of an opened row: the very text of `StoredEvent.to_json`
+    and `Cancellation.to_json` for the same entry (`tail`: members after those, as in
+    `event_json`)."""
+    if row[ROW_KIND] == EVENT_ROW:
+        return event_json(
+            row[ROW_APPLICATION],
+            row[ROW_ID],
+            row[ROW_TENANT],
+            type=row[ROW_TYPE],
+            quantity=row[ROW_QUANTITY],
+            time=row[ROW_TIME],
+            subject=row[ROW_SUBJECT],
+            unit=row[ROW_UNIT],
+            region=row[ROW_REGION],
+            received_at=row[ROW_RECEIVED_AT],
+            attributes_json=opened,
+            tail=tail,
+        )
+    return cancellation_json(
+        row[ROW_APPLICATION], row[ROW_ID], row[ROW_TENANT], opened, row[ROW_RECEIVED_AT], tail=tail
+    )
+
+
+def row_fields(row: LogRow, opened: str | None) -> dict[str, Any]:
+    """The export fields of an opened row by name (an export CSV row without its cursor):
+    `attributes` as JSON text (None if shredded), `shredded` True or None."""
+    shredded = True if opened is None else None
+    if row[ROW_KIND] == EVENT_ROW:
+        return {
+            "kind": "event",
+            "id": row[ROW_ID],
+            "application": row[ROW_APPLICATION],
+            "tenant": row[ROW_TENANT],
+            "type": row[ROW_TYPE],
+            "quantity": row[ROW_QUANTITY],
+            "time": row[ROW_TIME],
+            "subject": row[ROW_SUBJECT],
+            "unit": row[ROW_UNIT],
+            "region": row[ROW_REGION],
+            "received_at": row[ROW_RECEIVED_AT],
+            "attributes": opened,
+            "shredded": shredded,
+        }
+    return {
+        "kind": "cancellation",
+        "application": row[ROW_APPLICATION],
+        "id": row[ROW_ID],
+        "tenant": row[ROW_TENANT],
+        "reason": opened,
+        "received_at": row[ROW_RECEIVED_AT],
+        "shredded": shredded,
+    }
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +147,8 @@ class ExportFilter:
 
 
 @dataclass(slots=True)
-class ExportPage:
-    events: list[Entry]  # both kinds, in log order within each partition
+class ExportPage(Generic[T]):
+    events: list[T]  # both kinds (Entry or LogRow), in log order within each partition
     positions: list[int]
     start: int  # the partition the next page begins with (round-robin; see store/plan.py)
     has_more: bool
@@ -88,6 +163,10 @@ class ExportPage:
     # another epoch, or past a head, is one the log has been rewound under.
     epoch: bytes = b""
     heads: list[int] = field(default_factory=list)
+    # From `read_rows`: the tenants of the page that are shredded in the same snapshot. A
+    # tenant's data key never changes (only its wrapping does, and a shred destroys it), so
+    # with these a reader knows which of the ciphers it holds it may still use.
+    shredded: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)

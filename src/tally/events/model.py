@@ -234,12 +234,27 @@ class StoredEvent:
         A shredded tenant's event keeps its identity, time and quantity, with `attributes`
         null and `"shredded": true`, so a billing system sees why instead of an error.
         """
-        body = json.dumps(self.fields(), ensure_ascii=False, separators=(",", ":"))
-        if self.shredded:
-            return f'{body[:-1]},"attributes":null,"shredded":true}}'
-        if self.attributes_json is None:
+        if not self.shredded and self.attributes_json is None:
             raise ValueError("the attributes of this event were not opened")
-        return f'{body[:-1]},"attributes":{self.attributes_json}}}'
+        cancelled = self.cancelled
+        return event_json(
+            self.application,
+            self.id,
+            self.tenant,
+            type=self.type,
+            quantity=format_decimal(self.quantity),
+            time=format_time(self.time),
+            subject=self.subject,
+            unit=self.unit,
+            region=self.region,
+            received_at=format_time(self.received_at),
+            attributes_json=None if self.shredded else self.attributes_json,
+            cancelled=(
+                None
+                if cancelled is None
+                else (format_time(cancelled.received_at), cancelled.reason)
+            ),
+        )
 
     @property
     def attributes(self) -> dict[str, str | bool | Decimal] | None:
@@ -284,4 +299,77 @@ class Cancellation:
         return body
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        if self.reason is None and not self.shredded:
+            raise ValueError("the reason of this cancellation was not opened")
+        return cancellation_json(
+            self.application,
+            self.id,
+            self.tenant,
+            None if self.shredded else self.reason,
+            format_time(self.received_at),
+        )
+
+
+def _text_or_null(value: str | None) -> str:
+    return "null" if value is None else _json_string(value)
+
+
+def event_json(
+    application: str,
+    event_id: str,
+    tenant: str,
+    *,
+    type: str,
+    quantity: str,
+    time: str,
+    subject: str | None,
+    unit: str | None,
+    region: str,
+    received_at: str,
+    attributes_json: str | None,
+    cancelled: tuple[str, str | None] | None = None,
+    tail: str = "",
+) -> str:
+    """An event's export representation from its fields as the export writes them (the
+    quantity `format_decimal`'s text, times `format_time`'s), `attributes_json` as opened
+    (None: shredded), and where one event is shown the time and reason of its cancellation;
+    `tail`, members written after the others (`,"cursor":"…"` in a stream).
+
+    What `json.dumps` of the fields would write, compact and UTF-8 as is (its string
+    encoder, in the same order), but written out: the export runs this for every entry.
+    """
+    more = ""
+    if cancelled is not None:
+        at, reason = cancelled
+        more = f',"cancelled":{{"at":"{at}","reason":{_text_or_null(reason)}}}'
+    if attributes_json is None:
+        more += ',"attributes":null,"shredded":true'
+    else:
+        more += ',"attributes":' + attributes_json
+    return (
+        f'{{"kind":"event","id":{_json_string(event_id)},'
+        f'"application":{_json_string(application)},"tenant":{_json_string(tenant)},'
+        f'"type":{_json_string(type)},"quantity":"{quantity}","time":"{time}",'
+        f'"subject":{"null" if subject is None else _json_string(subject)},'
+        f'"unit":{"null" if unit is None else _json_string(unit)},'
+        f'"region":{_json_string(region)},"received_at":"{received_at}"{more}{tail}}}'
+    )
+
+
+def cancellation_json(
+    application: str,
+    event_id: str,
+    tenant: str,
+    reason: str | None,
+    received_at: str,
+    *,
+    tail: str = "",
+) -> str:
+    """A cancellation's export representation (`reason` None: its tenant was shredded), as
+    `json.dumps` of `Cancellation.to_dict` would write it; `tail` as in `event_json`."""
+    shredded = ',"shredded":true' if reason is None else ""
+    return (
+        f'{{"kind":"cancellation","application":{_json_string(application)},'
+        f'"id":{_json_string(event_id)},"tenant":{_json_string(tenant)},'
+        f'"reason":{_text_or_null(reason)},"received_at":"{received_at}"{shredded}{tail}}}'
+    )

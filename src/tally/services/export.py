@@ -12,10 +12,19 @@ from tally.crypto.tenant_keys import TenantKeys
 from tally.errors import LogRewound, NotFound
 from tally.events.cursor import CursorCodec, Position
 from tally.events.log import (
+    EVENT_ROW,
+    ROW_APPLICATION,
+    ROW_ID,
+    ROW_KIND,
+    ROW_OFFSET,
+    ROW_PARTITION,
+    ROW_SEALED,
+    ROW_TENANT,
     Entry,
     ExportFilter,
     ExportPage,
-    partition_of,
+    LogRow,
+    Opened,
     resume_positions,
 )
 from tally.events.model import Cancellation, StoredEvent, format_time
@@ -25,17 +34,20 @@ from tally.store.interface import EventLog
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    events: list[Entry]
+    events: list[Opened]
     next_cursor: str
     has_more: bool
 
 
-Streamed = tuple[Entry | None, str]
-"""An entry of a stream and the cursor that resumes right after it; the last item, with no
-entry, carries the cursor to poll with once the stream has reached the end of the log."""
+Streamed = list[tuple[Opened | None, str]]
+"""One read of a stream: each entry with the cursor that resumes right after it; the last
+read ends with an item with no entry, whose cursor is the one to poll with once the stream
+has reached the end of the log."""
 
 
 E = TypeVar("E", bound=Entry)
+
+CIPHERS_KEPT = 10_000  # the export's ciphers by wrapped data key (TenantKeys keeps as many)
 
 
 class ExportService:
@@ -46,6 +58,11 @@ class ExportService:
         self._metrics = metrics
         self._cursors = cursors
         self._keys = keys
+        # tenant -> its cipher, for the rows of pages: a tenant's data key never changes once
+        # made (a rewrap wraps the same key anew; a shred destroys it for good), and each page
+        # says which of its tenants are shredded in its own snapshot, so a page asks the store
+        # for keys only for tenants not met before. A plain dict, like TenantKeys' cache.
+        self._ciphers: dict[str, TenantCipher] = {}
 
     def page(
         self, principal: Principal, filters: ExportFilter, *, cursor: str | None, limit: int
@@ -60,7 +77,7 @@ class ExportService:
         _, page = self._first(at, scoped, digest, limit)
         self._reported(principal, cursor, page)
         return Page(
-            events=self._opened(page.events),
+            events=self._opened(page),
             next_cursor=self._cursors.encode(page.positions, page.start, digest, page.epoch),
             has_more=page.has_more,
         )
@@ -70,8 +87,8 @@ class ExportService:
     ) -> Iterator[Streamed]:
         """Every entry after `cursor` matching `filters`, each with the cursor that resumes
         after it, read `limit` at a time, each page in a short snapshot of its own (never
-        one long transaction), so memory stays bounded by a page whatever the volume; then
-        `(None, cursor to poll with)`.
+        one long transaction), so memory stays bounded by a page whatever the volume; one
+        list per read, the last one ending with `(None, cursor to poll with)`.
 
         Raises as `page` does, and StoreUnavailable, before it returns: the checks and the
         first read happen now, so a refusal is an answer of its own and not a cut stream.
@@ -80,7 +97,7 @@ class ExportService:
         scoped, digest, at = self._begin(principal, filters, cursor)
         positions, first = self._first(at, scoped, digest, limit)
         self._reported(principal, cursor, first)
-        entries = self._opened(first.events)
+        entries = self._opened(first)
         return self._follow(
             scoped, digest, positions=positions, page=first, entries=entries, limit=limit
         )
@@ -91,47 +108,49 @@ class ExportService:
         digest: bytes,
         *,
         positions: list[int],
-        page: ExportPage,
-        entries: list[Entry],
+        page: ExportPage[LogRow],
+        entries: list[Opened],
         limit: int,
     ) -> Iterator[Streamed]:
-        partitions, epoch = len(positions), page.epoch
+        epoch = page.epoch
         while True:
             # The cursor after an entry: every position as before the page, the entry's own
             # partition moved to its offset (partitions are read in order, so an entry's
             # predecessors in the page are at or below these). After the page's last entry,
             # the page's own positions, which also move partitions read to their end.
-            after = list(positions)
-            last = len(entries) - 1
-            for index, (entry, offset) in enumerate(zip(entries, page.offsets, strict=True)):
-                partition = partition_of(entry.tenant, partitions)
-                after[partition] = offset
-                if index == last:
-                    yield entry, self._cursors.encode(page.positions, page.start, digest, epoch)
-                else:
-                    yield entry, self._cursors.encode(after, partition, digest, epoch)
+            walk = self._cursors.walk(positions, page.start, digest, epoch)
+            read: Streamed = []
+            for entry in entries[:-1]:
+                partition = entry[0][ROW_PARTITION]
+                walk.move(partition, entry[0][ROW_OFFSET], partition)
+                read.append((entry, walk.current()))
+            after = self._cursors.walk(page.positions, page.start, digest, epoch)
+            if entries:
+                read.append((entries[-1], after.current()))
             positions = page.positions
             if not page.has_more:
-                yield None, self._cursors.encode(page.positions, page.start, digest, epoch)
+                read.append((None, after.current()))
+                yield read
                 return
+            yield read
             page = self._read(positions, page.start, filters, limit)
             # Restored under the stream: it is cut, and its last cursor is refused.
             self._same_log(Position(positions, page.start, epoch), page, digest)
-            entries = self._opened(page.events)
+            entries = self._opened(page)
 
-    def _reported(self, principal: Principal, cursor: str | None, page: ExportPage) -> None:
+    def _reported(self, principal: Principal, cursor: str | None, page: ExportPage[LogRow]) -> None:
         """A key that sends a cursor reports how far it has read: its lag is measured."""
         if cursor is not None:
             self._metrics.export_read(key_id=principal.key_id, lag=page.lag)
 
     def _read(
         self, positions: list[int], start: int, filters: ExportFilter, limit: int
-    ) -> ExportPage:
-        return self._store.read(positions=positions, start=start, filters=filters, limit=limit)
+    ) -> ExportPage[LogRow]:
+        return self._store.read_rows(positions=positions, start=start, filters=filters, limit=limit)
 
     def _first(
         self, at: Position | None, filters: ExportFilter, digest: bytes, limit: int
-    ) -> tuple[list[int], ExportPage]:
+    ) -> tuple[list[int], ExportPage[LogRow]]:
         """The positions read from and the first page after the cursor at `at` (None: from
         the start, in whatever epoch the log is in), refused if the log was rewound under
         it."""
@@ -142,7 +161,7 @@ class ExportService:
         self._same_log(at, page, digest)
         return at.offsets, page
 
-    def _same_log(self, at: Position, page: ExportPage, digest: bytes) -> None:
+    def _same_log(self, at: Position, page: ExportPage[LogRow], digest: bytes) -> None:
         """Raises LogRewound when the cursor at `at` is ahead of the log `page` was read
         from: past what an epoch begun after its own started with (a restore rewound the log
         to before where the reader was), or past a partition's head (rewound under the same
@@ -197,11 +216,53 @@ class ExportService:
             raise NotFound("There is no event with this application and id.")
         event.cancelled = self._store.get_cancellation(application, event_id)
         entries: list[Entry] = [event] if event.cancelled is None else [event, event.cancelled]
-        self._opened(entries)
+        opened(self._keys, entries)
         return event
 
-    def _opened(self, entries: list[Entry]) -> list[Entry]:
-        return opened(self._keys, entries)
+    def _opened(self, page: ExportPage[LogRow]) -> list[Opened]:
+        """The page's rows with their attributes and reasons opened (None: shredded).
+        Raises SealBroken for a sealed value that is not its row's, as `opened` does."""
+        ciphers = self._ciphers_of(page)
+        found: list[Opened] = []
+        for row in page.events:
+            cipher = ciphers[row[ROW_TENANT]]
+            if cipher is None:
+                found.append((row, None))
+            elif row[ROW_KIND] == EVENT_ROW:
+                attributes = cipher.open(
+                    application=row[ROW_APPLICATION], event_id=row[ROW_ID], sealed=row[ROW_SEALED]
+                )
+                found.append((row, attributes))
+            else:
+                reason = cipher.open_reason(
+                    application=row[ROW_APPLICATION], event_id=row[ROW_ID], sealed=row[ROW_SEALED]
+                )
+                found.append((row, reason))
+        return found
+
+    def _ciphers_of(self, page: ExportPage[LogRow]) -> dict[str, TenantCipher | None]:
+        """A cipher for each tenant of the page, None for one shredded (in the page's
+        snapshot, or since)."""
+        ciphers: dict[str, TenantCipher | None] = {}
+        missing: list[str] = []
+        for tenant in {row[ROW_TENANT] for row in page.events}:
+            if tenant in page.shredded:
+                ciphers[tenant] = None
+                continue
+            cipher = self._ciphers.get(tenant)
+            if cipher is None:
+                missing.append(tenant)
+            else:
+                ciphers[tenant] = cipher
+        if missing:
+            found = self._keys.ciphers_of(missing)
+            if len(self._ciphers) + len(found) > CIPHERS_KEPT:
+                self._ciphers.clear()
+            self._ciphers.update(
+                (tenant, cipher) for tenant, cipher in found.items() if cipher is not None
+            )
+            ciphers.update(found)
+        return ciphers
 
 
 def opened(keys: TenantKeys, entries: list[E]) -> list[E]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import errno
 import json
+import re
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
@@ -22,6 +23,7 @@ from typing import Any, ClassVar
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.rows import tuple_row
 
 from tally.events.model import format_decimal, format_time, parse_time
 
@@ -131,6 +133,29 @@ class Dialect:
         """An event's content digest as kept in its `digest` column."""
         return bytes(value)
 
+    # --- the export's rows: text as the export writes it, from the database --------------
+
+    def time_text(self, column: str) -> str:
+        """An SQL expression: the time `column` as `format_time` writes it."""
+        raise NotImplementedError
+
+    def decimal_text(self, column: str) -> str:
+        """An SQL expression: the decimal `column` as text (`plain_rows` makes it the text
+        `format_decimal` writes)."""
+        raise NotImplementedError
+
+    def plain_rows(
+        self, connection: Any, sql: str, params: Sequence[object], *, sealed: int, decimal: int
+    ) -> list[Any]:
+        """The rows of `sql` as plain tuples, without a mapping per row (the export reads
+        many): column `sealed` (an index) as `read_sealed` gives it, column `decimal` (a
+        `decimal_text`, or NULL) as `format_decimal` writes it."""
+        raise NotImplementedError
+
+
+# What format_decimal writes: no exponent, no sign, no leading or trailing zeros.
+_CANONICAL_DECIMAL = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]*[1-9])?")
+
 
 class SQLiteDialect(Dialect):
     """Times as fixed-width RFC 3339 text (text order is time order), decimals as canonical
@@ -222,6 +247,30 @@ class SQLiteDialect(Dialect):
     def read_digest(self, value: Any) -> bytes:
         return bytes.fromhex(value)
 
+    # Times are kept as format_time's text, quantities as format_decimal's.
+    def time_text(self, column: str) -> str:
+        return column
+
+    def decimal_text(self, column: str) -> str:
+        return column
+
+    def plain_rows(
+        self, connection: Any, sql: str, params: Sequence[object], *, sealed: int, decimal: int
+    ) -> list[Any]:
+        cursor = connection.cursor()
+        cursor.row_factory = None
+        found: list[Any] = cursor.execute(sql, params).fetchall()
+        rows: list[Any] = []
+        for row in found:
+            values = list(row)
+            values[sealed] = self.read_sealed(values[sealed])
+            text = values[decimal]
+            # Written by format_decimal; anything else (a store written by hand) is made so.
+            if text is not None and not _CANONICAL_DECIMAL.fullmatch(text):
+                values[decimal] = format_decimal(Decimal(text))
+            rows.append(tuple(values))
+        return rows
+
 
 class PostgresDialect(Dialect):
     """Native types (timestamptz, numeric, bytea); lists bound as arrays."""
@@ -280,6 +329,23 @@ class PostgresDialect(Dialect):
 
     # NUMERIC arithmetic is exact: sum over numeric(38, 18) is an unconstrained numeric.
     exact = ""
+
+    def time_text(self, column: str) -> str:
+        # YYYY pads a year below 1000 to four digits, as format_time does.
+        return f"""to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+
+    def decimal_text(self, column: str) -> str:
+        # numeric's text never has an exponent; trim_scale drops the trailing zeros of the
+        # column's scale (0.100000000000000000 -> 0.1, 150.000… -> 150, 0.000… -> 0).
+        return f"trim_scale({column})::text"
+
+    def plain_rows(
+        self, connection: Any, sql: str, params: Sequence[object], *, sealed: int, decimal: int
+    ) -> list[Any]:
+        # Binary results: bytea arrives as bytes, without the hex text of the text format.
+        with connection.cursor(row_factory=tuple_row) as cursor:
+            rows: list[Any] = cursor.execute(self.sql(sql), params, binary=True).fetchall()
+        return rows
 
 
 # Enough digits for any sum of NUMERIC(38, 18) values a store can hold (a sum of 10^60 of

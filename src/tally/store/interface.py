@@ -21,7 +21,15 @@ from typing import Protocol
 
 from tally.auth.records import KeyRecord
 from tally.crypto.records import DataKey
-from tally.events.log import ExportFilter, ExportPage, LogEpoch, PeriodFigures, Totals
+from tally.events.log import (
+    Entry,
+    ExportFilter,
+    ExportPage,
+    LogEpoch,
+    LogRow,
+    PeriodFigures,
+    Totals,
+)
 from tally.events.model import Cancellation, NewEvent, Outcome, StoredEvent
 from tally.events.usage import Meter, TokenFill, UsageQuery, UsageRow
 from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
@@ -69,7 +77,7 @@ class EventLog(Protocol):
 
     def read(
         self, *, positions: Sequence[int], start: int, filters: ExportFilter, limit: int
-    ) -> ExportPage:
+    ) -> ExportPage[Entry]:
         """Up to `limit` entries (events and cancellations, in log order within each
         partition) after `positions` matching `filters`, from one snapshot, reading
         partitions round-robin from `start`.
@@ -78,6 +86,12 @@ class EventLog(Protocol):
         to their end move to the snapshot's end, so filtered polling stays cheap. The page
         also carries the log's epoch and each partition's head in that snapshot.
         """
+
+    def read_rows(
+        self, *, positions: Sequence[int], start: int, filters: ExportFilter, limit: int
+    ) -> ExportPage[LogRow]:
+        """`read`, with each entry a plain row (events/log.py LogRow) instead of an object:
+        the export's own read, which writes rows out as they come."""
 
     def log_epochs(self) -> list[LogEpoch]:
         """The log's epochs, oldest first (there is always one: migration 0007 makes it)."""

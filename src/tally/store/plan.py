@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from typing import TypeVar
 
-from tally.events.log import Entry, ExportFilter, ExportPage, partition_of
+from tally.events.log import ExportFilter, ExportPage, partition_of
 from tally.events.model import NewEvent, Outcome
 from tally.store.dialect import Dialect, Fragment
 
@@ -61,24 +62,27 @@ def wanted_partitions(filters: ExportFilter, partitions: int) -> list[int]:
     return list(range(partitions))
 
 
-Fetch = Callable[[int, int, int], list[tuple[int, Entry]]]
+T = TypeVar("T")
+"""What a page holds: an entry (events/log.py Entry), or a row of one (LogRow)."""
+
+Fetch = Callable[[int, int, int], list[tuple[int, T]]]
 
 
-def merged(*runs: list[tuple[int, Entry]], limit: int) -> list[tuple[int, Entry]]:
+def merged(*runs: list[tuple[int, T]], limit: int) -> list[tuple[int, T]]:
     """The first `limit` of several runs of (offset, entry), each in offset order, in offset
     order: one partition's events and cancellations, read by one query each."""
     return sorted((item for run in runs for item in run), key=lambda item: item[0])[:limit]
 
 
 def read_page(
-    fetch: Fetch,
+    fetch: Fetch[T],
     *,
     heads: Mapping[int, int],
     positions: Sequence[int],
     start: int,
     wanted: Sequence[int],
     limit: int,
-) -> ExportPage:
+) -> ExportPage[T]:
     """One export page, read partition by partition inside one snapshot.
 
     `fetch(partition, after, n)` returns up to n matching (offset, entry) pairs with offset >
@@ -92,7 +96,7 @@ def read_page(
     of a reader that is behind. The order is only about fairness; exactly-once rests on the
     per-partition positions alone.
     """
-    found: list[Entry] = []
+    found: list[T] = []
     offsets: list[int] = []
     moved = list(positions)
     lag = sum(max(0, heads[p] - positions[p]) for p in wanted)

@@ -20,21 +20,29 @@ import secrets
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any, Protocol
 
 from tally.auth.records import ADMIN_SCOPES_LIKE, KeyRecord, refuse_last_admin
 from tally.crypto.records import DataKey
 from tally.errors import AlreadyExists
 from tally.events.log import (
+    CANCELLATION_ROW,
+    EVENT_ROW,
+    ROW_OFFSET,
+    ROW_QUANTITY,
+    ROW_SEALED,
+    ROW_TENANT,
     Entry,
     ExportFilter,
     ExportPage,
     LogEpoch,
+    LogRow,
     PeriodFigures,
     Totals,
     partition_of,
 )
-from tally.events.model import Cancellation, NewEvent, StoredEvent
+from tally.events.model import Cancellation, NewEvent, StoredEvent, parse_time
 from tally.events.usage import Meter, TokenFill, UsageQuery, UsageRow
 from tally.registry.audit import AuditEntry, AuditFilter, AuditRecord
 from tally.registry.records import Application, Tenant
@@ -57,8 +65,24 @@ _LOG_STATE = (
 )
 
 
-def _qualified(columns: str, alias: str) -> str:
-    return ", ".join(f"{alias}.{column.strip()}" for column in columns.split(","))
+def _entry_of(row: LogRow) -> Entry:
+    """The entry of an export row (events/log.py LogRow)."""
+    _, _, kind, application, event_id, tenant, type_, quantity, time, subject = row[:10]
+    unit, sealed, region, received_at = row[10:]
+    identity = (application, event_id, tenant)
+    if kind == CANCELLATION_ROW:
+        return Cancellation(*identity, sealed_reason=sealed, received_at=parse_time(received_at))
+    return StoredEvent(
+        *identity,
+        type=type_,
+        quantity=Decimal(quantity),
+        time=parse_time(time),
+        subject=subject,
+        unit=unit,
+        sealed=sealed,
+        region=region,
+        received_at=parse_time(received_at),
+    )
 
 
 # Where a tenant's events in time order resume: (time, application, id).
@@ -102,6 +126,14 @@ class Session:
     def run(self, sql: str, params: Sequence[object] = ()) -> int:
         """Execute a statement; how many rows it changed."""
         return self._connection.execute(self._dialect.sql(sql), params).rowcount
+
+    def plain_rows(
+        self, sql: str, params: Sequence[object], *, sealed: int, decimal: int
+    ) -> list[Any]:
+        """Rows as plain tuples (Dialect.plain_rows)."""
+        return self._dialect.plain_rows(
+            self._connection, sql, params, sealed=sealed, decimal=decimal
+        )
 
     def many(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         """Execute a statement once per row of parameters."""
@@ -257,33 +289,58 @@ class SQLStore:
 
     def read(
         self, *, positions: Sequence[int], start: int, filters: ExportFilter, limit: int
-    ) -> ExportPage:
+    ) -> ExportPage[Entry]:
+        page = self.read_rows(positions=positions, start=start, filters=filters, limit=limit)
+        return ExportPage(
+            [_entry_of(row) for row in page.events],
+            page.positions,
+            page.start,
+            page.has_more,
+            offsets=page.offsets,
+            lag=page.lag,
+            epoch=page.epoch,
+            heads=page.heads,
+        )
+
+    def read_rows(
+        self, *, positions: Sequence[int], start: int, filters: ExportFilter, limit: int
+    ) -> ExportPage[LogRow]:
         d = self.dialect
         # Events and cancellations share each partition's offsets: one query per kind, merged
         # by offset. A cancellation matches the event filters through the event it cancels.
+        # The columns are those of events/log.py LogRow, times and quantity as export text.
+        received = d.time_text("e.received_at")
         where, params = plan.filter_sql(filters, d, event="e", received="e.received_at")
         events_sql = (
-            f"SELECT e.log_offset, {_qualified(EVENT_COLUMNS, 'e')} FROM events e "
+            f"SELECT e.partition, e.log_offset, '{EVENT_ROW}', e.application, e.id, e.tenant, "
+            f"e.type, {d.decimal_text('e.quantity')}, {d.time_text('e.time')}, e.subject, e.unit, "
+            f"e.attributes, e.region, {received} FROM events e "
             f"WHERE e.partition = ? AND e.log_offset > ?{where} ORDER BY e.log_offset LIMIT ?"
         )
         c_where, c_params = plan.filter_sql(filters, d, event="e", received="c.received_at")
         cancellations_sql = (
-            f"SELECT c.log_offset, {_qualified(CANCELLATION_COLUMNS, 'c')} FROM cancellations c "
+            f"SELECT c.partition, c.log_offset, '{CANCELLATION_ROW}', c.application, c.id, "
+            "c.tenant, NULL, NULL, NULL, NULL, NULL, c.reason, NULL, "
+            f"{d.time_text('c.received_at')} FROM cancellations c "
             "JOIN events e ON e.application = c.application AND e.id = c.id "
             f"WHERE c.partition = ? AND c.log_offset > ?{c_where} ORDER BY c.log_offset LIMIT ?"
         )
         kinds = {filters.kind} if filters.kind is not None else {"event", "cancellation"}
         with self._read(snapshot=True) as session:
 
-            def fetch(partition: int, after: int, count: int) -> list[tuple[int, Entry]]:
-                events: list[tuple[int, Entry]] = []
-                cancellations: list[tuple[int, Entry]] = []
+            def rows(sql: str, values: Sequence[object]) -> list[tuple[int, LogRow]]:
+                found = session.plain_rows(sql, values, sealed=ROW_SEALED, decimal=ROW_QUANTITY)
+                return [(row[ROW_OFFSET], row) for row in found]
+
+            def fetch(partition: int, after: int, count: int) -> list[tuple[int, LogRow]]:
+                events: list[tuple[int, LogRow]] = []
+                cancellations: list[tuple[int, LogRow]] = []
                 if "event" in kinds:
-                    rows = session.all(events_sql, (partition, after, *params, count))
-                    events = [(row["log_offset"], self._event(row)) for row in rows]
+                    events = rows(events_sql, (partition, after, *params, count))
                 if "cancellation" in kinds:
-                    rows = session.all(cancellations_sql, (partition, after, *c_params, count))
-                    cancellations = [(row["log_offset"], self._cancellation(row)) for row in rows]
+                    cancellations = rows(cancellations_sql, (partition, after, *c_params, count))
+                if not cancellations:
+                    return events[:count]
                 return plan.merged(events, cancellations, limit=count)
 
             state = session.all(_LOG_STATE)
@@ -298,6 +355,16 @@ class SQLStore:
             )
             # Migration 0007 makes the first epoch: there is always one.
             page.epoch, page.heads = bytes(state[0]["epoch"]), heads
+            tenants, tenant_params = d.in_list(
+                "tenant", sorted({row[ROW_TENANT] for row in page.events})
+            )
+            page.shredded = {
+                row["tenant"]
+                for row in session.all(
+                    f"SELECT tenant FROM tenant_keys WHERE wrapped IS NULL AND {tenants}",
+                    tenant_params,
+                )
+            }
             return page
 
     def log_epochs(self) -> list[LogEpoch]:
