@@ -22,6 +22,7 @@ from tally.events.digest import (
     canonical_time,
     event_hash,
     reconciliation_digest,
+    stored_event_hash,
 )
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "reconciliation.md"
@@ -289,3 +290,60 @@ def test_strings_are_written_as_json_dumps_without_ascii_escapes_writes_them(tex
     assert f'"subject":{written},' in canonical_event(_entry(subject=text), False)
     attributes = canonical_event(_entry(attributes={text: text}), False)
     assert f'"attributes":{{{written}:{written}}}' in attributes
+
+
+_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+_VALUES = st.one_of(
+    _TEXT,
+    st.booleans(),
+    st.decimals(allow_nan=False, allow_infinity=False, places=6),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    strings=st.tuples(_TEXT, _TEXT, _TEXT, _TEXT),
+    quantity=st.decimals(min_value=0, allow_nan=False, allow_infinity=False),
+    time=st.datetimes(timezones=st.just(UTC)),
+    subject=st.none() | _TEXT,
+    unit=st.none() | _TEXT,
+    attributes=st.none() | st.dictionaries(_TEXT, _VALUES, max_size=5),
+    cancelled=st.booleans(),
+)
+def test_a_stored_events_hash_is_the_hash_of_its_entry(
+    *,
+    strings: tuple[str, str, str, str],
+    quantity: Decimal,
+    time: datetime,
+    subject: str | None,
+    unit: str | None,
+    attributes: dict[str, Any] | None,
+    cancelled: bool,
+) -> None:
+    """The server's hash of an event from its typed fields (services/reconciliation.py) is
+    the one a billing system computes from the entry it was exported as."""
+    application, event_id, tenant, type_ = strings
+    entry = {
+        "application": application,
+        "id": event_id,
+        "tenant": tenant,
+        "type": type_,
+        "quantity": quantity,
+        "time": time,
+        "subject": subject,
+        "unit": unit,
+        "attributes": attributes,
+        "shredded": attributes is None,
+    }
+    assert stored_event_hash(
+        application=application,
+        event_id=event_id,
+        tenant=tenant,
+        type=type_,
+        quantity=quantity,
+        time=time,
+        subject=subject,
+        unit=unit,
+        attributes=attributes,
+        cancelled=cancelled,
+    ) == event_hash(entry, cancelled)

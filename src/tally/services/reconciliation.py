@@ -20,7 +20,7 @@ from tally.auth.service import Principal, Scope
 from tally.crypto.tenant_keys import TenantKeys
 from tally.errors import StoreUnavailable
 from tally.events import windows
-from tally.events.digest import DigestAccumulator
+from tally.events.digest import DigestAccumulator, stored_event_hash
 from tally.events.log import ExportFilter, PeriodFigures
 from tally.events.model import StoredEvent
 from tally.services.export import opened
@@ -74,6 +74,22 @@ def digest_fields(event: StoredEvent) -> dict[str, Any]:
         "attributes": None if event.shredded else event.attributes,
         "shredded": event.shredded,
     }
+
+
+def digest_hash(event: StoredEvent, cancelled: bool) -> bytes:
+    """The `event_hash` of `digest_fields(event)`, from the event's own fields."""
+    return stored_event_hash(
+        application=event.application,
+        event_id=event.id,
+        tenant=event.tenant,
+        type=event.type,
+        quantity=event.quantity,
+        time=event.time,
+        subject=event.subject,
+        unit=event.unit,
+        attributes=None if event.shredded else event.attributes,
+        cancelled=cancelled,
+    )
 
 
 _Key = tuple[str, int]  # (type, period index), of one tenant
@@ -189,7 +205,7 @@ class ReconciliationService:
             for event, (_, cancelled) in zip(events, page, strict=True):
                 key = (event.type, bisect_right(starts, event.time) - 1)
                 accumulator, gone = found.setdefault(key, (DigestAccumulator(), 0))
-                accumulator.add(digest_fields(event), cancelled)
+                accumulator.add_hash(digest_hash(event, cancelled))
                 if cancelled:
                     found[key] = (accumulator, gone + 1)
             if len(page) < self._page:

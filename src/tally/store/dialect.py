@@ -89,6 +89,11 @@ class Dialect:
     # The prefix of the exact aggregates' names: sum, min and max are `{exact}sum` and so on.
     exact: ClassVar[str]
 
+    # Whether a query bucketing events into windows also bounds them by the whole range
+    # (store/usage.py): on PostgreSQL the range keeps a tenant's search to the range instead
+    # of the tenant's whole history; SQLite then searches the whole range once per window.
+    windows_within_range: ClassVar[bool]
+
     def sum(self, expression: str) -> str:
         """The exact sum of a decimal column or expression (NULL over no rows), read back with
         `read_decimal`: never through floating point."""
@@ -190,6 +195,10 @@ class SQLiteDialect(Dialect):
     # on every connection the store opens (`register`), work on Decimals and answer canonical
     # text.
     exact = "decimal_"
+
+    # With the range as well, SQLite searched the index by the range instead of each
+    # window's bounds: 2,880 minute windows over 20,000 events took 191 s instead of 0.3 s.
+    windows_within_range = False
 
     @staticmethod
     def register(connection: sqlite3.Connection) -> None:
@@ -346,6 +355,10 @@ class PostgresDialect(Dialect):
         with connection.cursor(row_factory=tuple_row) as cursor:
             rows: list[Any] = cursor.execute(self.sql(sql), params, binary=True).fetchall()
         return rows
+
+    # Without the range, PostgreSQL read a tenant's month through events_tenant_log: every
+    # event the tenant ever had, filtered afterwards (1,000 read for the month's 333).
+    windows_within_range = True
 
 
 # Enough digits for any sum of NUMERIC(38, 18) values a store can hold (a sum of 10^60 of

@@ -36,9 +36,11 @@ equal labels for equal values."""
 
 def _matching(query: UsageQuery, d: Dialect, *, windowed: bool = False) -> Fragment:
     """The WHERE clause of the matching events. `windowed`: the windows (which lie inside the
-    range) bound the time instead, so the planner searches the time index once per window
-    rather than over the whole range for each."""
-    filters = replace(query.filters, time_from=None, time_to=None) if windowed else query.filters
+    range) bound the time, so the planner searches the time index once per window; the range
+    too where the dialect plans it well (`Dialect.windows_within_range`)."""
+    filters = query.filters
+    if windowed and not d.windows_within_range:
+        filters = replace(filters, time_from=None, time_to=None)
     where, params = plan.filter_sql(filters, d, event="e", received="e.received_at")
     # Cancelled events count for nothing (the shared predicate of store/plan.py).
     keep, kept = plan.not_cancelled("e", d)
