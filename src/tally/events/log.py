@@ -15,6 +15,7 @@ both kinds and a reader sees events and cancellations in commit order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -223,8 +224,10 @@ class Totals:
     max: Decimal | None
 
 
+@functools.lru_cache(maxsize=65_536)
 def partition_of(tenant: str, partitions: int) -> int:
-    """The export-log partition of a tenant: stable across processes, versions and hosts."""
+    """The export-log partition of a tenant: stable across processes, versions and hosts.
+    Remembered: every event appended and every export read asks it again."""
     return int.from_bytes(hashlib.sha256(tenant.encode()).digest()[:4], "big") % partitions
 
 

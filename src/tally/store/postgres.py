@@ -1,8 +1,9 @@
 """The production store on PostgreSQL (psycopg 3 with a connection pool).
 
 Commits are durable (`synchronous_commit=on` is forced per connection). Appends lock the
-touched partitions' counter rows in partition order first, so offsets follow commit order and
-concurrent writers never deadlock on them; events go in with one binary COPY.
+touched partitions' counter rows in partition order, so offsets follow commit order and
+concurrent writers never deadlock on them, as late in the transaction as they can; events go
+in with one binary COPY.
 """
 
 from __future__ import annotations
@@ -261,29 +262,22 @@ class PostgresStore(SQLStore):
     def _append(
         self, events: Sequence[NewEvent], *, received_at: datetime, copy: bool
     ) -> list[Outcome]:
-        touched = plan.partitions_of(events, self.partitions)
-        # The touched partitions' counter rows, locked in partition order until commit:
-        # offsets follow commit order, and concurrent writers never deadlock on them.
+        # The touched partitions' counter rows are locked in partition order until commit:
+        # offsets follow commit order, and concurrent writers never deadlock on them. Every
+        # writer waits for those locks (a batch over many tenants touches every partition),
+        # so they are taken last, once the dictionary entries are in, the stored digests
+        # read and the rows built: what is done under them is only numbering, writing and
+        # committing. A writer that commits one of these identities meanwhile fails our COPY
+        # (UniqueViolation: `append` goes again) or is skipped by our INSERT (judged below).
         with self._connection() as connection, connection.transaction():
             session = Session(connection, self.dialect)
-            last = {
-                row["partition"]: row["last_offset"]
-                for row in session.all(
-                    "SELECT partition, last_offset FROM log_partitions "
-                    "WHERE partition = ANY(?) ORDER BY partition FOR UPDATE",
-                    (touched,),
-                )
-            }
+            self._add_values(session, events)
             outcomes = plan.classify(events, self._stored(session, events))
             fresh = [e for e, o in zip(events, outcomes, strict=True) if o is Outcome.ACCEPTED]
-            self._add_values(session, events)
             if not fresh:
                 return outcomes
-            places, moved = plan.number(fresh, last, self.partitions)
-            rows = [
+            tails = [
                 (
-                    partition,
-                    offset,
                     e.application,
                     e.id,
                     e.tenant,
@@ -298,8 +292,18 @@ class PostgresStore(SQLStore):
                     e.digest,
                     Jsonb(e.attribute_tokens, dumps=_as_is),
                 )
-                for (partition, offset), e in zip(places, fresh, strict=True)
+                for e in fresh
             ]
+            last = {
+                row["partition"]: row["last_offset"]
+                for row in session.all(
+                    "SELECT partition, last_offset FROM log_partitions "
+                    "WHERE partition = ANY(?) ORDER BY partition FOR UPDATE",
+                    (plan.partitions_of(fresh, self.partitions),),
+                )
+            }
+            places, moved = plan.number(fresh, last, self.partitions)
+            rows = [(*place, *tail) for place, tail in zip(places, tails, strict=True)]
             if copy:
                 # Binary COPY: each row is encoded by psycopg's C dumpers, with no array of
                 # each column to build and parse. A taken identity fails it (UniqueViolation).
