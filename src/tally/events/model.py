@@ -8,7 +8,7 @@ what is stored and exported, and numbers in them never pass through a binary flo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
@@ -73,7 +73,7 @@ def canonical_value(item: object) -> str:
     raise TypeError(f"attribute values are flat: {type(item).__name__}")
 
 
-def canonical_json(value: dict[str, Any]) -> str:
+def canonical_json(value: Mapping[str, Any]) -> str:
     """Compact, key-sorted JSON in which `Decimal`s are written as exact number literals."""
     parts = [f"{_json_string(key)}:{canonical_value(value[key])}" for key in sorted(value)]
     return "{" + ",".join(parts) + "}"

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from tally.auth.service import Principal, Scope
 from tally.crypto.records import DataKey
@@ -192,6 +193,7 @@ class IngestService:
             {t: key for t, (_, key) in found.items() if principal.may_serve(t)}
         )
         now = self._clock()
+        windows = {tenant_id: _window(tenant, now) for tenant_id, tenant in tenants.items()}
         work = _Work(application=principal.application)
         # The entries this request's events carry already, per tenant: its events are
         # appended in one transaction, which stores every entry any of them carries, so an
@@ -213,7 +215,7 @@ class IngestService:
                 result.errors = [FieldError("/tenant", "was shredded: it takes no more events")]
                 work.held.append((result, candidate, None))
             else:
-                result.errors = _timeliness(candidate.time, tenant, now)
+                result.errors = _timeliness(candidate.time, tenant, windows[tenant.id])
                 if result.errors:
                     work.held.append((result, candidate, cipher))
                 else:
@@ -279,17 +281,27 @@ class IngestService:
             _settle(result, Outcome.DUPLICATE if same else Outcome.CONFLICT)
 
 
-def _timeliness(time: datetime, tenant: Tenant, now: datetime) -> list[FieldError]:
-    if time < now - timedelta(hours=tenant.lateness_hours):
+def _timeliness(
+    time: datetime, tenant: Tenant, window: tuple[datetime, datetime]
+) -> list[FieldError]:
+    """The problems with an event's `time` for `tenant`, whose `window` (`_window`) it must
+    fall in."""
+    oldest, newest = window
+    if time < oldest:
         return [
             FieldError(
                 "/time",
                 f"is older than the tenant's lateness window of {tenant.lateness_hours} hours",
             )
         ]
-    if time > now + FUTURE_SKEW:
+    if time > newest:
         return [FieldError("/time", "is more than 5 minutes in the future")]
     return []
+
+
+def _window(tenant: Tenant, now: datetime) -> tuple[datetime, datetime]:
+    """The times a tenant takes events for at `now`: its lateness window to 5 minutes on."""
+    return now - timedelta(hours=tenant.lateness_hours), now + FUTURE_SKEW
 
 
 class _Known:
@@ -307,26 +319,80 @@ class _Known:
 
 
 class TokenMemo:
-    """The tokens of attributes seen before: (key token, value token) by tenant, key and
-    value. Tokens are HMACs with the tenant's data key (two per attribute, the most costly
-    part of ingesting an event with attributes), and billing attributes take few values
-    (a region, a plan, a model), so most events find all of theirs here. A tenant's data key
-    never changes (a rewrap keeps it, a shred ends its events), so neither do its tokens.
-    Bounded: full, it starts afresh. Without a lock, like every cache here."""
+    """The tokens of attribute sets seen before, by tenant and set: each set's canonical
+    JSON, its tokens as stored and each value's token. Tokens are HMACs with the tenant's
+    data key (two per attribute, the most costly part of ingesting an event with
+    attributes), and billing attributes take few values (a region, a plan, a model) in few
+    combinations, so most events find theirs here. A tenant's data key never changes (a
+    rewrap keeps it, a shred ends its events), so neither do its tokens. Bounded: full, it
+    starts afresh. Without a lock, like every cache here."""
 
     def __init__(self, max_entries: int = TOKEN_MEMO_ENTRIES) -> None:
         self._max_entries = max_entries
-        self._entries: dict[tuple[str, str, str], tuple[str, str]] = {}
+        self._sets: dict[tuple[object, ...], Tokenised] = {}
+        self._pairs: dict[tuple[str, str, str], tuple[str, str]] = {}
 
-    def tokens(self, cipher: TenantCipher, key: str, value_json: str) -> tuple[str, str]:
+    def tokenised(self, cipher: TenantCipher, attributes: Mapping[str, object]) -> Tokenised:
+        # Values equal in Python but not in canonical JSON are told apart: True from 1 (by
+        # type), -0 from 0 (by sign).
+        entry = (
+            cipher.tenant,
+            *[
+                (key, value.__class__, value, value.is_signed())
+                if isinstance(value, Decimal)
+                else (key, value.__class__, value)
+                for key, value in attributes.items()
+            ],
+        )
+        found = self._sets.get(entry)
+        if found is None:
+            found = self._tokenise(cipher, attributes)
+            if len(self._sets) >= self._max_entries:
+                self._sets = {}
+            self._sets[entry] = found
+        return found
+
+    def _tokenise(self, cipher: TenantCipher, attributes: Mapping[str, object]) -> Tokenised:
+        tokens: dict[str, str] = {}
+        values: list[tuple[str, str]] = []
+        for key, value in attributes.items():
+            value_json = canonical_value(value)
+            key_token, token = self._tokens(cipher, key, value_json)
+            tokens[key_token] = token
+            values.append((token, value_json))
+        # What json.dumps(tokens, sort_keys=True, separators=(",", ":")) writes: tokens are
+        # hex digits after a letter, which JSON writes as they are.
+        text = ",".join(f'"{key}":"{tokens[key]}"' for key in sorted(tokens))
+        return Tokenised(canonical_json(attributes), "{" + text + "}", tuple(values))
+
+    def _tokens(self, cipher: TenantCipher, key: str, value_json: str) -> tuple[str, str]:
         entry = (cipher.tenant, key, value_json)
-        found = self._entries.get(entry)
+        found = self._pairs.get(entry)
         if found is None:
             found = (cipher.key_token(key), cipher.value_token(key, value_json))
-            if len(self._entries) >= self._max_entries:
-                self._entries = {}
-            self._entries[entry] = found
+            if len(self._pairs) >= self._max_entries:
+                self._pairs = {}
+            self._pairs[entry] = found
         return found
+
+
+@dataclass(frozen=True, slots=True)
+class Tokenised:
+    """An attribute set as ingestion stores it: its canonical JSON (sealed and digested),
+    its tokens as stored in `events.attribute_tokens` (JSON text, key token -> value token),
+    and (value token, value JSON) per attribute, for the dictionary."""
+
+    attributes_json: str
+    tokens: str
+    values: tuple[tuple[str, str], ...]
+
+    def entries(self, cipher: TenantCipher, known: Container[str]) -> tuple[tuple[str, bytes], ...]:
+        """The sealed dictionary entries of the value tokens not in `known`."""
+        return tuple(
+            (token, cipher.seal_value(token, value_json))
+            for token, value_json in self.values
+            if token not in known
+        )
 
 
 def attribute_tokens(
@@ -337,19 +403,8 @@ def attribute_tokens(
 ) -> tuple[str, tuple[tuple[str, bytes], ...]]:
     """The tokens of `attributes` as stored in `events.attribute_tokens` (JSON text, key token
     -> value token), and the sealed dictionary entries of the value tokens not in `known`."""
-    memo = memo or TokenMemo()
-    tokens: dict[str, str] = {}
-    entries: list[tuple[str, bytes]] = []
-    for key, value in attributes.items():
-        value_json = canonical_value(value)
-        key_token, token = memo.tokens(cipher, key, value_json)
-        tokens[key_token] = token
-        if token not in known:
-            entries.append((token, cipher.seal_value(token, value_json)))
-    # What json.dumps(tokens, sort_keys=True, separators=(",", ":")) writes: tokens are hex
-    # digits after a letter, which JSON writes as they are.
-    text = ",".join(f'"{key}":"{tokens[key]}"' for key in sorted(tokens))
-    return "{" + text + "}", tuple(entries)
+    found = (memo or TokenMemo()).tokenised(cipher, attributes)
+    return found.tokens, found.entries(cipher, known)
 
 
 def seal_event(
@@ -364,8 +419,7 @@ def seal_event(
     """`draft` ready to append: its attributes sealed, tokenised (dictionary entries for the
     value tokens not in `known`; tokens from `memo` where it has them) and its content
     digested with the tenant's data key (`cipher`)."""
-    attributes_json = canonical_json(draft.attributes)
-    tokens, dictionary = attribute_tokens(cipher, draft.attributes, known, memo)
+    found = (memo or TokenMemo()).tokenised(cipher, draft.attributes)
     return NewEvent(
         application=application,
         id=draft.id,
@@ -376,12 +430,12 @@ def seal_event(
         subject=draft.subject,
         unit=draft.unit,
         attributes=cipher.seal(
-            application=application, event_id=draft.id, attributes_json=attributes_json
+            application=application, event_id=draft.id, attributes_json=found.attributes_json
         ),
         region=region,
-        digest=cipher.digest(event_content(draft, attributes_json)),
-        attribute_tokens=tokens,
-        dictionary=dictionary,
+        digest=cipher.digest(event_content(draft, found.attributes_json)),
+        attribute_tokens=found.tokens,
+        dictionary=found.entries(cipher, known),
     )
 
 
