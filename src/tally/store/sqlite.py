@@ -189,11 +189,34 @@ class SQLiteStore(SQLStore):
         if not events:
             return []
         touched = plan.partitions_of(events, self.partitions)
+        # Every row as SQLite stores it, but for its place in the log, written before the
+        # write lock is taken: the lock serialises every writer (every worker process), so
+        # what is done under it is only judging, numbering, inserting and committing.
+        received = format_time(received_at)
+        tails = [
+            (
+                e.application,
+                e.id,
+                e.tenant,
+                e.type,
+                format_decimal(e.quantity),
+                format_time(e.time),
+                e.subject,
+                e.unit,
+                self.dialect.sealed(e.attributes),
+                e.region,
+                received,
+                e.digest.hex(),
+                e.attribute_tokens,
+            )
+            for e in events
+        ]
         # BEGIN IMMEDIATE: one writer at a time, across processes too, from the check of
         # the stored digests to the commit; so offsets follow commit order.
         with self._write() as session:
             outcomes = plan.classify(events, self._stored(session, events))
-            fresh = [e for e, o in zip(events, outcomes, strict=True) if o is Outcome.ACCEPTED]
+            accepted = [i for i, outcome in enumerate(outcomes) if outcome is Outcome.ACCEPTED]
+            fresh = [events[i] for i in accepted]
             if fresh:
                 among, params = self.dialect.in_list("partition", touched)
                 last = {
@@ -203,27 +226,7 @@ class SQLiteStore(SQLStore):
                     )
                 }
                 places, moved = plan.number(fresh, last, self.partitions)
-                received = format_time(received_at)
-                rows = [
-                    (
-                        partition,
-                        offset,
-                        e.application,
-                        e.id,
-                        e.tenant,
-                        e.type,
-                        format_decimal(e.quantity),
-                        format_time(e.time),
-                        e.subject,
-                        e.unit,
-                        self.dialect.sealed(e.attributes),
-                        e.region,
-                        received,
-                        e.digest.hex(),
-                        e.attribute_tokens,
-                    )
-                    for e, (partition, offset) in zip(fresh, places, strict=True)
-                ]
+                rows = [(*place, *tails[i]) for i, place in zip(accepted, places, strict=True)]
                 # One prepared statement bound row by row in C: no JSON text of the batch to
                 # write and have SQLite parse again.
                 session.many(
