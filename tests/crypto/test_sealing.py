@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
+from decimal import Decimal
 
 import pytest
 from hypothesis import given
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 from tally.crypto import sealing
 from tally.crypto.keyring import MasterKey
 from tally.crypto.sealing import SealBroken, TenantCipher
+from tally.events.model import canonical_json, canonical_value
 
 KEY = bytes(range(32))
 
@@ -113,13 +116,31 @@ def test_the_token_memo_answers_what_the_cipher_computes_and_stays_bounded() -> 
 
     acme, globex = cipher("acme", sealing.new_data_key()), cipher("globex", sealing.new_data_key())
     memo = TokenMemo(max_entries=3)
+    values: list[object] = ["eu", "us", Decimal(1), True, Decimal(0), Decimal("-0"), "1"]
     for _ in range(2):  # computed, then remembered
         for tenant in (acme, globex):
-            for value in ('"eu"', '"us"', "1"):
-                assert memo.tokens(tenant, "region", value) == (
-                    tenant.key_token("region"),
-                    tenant.value_token("region", value),
+            for value in values:
+                attributes = {"region": value, "plan": "pro"}
+                found = memo.tokenised(tenant, attributes)
+                assert found.attributes_json == canonical_json(attributes)
+                expected = {
+                    tenant.key_token(key): tenant.value_token(key, canonical_value(item))
+                    for key, item in attributes.items()
+                }
+                assert json.loads(found.tokens) == expected
+                assert found.values == tuple(
+                    (tenant.value_token(key, canonical_value(item)), canonical_value(item))
+                    for key, item in attributes.items()
                 )
+    # Values Python holds equal are not one set to the memo: True is not 1, -0 is not 0.
+    one, true = memo.tokenised(acme, {"a": Decimal(1)}), memo.tokenised(acme, {"a": True})
+    assert (one.attributes_json, true.attributes_json) == ('{"a":1}', '{"a":true}')
+    zero, minus = (
+        memo.tokenised(acme, {"a": Decimal(0)}),
+        memo.tokenised(acme, {"a": Decimal("-0")}),
+    )
+    assert zero.attributes_json != minus.attributes_json
     # Tenants never share a token, whatever the memo held before.
-    assert memo.tokens(acme, "region", '"eu"') != memo.tokens(globex, "region", '"eu"')
-    assert len(memo._entries) <= 3
+    assert memo.tokenised(acme, {"r": "eu"}).tokens != memo.tokenised(globex, {"r": "eu"}).tokens
+    assert len(memo._sets) <= 3
+    assert len(memo._pairs) <= 3

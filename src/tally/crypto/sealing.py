@@ -173,8 +173,19 @@ class TenantCipher:
         return _open(self._aead, sealed, associated, "attribute value").decode()
 
     def seal(self, *, application: str, event_id: str, attributes_json: str) -> bytes:
-        associated = self._prefix + _associated(application, event_id)
+        associated = self._attributes_associated(application, event_id)
         return _seal(self._aead, attributes_json.encode(), associated)
+
+    def _attributes_associated(self, application: str, event_id: str) -> bytes:
+        """`self._prefix + _associated(application, event_id)`, its head remembered per
+        application: one is built for every event sealed and every one opened."""
+        head = self._applications.get(application)
+        if head is None:
+            if len(self._applications) >= _APPLICATIONS_KEPT:
+                self._applications.clear()
+            head = self._applications[application] = self._prefix + _associated(application)
+        eid = event_id.encode()
+        return head + len(eid).to_bytes(4, "big") + eid
 
     def open(self, *, application: str, event_id: str, sealed: bytes) -> str:
         """The attributes' JSON text. Raises SealBroken for a value that is not this
@@ -182,13 +193,7 @@ class TenantCipher:
         as they are."""
         if sealed[:1] == b"{":
             return sealed.decode()
-        head = self._applications.get(application)
-        if head is None:
-            if len(self._applications) >= _APPLICATIONS_KEPT:
-                self._applications.clear()
-            head = self._applications[application] = self._prefix + _associated(application)
-        eid = event_id.encode()
-        associated = head + len(eid).to_bytes(4, "big") + eid  # + _associated(event_id)
+        associated = self._attributes_associated(application, event_id)
         return _open(self._aead, sealed, associated, "attribute set").decode()
 
     def seal_reason(self, *, application: str, event_id: str, reason: str) -> bytes:

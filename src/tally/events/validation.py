@@ -463,13 +463,34 @@ def _valid_event(raw: dict[str, Any]) -> EventDraft | None:
             time=parse_rfc3339(raw["time"]),
             subject=None if subject is None else check_text(subject),
             unit=None if unit is None else check_text(unit),
-            attributes={
-                _check_attribute_key(key): _check_attribute_value(value)
-                for key, value in attributes.items()
-            },
+            attributes=_plain_attributes(attributes),
         )
     except (PydanticCustomError, TypeError):  # TypeError: a key that is not a str
         return None
+
+
+def _plain_attributes(attributes: dict[str, Any]) -> dict[str, Any]:
+    """`{_check_attribute_key(k): _check_attribute_value(v)}`, with the checks of a text key
+    and a text value, the common case, written out here: this runs for every attribute of
+    every event. What they do not pass goes to the checks themselves, which refuse it."""
+    checked: dict[str, Any] = {}
+    for sent, value in attributes.items():
+        key = (
+            sent
+            if type(sent) is str
+            and 1 <= len(sent) <= MAX_ATTRIBUTE_KEY
+            and not _REFUSED_CHARACTER.search(sent)
+            else _check_attribute_key(sent)
+        )
+        if (
+            type(value) is str
+            and len(value) <= MAX_ATTRIBUTE_STRING
+            and not _REFUSED_CHARACTER.search(value)
+        ):
+            checked[key] = value
+        else:
+            checked[key] = _check_attribute_value(value)
+    return checked
 
 
 def validate_cloudevent(raw: object) -> EventDraft | list[FieldError]:

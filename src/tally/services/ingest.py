@@ -215,8 +215,9 @@ class IngestService:
                 result.errors = [FieldError("/tenant", "was shredded: it takes no more events")]
                 work.held.append((result, candidate, None))
             else:
-                result.errors = _timeliness(candidate.time, tenant, windows[tenant.id])
-                if result.errors:
+                oldest, newest = windows[tenant.id]
+                if not oldest <= candidate.time <= newest:
+                    result.errors = _timeliness(candidate.time, tenant, (oldest, newest))
                     work.held.append((result, candidate, cipher))
                 else:
                     known = offered.get(tenant.id)
@@ -231,7 +232,8 @@ class IngestService:
                         known=known,
                         memo=self._token_memo,
                     )
-                    known.offered.update(token for token, _ in event.dictionary)
+                    if event.dictionary:
+                        known.offered.update(token for token, _ in event.dictionary)
                     work.ready.append((result, event))
         return work
 
