@@ -298,7 +298,7 @@ class PostgresStore(SQLStore):
                 row["partition"]: row["last_offset"]
                 for row in session.all(
                     "SELECT partition, last_offset FROM log_partitions "
-                    "WHERE partition = ANY(?) ORDER BY partition FOR UPDATE",
+                    "WHERE partition = ANY(%b) ORDER BY partition FOR UPDATE",
                     (plan.partitions_of(fresh, self.partitions),),
                 )
             }
@@ -317,17 +317,17 @@ class PostgresStore(SQLStore):
                     (row["application"], row["id"])
                     for row in session.all(
                         f"INSERT INTO events ({_EVENT_COLUMNS}) "
-                        "SELECT * FROM unnest(?::smallint[], ?::bigint[], ?::text[], ?::text[], "
-                        "?::text[], ?::text[], ?::numeric[], ?::timestamptz[], ?::text[], "
-                        "?::text[], ?::bytea[], ?::text[], ?::timestamptz[], ?::bytea[], "
-                        "?::jsonb[]) "
+                        "SELECT * FROM unnest(%b::smallint[], %b::bigint[], %b::text[], "
+                        "%b::text[], %b::text[], %b::text[], %b::numeric[], %b::timestamptz[], "
+                        "%b::text[], %b::text[], %b::bytea[], %b::text[], %b::timestamptz[], "
+                        "%b::bytea[], %b::jsonb[]) "
                         "ON CONFLICT (application, id) DO NOTHING RETURNING application, id",
                         [list(column) for column in zip(*rows, strict=True)],
                     )
                 }
             session.run(
                 "UPDATE log_partitions SET last_offset = moved.last_offset "
-                "FROM unnest(?::smallint[], ?::bigint[]) AS moved(partition, last_offset) "
+                "FROM unnest(%b::smallint[], %b::bigint[]) AS moved(partition, last_offset) "
                 "WHERE log_partitions.partition = moved.partition",
                 (list(moved), list(moved.values())),
             )
