@@ -319,6 +319,11 @@ class _Known:
     def __contains__(self, token: object) -> bool:
         return token in self.stored or token in self.offered
 
+    def covers(self, tokens: frozenset[str]) -> bool:
+        """Whether every one of `tokens` is known: at once (a subset test in C) when all are
+        committed, as most are once a tenant's values have been seen."""
+        return tokens <= self.stored or all(token in self for token in tokens)
+
 
 class TokenMemo:
     """The tokens of attribute sets seen before, by tenant and set: each set's canonical
@@ -365,7 +370,12 @@ class TokenMemo:
         # What json.dumps(tokens, sort_keys=True, separators=(",", ":")) writes: tokens are
         # hex digits after a letter, which JSON writes as they are.
         text = ",".join(f'"{key}":"{tokens[key]}"' for key in sorted(tokens))
-        return Tokenised(canonical_json(attributes), "{" + text + "}", tuple(values))
+        return Tokenised(
+            canonical_json(attributes),
+            "{" + text + "}",
+            tuple(values),
+            frozenset(token for token, _ in values),
+        )
 
     def _tokens(self, cipher: TenantCipher, key: str, value_json: str) -> tuple[str, str]:
         entry = (cipher.tenant, key, value_json)
@@ -387,9 +397,12 @@ class Tokenised:
     attributes_json: str
     tokens: str
     values: tuple[tuple[str, str], ...]
+    value_tokens: frozenset[str]
 
     def entries(self, cipher: TenantCipher, known: Container[str]) -> tuple[tuple[str, bytes], ...]:
         """The sealed dictionary entries of the value tokens not in `known`."""
+        if isinstance(known, _Known) and known.covers(self.value_tokens):
+            return ()
         return tuple(
             (token, cipher.seal_value(token, value_json))
             for token, value_json in self.values
