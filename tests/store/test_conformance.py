@@ -292,12 +292,17 @@ def test_a_failed_batch_stores_nothing(store: EventStore) -> None:
     assert store.append([new_event("c")], received_at=NOW) == [Outcome.ACCEPTED]
 
 
-def test_concurrent_appends_of_one_identity_store_it_once(store: EventStore) -> None:
+# One event more than the identity: a small commit (PostgreSQL's four-round-trip append), and
+# one large enough for its COPY, which a race fails and the INSERT path then settles.
+@pytest.mark.parametrize("own", [1, 120])
+def test_concurrent_appends_of_one_identity_store_it_once(store: EventStore, own: int) -> None:
     outcomes: list[Outcome] = []
     lock = threading.Lock()
 
     def write(index: int) -> None:
-        batch = [new_event("same"), new_event(f"own-{index}", tenant=f"t{index}")]
+        batch = [new_event("same")] + [
+            new_event(f"own-{index}-{n}", tenant=f"t{index}") for n in range(own)
+        ]
         result = store.append(batch, received_at=NOW)
         with lock:
             outcomes.append(result[0])
@@ -311,7 +316,7 @@ def test_concurrent_appends_of_one_identity_store_it_once(store: EventStore) -> 
     assert sorted(outcomes) == sorted([Outcome.ACCEPTED] + [Outcome.DUPLICATE] * 7)
     seen, _ = read_all(store)
     assert seen.count("same") == 1
-    assert len(seen) == 9
+    assert len(seen) == 1 + 8 * own
 
 
 def test_registration_round_trips_and_refuses_repeats(store: EventStore) -> None:
