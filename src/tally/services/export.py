@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -114,42 +113,30 @@ class ExportService:
         limit: int,
     ) -> Iterator[Streamed]:
         epoch = page.epoch
-        # The next page is read while this one is opened, encoded and sent: its positions
-        # are known as soon as this one is read, and the database's part of a read (about a
-        # third of it) then costs the stream no time. One page ahead, never more: memory
-        # stays bounded by two pages. A reader that goes away leaves the read in flight to
-        # finish, unused.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tally-export") as ahead:
-            while True:
-                following = (
-                    ahead.submit(self._read, page.positions, page.start, filters, limit)
-                    if page.has_more
-                    else None
-                )
-                # The cursor after an entry: every position as before the page, the entry's
-                # own partition moved to its offset (partitions are read in order, so an
-                # entry's predecessors in the page are at or below these). After the page's
-                # last entry, the page's own positions, which also move partitions read to
-                # their end.
-                walk = self._cursors.walk(positions, page.start, digest, epoch)
-                read: Streamed = []
-                for entry in entries[:-1]:
-                    partition = entry[0][ROW_PARTITION]
-                    walk.move(partition, entry[0][ROW_OFFSET], partition)
-                    read.append((entry, walk.current()))
-                after = self._cursors.walk(page.positions, page.start, digest, epoch)
-                if entries:
-                    read.append((entries[-1], after.current()))
-                if following is None:
-                    read.append((None, after.current()))
-                    yield read
-                    return
+        while True:
+            # The cursor after an entry: every position as before the page, the entry's own
+            # partition moved to its offset (partitions are read in order, so an entry's
+            # predecessors in the page are at or below these). After the page's last entry,
+            # the page's own positions, which also move partitions read to their end.
+            walk = self._cursors.walk(positions, page.start, digest, epoch)
+            read: Streamed = []
+            for entry in entries[:-1]:
+                partition = entry[0][ROW_PARTITION]
+                walk.move(partition, entry[0][ROW_OFFSET], partition)
+                read.append((entry, walk.current()))
+            after = self._cursors.walk(page.positions, page.start, digest, epoch)
+            if entries:
+                read.append((entries[-1], after.current()))
+            positions = page.positions
+            if not page.has_more:
+                read.append((None, after.current()))
                 yield read
-                positions, start = page.positions, page.start
-                page = following.result()
-                # Restored under the stream: it is cut, and its last cursor is refused.
-                self._same_log(Position(positions, start, epoch), page, digest)
-                entries = self._opened(page)
+                return
+            yield read
+            page = self._read(positions, page.start, filters, limit)
+            # Restored under the stream: it is cut, and its last cursor is refused.
+            self._same_log(Position(positions, page.start, epoch), page, digest)
+            entries = self._opened(page)
 
     def _reported(self, principal: Principal, cursor: str | None, page: ExportPage[LogRow]) -> None:
         """A key that sends a cursor reports how far it has read: its lag is measured."""
