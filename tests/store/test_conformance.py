@@ -319,6 +319,44 @@ def test_concurrent_appends_of_one_identity_store_it_once(store: EventStore, own
     assert len(seen) == 1 + 8 * own
 
 
+def test_small_and_large_commits_of_new_attribute_values_do_not_deadlock(
+    store: EventStore,
+) -> None:
+    """Writers of one tenant, a large batch and small ones, each bringing the same new
+    attribute values: each takes the tenant's partition lock and inserts the same dictionary
+    entries. Taken in different orders by different writers, those locks would deadlock,
+    and PostgreSQL would fail one commit (a 503 for every request in it)."""
+    failures: list[BaseException] = []
+    rounds, writers = 12, 4
+
+    def write(index: int, start: threading.Barrier) -> None:
+        for round_ in range(rounds):
+            size = 150 if index == 0 else 1 + index
+            batch = [
+                new_event(
+                    f"r{round_}-w{index}-{n}",
+                    attributes={"model": f"m{round_}", "plan": f"p{round_}-{n % 3}"},
+                )
+                for n in range(size)
+            ]
+            start.wait()
+            try:
+                store.append(batch, received_at=NOW)
+            except BaseException as error:  # noqa: BLE001 - reported below
+                failures.append(error)
+
+    start = threading.Barrier(writers)
+    threads = [threading.Thread(target=write, args=(i, start)) for i in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert failures == []
+    seen, _ = read_all(store)
+    assert len(seen) == rounds * (150 + sum(1 + i for i in range(1, writers)))
+
+
 def test_registration_round_trips_and_refuses_repeats(store: EventStore) -> None:
     tenant = Tenant(id="acme", name="Acme", region="eu-west", lateness_hours=72, created_at=NOW)
     store.create_tenant(tenant)

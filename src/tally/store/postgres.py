@@ -64,6 +64,11 @@ _INSERT_EVENTS = (
     "%b::text[], %b::timestamptz[], %b::bytea[], %b::jsonb[]) "
     "ON CONFLICT (application, id) DO NOTHING RETURNING application, id"
 )
+# The counter rows of the partitions an append writes to, locked in partition order.
+_LOCK = (
+    "SELECT partition, last_offset FROM log_partitions "
+    "WHERE partition = ANY(%b) ORDER BY partition FOR UPDATE"
+)
 _COUNTERS = (
     "UPDATE log_partitions SET last_offset = moved.last_offset "
     "FROM unnest(%b::smallint[], %b::bigint[]) AS moved(partition, last_offset) "
@@ -305,38 +310,32 @@ class PostgresStore(SQLStore):
 
     def _append_few(self, events: Sequence[NewEvent], *, received_at: datetime) -> list[Outcome]:
         """A small commit (single events, shared by concurrent requests) in four round
-        trips, BEGIN and COMMIT included, where `_append` takes nine: on a busy machine each
-        one waits for the database's process and then for ours to be scheduled again, and
-        that wait, not the work, was most of a small commit under load.
+        trips, BEGIN and COMMIT included (five when it brings new dictionary entries), where
+        `_append` takes nine: on a busy machine each one waits for the database's process
+        and then for ours to be scheduled again, and that wait, not the work, was most of a
+        small commit under load.
 
-        The look (the dictionary entries in, the counter rows locked, the stored digests
-        read) is one statement, so its snapshot predates the locks: an identity that a
-        writer of the same partition commits while we wait for them is not among the
-        digests, and the INSERT skips it, to be judged after, as a race in another
-        partition is."""
-        entries = {(e.tenant, token): sealed for e in events for token, sealed in e.dictionary}
+        The look (the counter rows locked, the stored digests read) is one statement, so its
+        snapshot predates the locks: an identity that a writer of the same partition commits
+        while we wait for them is not among the digests, and the INSERT skips it, to be
+        judged after, as a race in another partition is."""
         with self._connection() as connection, connection.transaction():
-            looked = connection.execute(
-                "WITH added AS (INSERT INTO attribute_values (tenant, token, sealed) "
-                "SELECT * FROM unnest(%b::text[], %b::text[], %b::bytea[]) "
-                "ON CONFLICT DO NOTHING), "
-                "locked AS (SELECT partition, last_offset FROM log_partitions "
-                "WHERE partition = ANY(%b) ORDER BY partition FOR UPDATE) "
+            session = Session(connection, self.dialect)
+            among, params = self.dialect.in_pairs(("application", "id"), [e.key for e in events])
+            looked = session.all(
+                f"WITH locked AS ({_LOCK}) "
                 "SELECT partition, last_offset, NULL AS application, NULL AS id, "
                 "NULL::bytea AS digest FROM locked UNION ALL "
-                "SELECT NULL, NULL, application, id, digest FROM events "
-                "WHERE (application, id) IN (SELECT * FROM unnest(%b::text[], %b::text[]))",
-                (
-                    [tenant for tenant, _ in entries],
-                    [token for _, token in entries],
-                    list(entries.values()),
-                    plan.partitions_of(events, self.partitions),
-                    [e.application for e in events],
-                    [e.id for e in events],
-                ),
-            ).fetchall()
+                f"SELECT NULL, NULL, application, id, digest FROM events WHERE {among}",
+                [plan.partitions_of(events, self.partitions), *params],
+            )
+            self._add_values(session, events)
             last = {r["partition"]: r["last_offset"] for r in looked if r["id"] is None}
-            stored = {(r["application"], r["id"]): r["digest"] for r in looked if r["id"]}
+            stored = {
+                (r["application"], r["id"]): self.dialect.read_digest(r["digest"])
+                for r in looked
+                if r["id"] is not None
+            }
             outcomes = plan.classify(events, stored)
             fresh = [e for e, o in zip(events, outcomes, strict=True) if o is Outcome.ACCEPTED]
             if not fresh:
@@ -346,12 +345,12 @@ class PostgresStore(SQLStore):
             rows = [(*place, *tail) for place, tail in zip(places, tails, strict=True)]
             inserted = {
                 (row["application"], row["id"])
-                for row in connection.execute(
+                for row in session.all(
                     f"WITH moved AS ({_COUNTERS}) {_INSERT_EVENTS}",
                     [list(moved), list(moved.values()), *_columns(rows)],
-                ).fetchall()
+                )
             }
-            return self._rejudged(Session(connection, self.dialect), events, outcomes, inserted)
+            return self._rejudged(session, events, outcomes, inserted)
 
     def _append(
         self, events: Sequence[NewEvent], *, received_at: datetime, copy: bool
@@ -359,26 +358,23 @@ class PostgresStore(SQLStore):
         # The touched partitions' counter rows are locked in partition order until commit:
         # offsets follow commit order, and concurrent writers never deadlock on them. Every
         # writer waits for those locks (a batch over many tenants touches every partition),
-        # so they are taken last, once the dictionary entries are in, the stored digests
-        # read and the rows built: what is done under them is only numbering, writing and
-        # committing. A writer that commits one of these identities meanwhile fails our COPY
-        # (UniqueViolation: `append` goes again) or is skipped by our INSERT (judged below).
+        # so they are taken as late as they can be, once the stored digests are read and the
+        # rows built; the dictionary entries follow them (`_add_values` says why). A writer
+        # that commits one of these identities meanwhile fails our COPY (UniqueViolation:
+        # `append` goes again) or is skipped by our INSERT (judged below).
         with self._connection() as connection, connection.transaction():
             session = Session(connection, self.dialect)
-            self._add_values(session, events)
             outcomes = plan.classify(events, self._stored(session, events))
             fresh = [e for e, o in zip(events, outcomes, strict=True) if o is Outcome.ACCEPTED]
             if not fresh:
+                self._add_values(session, events)
                 return outcomes
             tails = _tails(fresh, received_at)
             last = {
                 row["partition"]: row["last_offset"]
-                for row in session.all(
-                    "SELECT partition, last_offset FROM log_partitions "
-                    "WHERE partition = ANY(%b) ORDER BY partition FOR UPDATE",
-                    (plan.partitions_of(fresh, self.partitions),),
-                )
+                for row in session.all(_LOCK, (plan.partitions_of(fresh, self.partitions),))
             }
+            self._add_values(session, events)
             places, moved = plan.number(fresh, last, self.partitions)
             rows = [(*place, *tail) for place, tail in zip(places, tails, strict=True)]
             if copy:

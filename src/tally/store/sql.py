@@ -272,14 +272,18 @@ class SQLStore:
 
     def _add_values(self, session: Session, events: Sequence[NewEvent | TokenFill]) -> None:
         """Insert the sealed dictionary entries `events` carry, in the caller's transaction
-        (an entry stored already stays as it is: equal tokens are equal values)."""
+        (an entry stored already stays as it is: equal tokens are equal values).
+
+        In (tenant, token) order, and by an append only once it holds its partition locks:
+        two writers that bring the same new entries wait for each other's in one order,
+        never in a cycle with the locks or with each other."""
         entries = {(e.tenant, token): sealed for e in events for token, sealed in e.dictionary}
         if not entries:
             return
         values, params = self.dialect.table(
             "v",
             (("tenant", "text"), ("token", "text"), ("sealed", "sealed")),
-            [(tenant, token, sealed) for (tenant, token), sealed in entries.items()],
+            [(tenant, token, sealed) for (tenant, token), sealed in sorted(entries.items())],
         )
         session.run(
             "INSERT INTO attribute_values (tenant, token, sealed) "
