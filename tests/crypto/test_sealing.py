@@ -115,7 +115,7 @@ def test_the_token_memo_answers_what_the_cipher_computes_and_stays_bounded() -> 
     from tally.services.ingest import TokenMemo  # noqa: PLC0415 - the one test of the memo
 
     acme, globex = cipher("acme", sealing.new_data_key()), cipher("globex", sealing.new_data_key())
-    memo = TokenMemo(max_entries=3)
+    memo = TokenMemo(max_entries=3, max_sets=3)
     values: list[object] = ["eu", "us", Decimal(1), True, Decimal(0), Decimal("-0"), "1"]
     for _ in range(2):  # computed, then remembered
         for tenant in (acme, globex):

@@ -32,7 +32,8 @@ from tally.store.interface import IngestStore
 
 FUTURE_SKEW = timedelta(minutes=5)
 _MAX_REMEMBERED = 1_000_000
-TOKEN_MEMO_ENTRIES = 100_000  # about 25 MB at most
+TOKEN_MEMO_ENTRIES = 100_000  # (key, value) pairs: about 25 MB at most
+TOKEN_MEMO_SETS = 10_000  # whole attribute sets, about 2 KB each: about 20 MB at most
 
 
 @dataclass(slots=True)
@@ -334,8 +335,11 @@ class TokenMemo:
     rewrap keeps it, a shred ends its events), so neither do its tokens. Bounded: full, it
     starts afresh. Without a lock, like every cache here."""
 
-    def __init__(self, max_entries: int = TOKEN_MEMO_ENTRIES) -> None:
+    def __init__(
+        self, max_entries: int = TOKEN_MEMO_ENTRIES, max_sets: int = TOKEN_MEMO_SETS
+    ) -> None:
         self._max_entries = max_entries
+        self._max_sets = max_sets
         self._sets: dict[tuple[object, ...], Tokenised] = {}
         self._pairs: dict[tuple[str, str, str], tuple[str, str]] = {}
 
@@ -354,7 +358,7 @@ class TokenMemo:
         found = self._sets.get(entry)
         if found is None:
             found = self._tokenise(cipher, attributes)
-            if len(self._sets) >= self._max_entries:
+            if len(self._sets) >= self._max_sets:
                 self._sets = {}
             self._sets[entry] = found
         return found
