@@ -9,7 +9,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import pytest
+
 from tally.crypto.records import DataKey
+from tally.errors import InvalidInput
 from tally.events.cursor import CursorCodec, Position
 from tally.events.log import ROW_ID, ROW_SEALED, ROW_TENANT, ExportFilter, row_fields, row_json
 from tally.events.model import Cancellation, format_decimal, format_time
@@ -140,24 +143,66 @@ def test_sqlite_quantities_not_written_by_format_decimal_are_made_so() -> None:
     assert found[0][1] == b"{}"  # the sealed column read as bytes (base64 text in SQLite)
 
 
-def test_a_cursor_walk_seals_each_position_it_moves_to() -> None:
+def test_a_cursor_walk_gives_each_line_the_position_right_after_it() -> None:
     codec = CursorCodec(b"s" * 32)
     digest, epoch = b"d" * 12, b"e" * 16
     walk = codec.walk([5, 6, 7, 8], 2, digest, epoch)
     first = walk.current()
-    walk.move(1, 60, 1)
-    moved = walk.current()
-    walk.move(3, 80, 3)
+    lines = walk.lines([(2, 9), (2, 12), (3, 80), (0, 6), (1, 60), (1, 61)])
 
-    assert codec.decode(first, filter_digest=digest, partitions=4) == Position(
-        [5, 6, 7, 8], 2, epoch
-    )
-    assert codec.decode(moved, filter_digest=digest, partitions=4) == Position(
-        [5, 60, 7, 8], 1, epoch
-    )
-    assert codec.decode(walk.current(), filter_digest=digest, partitions=4) == Position(
-        [5, 60, 7, 80], 3, epoch
-    )
+    def at(cursor: str) -> Position:
+        return codec.decode(cursor, filter_digest=digest, partitions=4)
+
+    assert at(first) == Position([5, 6, 7, 8], 2, epoch)
+    assert [at(line) for line in lines] == [
+        Position([5, 6, 9, 8], 2, epoch),
+        Position([5, 6, 12, 8], 2, epoch),
+        Position([5, 6, 12, 80], 3, epoch),
+        Position([6, 6, 12, 80], 0, epoch),
+        Position([6, 60, 12, 80], 1, epoch),
+        Position([6, 61, 12, 80], 1, epoch),
+    ]
+    # The walk has moved on past them all.
+    assert at(walk.current()) == Position([6, 61, 12, 80], 1, epoch)
     # The same place twice: two cursors that differ, of the same length as `encode`'s.
     assert walk.current() != walk.current()
     assert len(walk.current()) == len(codec.encode([5, 60, 7, 80], 3, digest, epoch))
+    # Every line's cursor has one length, whatever its offsets.
+    assert len({len(line) for line in lines}) == 1
+
+
+def _line_cursors() -> tuple[CursorCodec, list[str]]:
+    codec = CursorCodec(b"s" * 32)
+    walk = codec.walk([0, 0, 0, 0], 0, b"d" * 12, b"e" * 16)
+    return codec, walk.lines([(1, 3), (1, 4), (2, 7)]) + walk.lines([(1, 9)])
+
+
+def test_a_line_cursor_altered_anywhere_is_refused() -> None:
+    codec, lines = _line_cursors()
+    line = lines[1]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    for at in range(len(line)):
+        if line[at] == ".":
+            continue
+        swapped = alphabet[(alphabet.index(line[at]) + 1) % 64]
+        altered = line[:at] + swapped + line[at + 1 :]
+        with pytest.raises(InvalidInput):
+            codec.decode(altered, filter_digest=b"d" * 12, partitions=4)
+    for altered in (line + "A", line[:-1], line.replace(".", ""), line + ".AAAA", "." + line):
+        with pytest.raises(InvalidInput):
+            codec.decode(altered, filter_digest=b"d" * 12, partitions=4)
+
+
+def test_a_line_block_moved_to_another_base_is_refused() -> None:
+    codec, lines = _line_cursors()
+    (base_a, block_a), (base_b, block_b) = lines[0].split("."), lines[2].split(".")
+    base_c = lines[3].split(".")[0]  # the same partition as lines[0], another read
+    for base, block in ((base_a, block_b), (base_b, block_a), (base_c, block_a)):
+        with pytest.raises(InvalidInput):
+            codec.decode(f"{base}.{block}", filter_digest=b"d" * 12, partitions=4)
+    # Another store's secret, the same base: refused too.
+    with pytest.raises(InvalidInput):
+        CursorCodec(b"t" * 32).decode(lines[0], filter_digest=b"d" * 12, partitions=4)
+    # Other filters: refused as for any cursor.
+    with pytest.raises(InvalidInput, match="other filters"):
+        codec.decode(lines[0], filter_digest=b"x" * 12, partitions=4)

@@ -13,6 +13,17 @@ fixed-width, so not even the cursor's length changes with them.
 It also carries the export log's epoch (events/log.py LogEpoch): a restore rewinds the log,
 and a cursor of an epoch before it is refused with where to resume (services/export.py).
 
+The NDJSON and CSV streams give every line its own cursor. Sealing a whole position per line
+cost as much as the rest of the line, so a line's cursor is the cursor of where its
+partition's run began (one sealing per run of lines in the same partition, usually a few per
+read) followed by `.` and one AES block for the line alone: the line's offset, its partition
+(which must be the base's `start`) and six bytes of the base's GCM tag, enciphered with AES
+under a second key derived from the same secret. A single block of a block cipher is a
+pseudorandom permutation: it shows nothing of the offset, and an altered or transplanted
+block deciphers to noise that fails the 64 bits of redundancy (partition and binding) it has
+to meet, as a 64-bit authentication tag would. Each block is unique (offsets are), so the
+permutation is used once per input: the property ECB mode does not have for longer messages.
+
 Version 1 cursors (signed with HMAC-SHA256 under the raw secret, positions in readable
 varints) and version 2 (sealed, without the epoch) were issued before; billing systems keep
 them between polls, so they are still accepted, as of the log's first epoch. Only version 3
@@ -34,6 +45,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -47,6 +59,12 @@ _MAC_BYTES = 16
 _DIGEST_BYTES = 12
 _NONCE_BYTES = 12
 _HKDF_INFO = b"tally export cursor v2"
+_LINE_INFO = b"tally export cursor line"
+_LINE_SEPARATOR = "."
+_TAG_BYTES = 16
+_BINDING_BYTES = 6
+# A line's block: its partition, the first bytes of its base's tag, its offset.
+_LINE = struct.Struct(f">H{_BINDING_BYTES}sQ")
 
 
 def _read_varints(data: bytes) -> list[int]:
@@ -101,6 +119,10 @@ class CursorCodec:
         self._mac_key = secret
         key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO).derive(secret)
         self._aead = AESGCM(key)
+        line_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_LINE_INFO)
+        # One block at a time, each one unique (module docstring): a pseudorandom permutation,
+        # not a mode of encrypting longer messages.
+        self._lines = Cipher(algorithms.AES(line_key.derive(secret)), modes.ECB())  # noqa: S305
 
     def encode(
         self, positions: Sequence[int], start: int, filter_digest: bytes, epoch: bytes
@@ -115,13 +137,14 @@ class CursorCodec:
         plain = bytearray(
             _layout(len(positions), epoch=True).pack(filter_digest, epoch, *positions, start)
         )
-        return CursorWalk(self._aead, plain)
+        return CursorWalk(self._aead, self._lines, plain)
 
     def decode(self, cursor: str, *, filter_digest: bytes, partitions: int) -> Position:
         """What `cursor` says. Raises InvalidInput if it is empty, was altered, was issued
         by another store, or was issued for another filter."""
         if not cursor:
             raise _refused("The cursor is empty: leave it out to start from the beginning.")
+        cursor, line, line_text = cursor.partition(_LINE_SEPARATOR)
         raw = _strict_b64(cursor)
         if raw is None or len(raw) < 2:
             raise _refused(_NOT_ISSUED)
@@ -135,6 +158,10 @@ class CursorCodec:
             digest, values = self._verify(raw)
         else:
             raise _refused("The cursor is from an incompatible version; start without one.")
+        if line:
+            if raw[0] != _WITH_EPOCH:
+                raise _refused(_NOT_ISSUED)
+            values = self._at_line(raw, line_text, values)
         if digest != filter_digest:
             raise _refused("The cursor was issued for other filters; repeat them unchanged.")
         if len(values) != partitions + 1 or values[-1] >= partitions:
@@ -153,6 +180,22 @@ class CursorCodec:
         digest, *values = layout.unpack(plain)
         return digest, values
 
+    def _at_line(self, base: bytes, text: str, values: list[Any]) -> list[Any]:
+        """`values` (offsets, then start) of the base cursor `base`, moved to the line whose
+        block is `text`. Raises InvalidInput unless the block is one made for this base."""
+        block = _strict_b64(text)
+        if block is None or len(block) != _LINE.size or len(values) < 2:
+            raise _refused(_NOT_ISSUED)
+        decryptor = self._lines.decryptor()
+        partition, binding, offset = _LINE.unpack(decryptor.update(block) + decryptor.finalize())
+        tag = base[-_TAG_BYTES:]
+        if partition != values[-1] or not hmac.compare_digest(binding, tag[:_BINDING_BYTES]):
+            raise _refused(_NOT_ISSUED)
+        if partition >= len(values) - 1 or offset <= values[partition]:
+            raise _refused(_NOT_ISSUED)
+        values[partition] = offset
+        return values
+
     def _verify(self, raw: bytes) -> tuple[bytes, list[int]]:
         payload, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
         expected = hmac.new(self._mac_key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
@@ -166,37 +209,67 @@ class CursorCodec:
 
 
 class CursorWalk:
-    """The cursor of a position that moves: `move` sets one partition's offset and the
-    partition the next page starts with, `current` seals the position as it stands (a fresh
-    nonce each time, so two cursors for the same place still differ). The plaintext is
-    kept and changed in place, not packed again per cursor: a stream seals one per line."""
+    """The cursors of a position that moves on, one partition's offset at a time: `lines`
+    for a stream's lines, `current` to seal the position as it stands (a fresh nonce each
+    time, so two cursors for the same place still differ). The plaintext is kept and changed
+    in place, not packed again per cursor."""
 
-    __slots__ = ("_aead", "_nonces", "_plain", "_used")
+    __slots__ = ("_aead", "_lines", "_nonces", "_plain", "_used")
 
-    # Random nonces drawn from the OS a block at a time: one `os.urandom` per line cost as
+    # Random nonces drawn from the OS a block at a time: one `os.urandom` per cursor cost as
     # much as the sealing. A walk belongs to one reader (one thread), so needs no lock.
     _BLOCK = _NONCE_BYTES * 1024
 
-    def __init__(self, aead: AESGCM, plain: bytearray) -> None:
+    def __init__(self, aead: AESGCM, lines: Cipher[modes.ECB], plain: bytearray) -> None:
         self._aead = aead
+        self._lines = lines
         self._plain = plain
         self._nonces = b""
         self._used = self._BLOCK
 
-    def move(self, partition: int, offset: int, start: int) -> None:
-        _OFFSET.pack_into(self._plain, _OFFSETS_AT + 8 * partition, offset)
-        _START.pack_into(self._plain, len(self._plain) - 2, start)
+    def lines(self, places: Sequence[tuple[int, int]]) -> list[str]:
+        """The cursor after each of `places` (partition, offset, in the order read) in turn,
+        the walk moving on through them: each resumes right after its own place. One sealed
+        base per run of places in the same partition, one AES block per place (module
+        docstring)."""
+        cursors: list[str] = []
+        encryptor = self._lines.encryptor()
+        at, count = 0, len(places)
+        while at < count:
+            partition = places[at][0]
+            end = at + 1
+            while end < count and places[end][0] == partition:
+                end += 1
+            _START.pack_into(self._plain, len(self._plain) - 2, partition)
+            base = self._sealed()
+            binding = base[-_TAG_BYTES:][:_BINDING_BYTES]
+            blocks = encryptor.update(
+                b"".join(_LINE.pack(partition, binding, offset) for _, offset in places[at:end])
+            )
+            prefix = _text(base) + _LINE_SEPARATOR
+            size = _LINE.size
+            cursors.extend(
+                prefix + _text(blocks[i : i + size]) for i in range(0, len(blocks), size)
+            )
+            _OFFSET.pack_into(self._plain, _OFFSETS_AT + 8 * partition, places[end - 1][1])
+            at = end
+        return cursors
 
     def current(self) -> str:
+        return _text(self._sealed())
+
+    def _sealed(self) -> bytes:
         used = self._used
         if used == self._BLOCK:
             self._nonces, used = os.urandom(self._BLOCK), 0
         self._used = used + _NONCE_BYTES
         nonce = self._nonces[used : used + _NONCE_BYTES]
-        sealed = self._aead.encrypt(nonce, self._plain, _HEADER)
-        # base64.urlsafe_b64encode, without its two calls in Python per cursor.
-        text = binascii.b2a_base64(_HEADER + nonce + sealed, newline=False)
-        return text.translate(_URLSAFE).rstrip(b"=").decode()
+        return _HEADER + nonce + self._aead.encrypt(nonce, self._plain, _HEADER)
+
+
+def _text(raw: bytes) -> str:
+    """Unpadded URL-safe base64: base64.urlsafe_b64encode, without its two calls in Python."""
+    return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
 
 
 def _strict_b64(text: str) -> bytes | None:

@@ -119,11 +119,9 @@ class ExportService:
             # predecessors in the page are at or below these). After the page's last entry,
             # the page's own positions, which also move partitions read to their end.
             walk = self._cursors.walk(positions, page.start, digest, epoch)
-            read: Streamed = []
-            for entry in entries[:-1]:
-                partition = entry[0][ROW_PARTITION]
-                walk.move(partition, entry[0][ROW_OFFSET], partition)
-                read.append((entry, walk.current()))
+            lines = entries[:-1]
+            places = [(row[ROW_PARTITION], row[ROW_OFFSET]) for row, _ in lines]
+            read: Streamed = list(zip(lines, walk.lines(places), strict=True))
             after = self._cursors.walk(page.positions, page.start, digest, epoch)
             if entries:
                 read.append((entries[-1], after.current()))
