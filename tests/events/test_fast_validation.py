@@ -13,7 +13,13 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tally.events.model import _clear_fields, canonical_json, event_content, format_time
+from tally.events.model import (
+    _clear_fields,
+    canonical_json,
+    event_content,
+    format_decimal,
+    format_time,
+)
 from tally.events.validation import (
     EventDraft,
     EventIn,
@@ -133,3 +139,13 @@ def test_format_time_is_the_instant_in_utc_with_microseconds(value: datetime) ->
     except OverflowError:
         return
     assert format_time(value) == expected + "Z"
+    assert format_time(value) == expected + "Z"  # from the minutes it keeps, too
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False))
+def test_format_decimal_is_the_plain_notation_without_trailing_zeros(value: Decimal) -> None:
+    expected = format(value, "f")
+    if "." in expected:
+        expected = expected.rstrip("0").rstrip(".")
+    assert format_decimal(value) == (expected or "0")
+    assert "E" not in format_decimal(value)
