@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -30,11 +31,34 @@ from tally.metrics import serve_registry
 from tally.ratelimit.http import RateLimitHeaders
 from tally.settings import Settings
 
+# The young generation's threshold of a server process (CPython's default: 700 allocations).
+GC_YOUNG_OBJECTS = 50_000
 
-def create_app(settings: Settings | None = None, *, services: Services | None = None) -> TallyAPI:
+
+def settle_heap() -> None:
+    """Leave what a started server holds for good out of the cyclic garbage collector, and
+    collect less often: in a worker, the modules, the app, its OpenAPI schema and the caches
+    are over 100,000 objects that every full collection walked again, and a request allocates
+    enough to start a young collection every few events. Objects frozen are still freed by
+    reference counting; only a cycle among them would stay.
+
+    In-process, batches of 1,000 bench events on SQLite (the same minutes): the collector's
+    time went from 12.9-14.6 us to 0.9-1.3 us an event, 10-15% of the batch path."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_OBJECTS, 10, 10)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    services: Services | None = None,
+    server: bool = False,
+) -> TallyAPI:
     """The API. Given `services`, it uses them (and leaves closing them to the caller);
     otherwise it builds them from `settings` at start-up and closes them at shutdown,
-    committing in-flight batches first."""
+    committing in-flight batches first. `server`: a process of `tally serve`, whose heap is
+    settled once started (`settle_heap`)."""
     settings = settings or (services.settings if services else Settings())
 
     @asynccontextmanager
@@ -46,6 +70,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         built = await run_in_threadpool(build, settings)
         app.state.services = built
         exporter = serve_registry(settings, built.metrics)  # TALLY_METRICS_PORT, one process
+        if server:
+            settle_heap()
         try:
             yield
         finally:
@@ -111,4 +137,4 @@ def app_from_environment() -> FastAPI:
     """The factory `tally serve` hands to uvicorn, in each worker process."""
     settings = Settings()
     configure_logging(settings)
-    return create_app(settings)
+    return create_app(settings, server=True)
