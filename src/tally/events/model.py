@@ -8,7 +8,7 @@ what is stored and exported, and numbers in them never pass through a binary flo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
@@ -95,8 +95,14 @@ def canonical_value(item: object) -> str:
 
 def canonical_json(value: Mapping[str, Any]) -> str:
     """Compact, key-sorted JSON in which `Decimal`s are written as exact number literals."""
-    parts = [f"{_json_string(key)}:{canonical_value(value[key])}" for key in sorted(value)]
-    return "{" + ",".join(parts) + "}"
+    return canonical_members([(key, canonical_value(value[key])) for key in sorted(value)])
+
+
+def canonical_members(members: Sequence[tuple[str, str]]) -> str:
+    """The canonical JSON object of (key, the value's canonical JSON) pairs in key order."""
+    return (
+        "{" + ",".join([f"{_json_string(key)}:{value_json}" for key, value_json in members]) + "}"
+    )
 
 
 def parse_attributes(text: str) -> dict[str, str | bool | Decimal]:

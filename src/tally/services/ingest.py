@@ -19,6 +19,7 @@ from tally.events.model import (
     NewEvent,
     Outcome,
     canonical_json,
+    canonical_members,
     canonical_value,
     clear_content,
     event_content,
@@ -364,35 +365,42 @@ class TokenMemo:
         return found
 
     def _tokenise(self, cipher: TenantCipher, attributes: Mapping[str, object]) -> Tokenised:
-        tokens: dict[str, str] = {}
+        """The set's canonical JSON, its tokens as stored and its (value token, value JSON)
+        pairs, each value's canonical JSON written once for the three."""
+        pairs = self._pairs
+        tenant = cipher.tenant
+        members: list[tuple[str, str]] = []
+        tokens: list[tuple[str, str]] = []
         values: list[tuple[str, str]] = []
-        for key, value in attributes.items():
-            value_json = canonical_value(value)
-            key_token, token = self._tokens(cipher, key, value_json)
-            tokens[key_token] = token
-            values.append((token, value_json))
-        # What json.dumps(tokens, sort_keys=True, separators=(",", ":")) writes: tokens are
-        # hex digits after a letter, which JSON writes as they are.
-        text = ",".join(f'"{key}":"{tokens[key]}"' for key in sorted(tokens))
+        for key in sorted(attributes):
+            value_json = canonical_value(attributes[key])
+            found = pairs.get((tenant, key, value_json)) or self._tokens(cipher, key, value_json)
+            members.append((key, value_json))
+            tokens.append(found)
+            values.append((found[1], value_json))
+        # What json.dumps(tokens, sort_keys=True, separators=(",", ":")) writes of the key
+        # tokens and value tokens: they are hex digits after a letter, which JSON writes as
+        # they are (and key tokens are unique: keys are).
+        tokens.sort()
         return Tokenised(
-            canonical_json(attributes),
-            "{" + text + "}",
+            canonical_members(members),
+            "{" + ",".join([f'"{key}":"{token}"' for key, token in tokens]) + "}",
             tuple(values),
-            frozenset(token for token, _ in values),
+            frozenset([token for token, _ in values]),
         )
 
     def _tokens(self, cipher: TenantCipher, key: str, value_json: str) -> tuple[str, str]:
-        entry = (cipher.tenant, key, value_json)
-        found = self._pairs.get(entry)
-        if found is None:
-            found = (cipher.key_token(key), cipher.value_token(key, value_json))
-            if len(self._pairs) >= self._max_entries:
-                self._pairs = {}
-            self._pairs[entry] = found
+        """(key token, value token) of a pair not met before, made and kept."""
+        found = (cipher.key_token(key), cipher.value_token(key, value_json))
+        if len(self._pairs) >= self._max_entries:
+            self._pairs = {}
+        self._pairs[(cipher.tenant, key, value_json)] = found
         return found
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, and one is built
+# for every attribute set not met before. Treated as immutable all the same.
+@dataclass(slots=True)
 class Tokenised:
     """An attribute set as ingestion stores it: its canonical JSON (sealed and digested),
     its tokens as stored in `events.attribute_tokens` (JSON text, key token -> value token),
