@@ -309,6 +309,20 @@ def test_plain_http_responses_carry_no_hsts(tally_server: Server) -> None:
     assert "strict-transport-security" not in answer.headers
 
 
+def test_no_response_names_the_server_software(tally_server: Server) -> None:
+    """No `server: uvicorn`: what runs behind the port is not the client's to know (and not
+    a version for a scanner to match), on answers and on the edge's own refusals alike."""
+    with httpx.Client(base_url=tally_server.base_url, timeout=15) as client:
+        answers = [
+            client.get("/healthz"),
+            client.get("/v1/events"),  # 401: no key
+            client.get("/v1/nowhere"),  # 404
+            client.get("/healthz", headers={"x-big": "x" * 70_000}),  # the edge's 431
+        ]
+    assert [a.status_code for a in answers] == [200, 401, 404, 431]
+    assert all("server" not in a.headers for a in answers)
+
+
 # --- mutual TLS -------------------------------------------------------------------------------
 
 

@@ -548,8 +548,10 @@ def run(settings: Settings, *, host: str, port: int, workers: int) -> int:
         timeout_keep_alive=settings.keepalive_timeout_seconds,
         limit_concurrency=settings.max_connections,
         ssl_context_factory=partial(_uvicorn_tls, files) if files is not None else None,
-        # uvicorn adds these to every response, its own refusals included.
+        # uvicorn adds these to every response, its own refusals included; not `server:
+        # uvicorn`, which tells a scanner what to try.
         headers=[HSTS] if files is not None else None,
+        server_header=False,
     )
     # uvicorn.Config set up uvicorn's own logging; the supervisor's lines are Tally's too.
     configure_logging(settings)
