@@ -8,8 +8,10 @@ in with one binary COPY.
 
 from __future__ import annotations
 
+import random
 import re
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -120,6 +122,9 @@ def libpq_url(url: str) -> str:
     return _SCHEME.sub("postgresql://", url, count=1)
 
 
+CONNECTION_MAX_SECONDS = 1800.0  # a pooled connection's life, at most (ConnectionPool)
+
+
 class ConnectionPool:
     """At most `size` connections, made on demand in the thread that asks, kept for reuse.
 
@@ -129,21 +134,43 @@ class ConnectionPool:
     once: the first request after the database returns (or after a failover, to the new
     primary) is served. An idle connection is checked (one empty query) before it is handed
     out, and one that broke or failed with the database is closed instead of kept.
+
+    A connection lives at most about `max_lifetime` seconds (each its own span, within 10% of
+    it, so they do not all reconnect at once): one that is older is closed when it comes back
+    instead of kept. A backend's caches and memory then never grow for the life of the
+    process, and a connection that a proxy or a DNS name routed to a server that is no longer
+    the intended one is replaced within that span.
     """
 
     def __init__(
-        self, conninfo: str, *, size: int, timeout: float, kwargs: Mapping[str, Any]
+        self,
+        conninfo: str,
+        *,
+        size: int,
+        timeout: float,
+        kwargs: Mapping[str, Any],
+        max_lifetime: float = CONNECTION_MAX_SECONDS,
     ) -> None:
         self.conninfo = conninfo
         self.timeout = timeout
+        self.max_lifetime = max_lifetime
         self._kwargs = dict(kwargs)
         self._slots = threading.BoundedSemaphore(size)
         self._idle: deque[Connection] = deque()
+        # id(connection) -> when it is to be retired (time.monotonic), for the open ones.
+        self._retire_at: dict[int, float] = {}
         self._lock = threading.Lock()
         self._closed = False
 
     def _connect(self) -> Connection:
-        return psycopg.Connection[Row].connect(self.conninfo, row_factory=dict_row, **self._kwargs)
+        connection = psycopg.Connection[Row].connect(
+            self.conninfo, row_factory=dict_row, **self._kwargs
+        )
+        # Spread, not secret: the retirements of connections made together do not coincide.
+        span = self.max_lifetime * random.uniform(0.9, 1.0)  # noqa: S311
+        with self._lock:
+            self._retire_at[id(connection)] = time.monotonic() + span
+        return connection
 
     def _take(self) -> Connection:
         while True:
@@ -156,7 +183,7 @@ class ConnectionPool:
             try:
                 idle.execute("")
             except psycopg.Error:
-                idle.close()
+                self._close(idle)
                 continue
             return idle
 
@@ -167,10 +194,17 @@ class ConnectionPool:
             and connection.info.transaction_status == TransactionStatus.IDLE
         )
         with self._lock:
-            if usable and not self._closed:
+            young = time.monotonic() < self._retire_at.get(id(connection), 0.0)
+            if usable and young and not self._closed:
                 self._idle.append(connection)
                 return
-        connection.close()
+        self._close(connection)
+
+    def _close(self, connection: Connection) -> None:
+        with self._lock:
+            self._retire_at.pop(id(connection), None)
+        with suppress(psycopg.Error):
+            connection.close()
 
     def open(self) -> None:
         """Connect (or check an idle connection) at once: libpq's own error when it cannot."""
@@ -202,8 +236,7 @@ class ConnectionPool:
             self._closed = True
             idle, self._idle = list(self._idle), deque()
         for connection in idle:
-            with suppress(psycopg.Error):
-                connection.close()
+            self._close(connection)
 
 
 class PostgresStore(SQLStore):
