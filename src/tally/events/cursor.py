@@ -158,15 +158,16 @@ class CursorCodec:
             digest, values = self._verify(raw)
         else:
             raise _refused("The cursor is from an incompatible version; start without one.")
-        if line:
-            if raw[0] != _WITH_EPOCH:
-                raise _refused(_NOT_ISSUED)
-            values = self._at_line(raw, line_text, values)
         if digest != filter_digest:
             raise _refused("The cursor was issued for other filters; repeat them unchanged.")
         if len(values) != partitions + 1 or values[-1] >= partitions:
             raise _refused(_NOT_ISSUED)
-        return Position(offsets=values[:-1], start=values[-1], epoch=epoch)
+        offsets, start = values[:-1], values[-1]
+        if line:
+            if raw[0] != _WITH_EPOCH:
+                raise _refused(_NOT_ISSUED)
+            offsets[start] = self._line_offset(raw, line_text, start, offsets[start])
+        return Position(offsets=offsets, start=start, epoch=epoch)
 
     def _open(self, raw: bytes, partitions: int, *, epoch: bool) -> tuple[bytes, list[Any]]:
         header, nonce, sealed = raw[:1], raw[1 : 1 + _NONCE_BYTES], raw[1 + _NONCE_BYTES :]
@@ -180,21 +181,20 @@ class CursorCodec:
         digest, *values = layout.unpack(plain)
         return digest, values
 
-    def _at_line(self, base: bytes, text: str, values: list[Any]) -> list[Any]:
-        """`values` (offsets, then start) of the base cursor `base`, moved to the line whose
-        block is `text`. Raises InvalidInput unless the block is one made for this base."""
+    def _line_offset(self, base: bytes, text: str, start: int, before: int) -> int:
+        """The offset in the line block `text` after the base cursor `base`, whose run is of
+        partition `start` from offset `before`. Raises InvalidInput unless the block is one
+        made for this base."""
         block = _strict_b64(text)
-        if block is None or len(block) != _LINE.size or len(values) < 2:
+        if block is None or len(block) != _LINE.size:
             raise _refused(_NOT_ISSUED)
         decryptor = self._lines.decryptor()
         partition, binding, offset = _LINE.unpack(decryptor.update(block) + decryptor.finalize())
-        tag = base[-_TAG_BYTES:]
-        if partition != values[-1] or not hmac.compare_digest(binding, tag[:_BINDING_BYTES]):
+        if partition != start or not hmac.compare_digest(binding, _binding(base)):
             raise _refused(_NOT_ISSUED)
-        if partition >= len(values) - 1 or offset <= values[partition]:
+        if offset <= before:
             raise _refused(_NOT_ISSUED)
-        values[partition] = offset
-        return values
+        return int(offset)
 
     def _verify(self, raw: bytes) -> tuple[bytes, list[int]]:
         payload, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
@@ -242,7 +242,7 @@ class CursorWalk:
                 end += 1
             _START.pack_into(self._plain, len(self._plain) - 2, partition)
             base = self._sealed()
-            binding = base[-_TAG_BYTES:][:_BINDING_BYTES]
+            binding = _binding(base)
             blocks = encryptor.update(
                 b"".join(_LINE.pack(partition, binding, offset) for _, offset in places[at:end])
             )
@@ -267,6 +267,11 @@ class CursorWalk:
         return _HEADER + nonce + self._aead.encrypt(nonce, self._plain, _HEADER)
 
 
+def _binding(base: bytes) -> bytes:
+    """What binds a line's block to its base: the first bytes of the base's GCM tag."""
+    return base[-_TAG_BYTES:][:_BINDING_BYTES]
+
+
 def _text(raw: bytes) -> str:
     """Unpadded URL-safe base64: base64.urlsafe_b64encode, without its two calls in Python."""
     return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
@@ -280,6 +285,4 @@ def _strict_b64(text: str) -> bytes | None:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         return None
-    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != text:
-        return None
-    return raw
+    return raw if _text(raw) == text else None
