@@ -24,7 +24,11 @@ from tally.events.validation import (
     EventDraft,
     EventIn,
     OutOfRangeNumber,
+    _judge_quantity,
+    _judge_time,
     _valid_event,
+    parse_quantity,
+    parse_rfc3339,
     validate_event,
 )
 
@@ -149,3 +153,59 @@ def test_format_decimal_is_the_plain_notation_without_trailing_zeros(value: Deci
         expected = expected.rstrip("0").rstrip(".")
     assert format_decimal(value) == (expected or "0")
     assert "E" not in format_decimal(value)
+
+
+def _outcome(parse: Any, value: object) -> tuple[str, object]:
+    """What `parse` makes of `value`: its result's exact form, or the kind of its refusal."""
+    try:
+        found = parse(value)
+    except ValueError as error:  # PydanticCustomError is one
+        return "refused", getattr(error, "type", type(error).__name__)
+    if isinstance(found, Decimal):
+        return "decimal", found.as_tuple()  # the exponent too: 1.50 is not 1.5
+    return "time", (found, found.utcoffset(), found.tzinfo)
+
+
+DIGITS = st.text("0123456789", min_size=1, max_size=22)
+QUANTITY_TEXTS = st.one_of(
+    st.builds(lambda i, f: f"{i}.{f}" if f else i, DIGITS, st.one_of(st.just(""), DIGITS)),
+    st.builds(lambda i: f"-{i}", DIGITS),
+    st.sampled_from(["0", "0.0", "-0", "00", "0.000000000000000000", "1." + "0" * 19, ""]),
+    st.sampled_from(["\u0661", "1\n", "1.", ".5", "1e3", "+1", "\u0661" * 4]),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(QUANTITY_TEXTS)
+def test_the_fast_quantity_is_what_every_check_makes_of_it(value: str) -> None:
+    assert _outcome(parse_quantity, value) == _outcome(_judge_quantity, value)
+
+
+def _two(n: int) -> st.SearchStrategy[str]:
+    return st.integers(0, 10**n - 1).map(lambda v: str(v).zfill(n))
+
+
+TIME_TEXTS = st.builds(
+    lambda y, mo, d, h, mi, s, fraction, offset: f"{y}-{mo}-{d}T{h}:{mi}:{s}{fraction}{offset}",
+    _two(4),
+    _two(2),
+    _two(2),
+    _two(2),
+    _two(2),
+    _two(2),
+    st.one_of(st.just(""), st.text("0123456789", min_size=0, max_size=8).map(lambda f: "." + f)),
+    st.sampled_from(["Z", "z", "+00:00", "+05:30", "-23:59", ""]),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(TIME_TEXTS)
+def test_the_fast_time_is_what_every_check_makes_of_it(value: str) -> None:
+    assert _outcome(parse_rfc3339, value) == _outcome(_judge_time, value)
+
+
+def test_the_fast_forms_take_the_common_texts() -> None:
+    assert parse_quantity("12.50").as_tuple() == Decimal("12.50").as_tuple()
+    assert parse_quantity("0.00").as_tuple() == Decimal(0).as_tuple()
+    assert parse_rfc3339("2026-12-01T10:00:00.5Z") == datetime(2026, 12, 1, 10, 0, 0, 500000, UTC)
+    assert parse_rfc3339("2026-12-01T10:00:00Z").tzinfo is UTC

@@ -47,6 +47,13 @@ _ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
 _TYPE_RE = re.compile(r"[a-z][a-z0-9_.:-]{0,127}")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _DECIMAL_TEXT_RE = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+# Quantities and times as senders mostly write them, which the fast branches of
+# `parse_quantity` and `parse_rfc3339` take without the general checks: anything these match
+# passes them, with the same result.
+_PLAIN_QUANTITY_RE = re.compile(r"[0-9]{1,20}(?:\.[0-9]{1,18})?")
+_UTC_RFC3339_RE = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?Z"
+)
 _RFC3339_RE = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
 )
@@ -104,6 +111,16 @@ def _matches(pattern: re.Pattern[str], kind: str, message: str) -> AfterValidato
 
 def parse_quantity(value: object) -> Decimal:
     """A finite, non-negative decimal within NUMERIC(38,18). Refused, never rounded."""
+    if type(value) is str and _PLAIN_QUANTITY_RE.fullmatch(value):
+        # At most 20 digits before the point and 18 after, none negative: what the checks
+        # of `_judge_quantity` would pass as they are.
+        number = Decimal(value)
+        return number if number else Decimal(0)
+    return _judge_quantity(value)
+
+
+def _judge_quantity(value: object) -> Decimal:
+    """`parse_quantity` for any value, with every check."""
     if isinstance(value, OutOfRangeNumber):
         raise _fail(
             "quantity_range", "is out of range: at most 20 digits before the point, 18 after"
@@ -141,6 +158,17 @@ def parse_quantity(value: object) -> Decimal:
 
 def parse_rfc3339(value: object) -> datetime:
     """RFC 3339 with an explicit offset (`Z` or `±hh:mm`), at most microsecond precision."""
+    if type(value) is str and _UTC_RFC3339_RE.fullmatch(value):
+        try:
+            # In UTC to the microsecond already: read as it is (tzinfo UTC).
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass  # a date or clock out of range: `_judge_time` says which rule
+    return _judge_time(value)
+
+
+def _judge_time(value: object) -> datetime:
+    """`parse_rfc3339` for any value, with every check."""
     if not isinstance(value, str):
         raise _fail("time_type", "must be an RFC 3339 string")
     match = _RFC3339_RE.fullmatch(value)
