@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import threading
 from decimal import Decimal
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tally.crypto import sealing
 from tally.crypto.keyring import MasterKey
-from tally.crypto.sealing import SealBroken, TenantCipher
+from tally.crypto.sealing import Hmac, SealBroken, TenantCipher
 from tally.events.model import canonical_json, canonical_value
 
 KEY = bytes(range(32))
@@ -84,6 +87,47 @@ def test_digests_are_keyed_by_the_tenant_key() -> None:
     assert cipher().digest(content) == cipher().digest(content)
     assert cipher().digest(content) != cipher(key=bytes(32)).digest(content)
     assert cipher().digest(content) != hashlib.sha256(content).digest()
+
+
+@given(st.binary(max_size=200), st.binary(max_size=3000))
+def test_the_hmac_is_rfc_2104_hmac_sha256(key: bytes, message: bytes) -> None:
+    made = Hmac(key)
+    assert made.digest(message) == hmac.digest(key, message, "sha256")
+    assert made.digest(message) == hmac.digest(key, message, "sha256")  # its states kept
+
+
+def test_digests_and_tokens_are_those_stored_before() -> None:
+    """Stored digests and tokens are compared with those made at every retry and query: the
+    way they are computed may change, never their values (HMAC-SHA256 under HKDF keys)."""
+
+    def derived(info: bytes) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(KEY)
+
+    content, token = derived(b"tally/content-digest/v1"), derived(b"tally/attribute-token/v1")
+    assert cipher().digest(b"{}") == hmac.digest(content, b"{}", "sha256")
+    assert (
+        cipher().key_token("zone") == "k" + hmac.digest(token, b"key\x00zone", "sha256").hex()[:16]
+    )
+    assert (
+        cipher().value_token("zone", '"a"')
+        == hmac.digest(token, b'value\x00zone\x00"a"', "sha256").hex()[:32]
+    )
+
+
+def test_one_hmac_serves_threads_at_once() -> None:
+    made, messages = Hmac(KEY), [os.urandom(64) for _ in range(200)]
+    expected = [hmac.digest(KEY, m, "sha256") for m in messages]
+    found: list[list[bytes]] = []
+
+    def digest_all() -> None:
+        found.append([made.digest(m) for _ in range(20) for m in messages][-200:])
+
+    threads = [threading.Thread(target=digest_all) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert found == [expected] * 4
 
 
 def test_nonces_never_repeat_across_blocks_threads_or_a_fork() -> None:
