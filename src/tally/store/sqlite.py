@@ -227,12 +227,12 @@ class SQLiteStore(SQLStore):
                 }
                 places, moved = plan.number(fresh, last, self.partitions)
                 rows = [(*place, *tails[i]) for i, place in zip(accepted, places, strict=True)]
-                # One prepared statement bound row by row in C: no JSON text of the batch to
-                # write and have SQLite parse again.
-                session.many(
+                # Statements of many rows each, bound in C (Session.insert says why not one
+                # per row); no JSON text of the batch to write and have SQLite parse again.
+                session.insert(
                     "INSERT INTO events (partition, log_offset, application, id, tenant, type, "
                     "quantity, time, subject, unit, attributes, region, received_at, digest, "
-                    "attribute_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "attribute_tokens) VALUES",
                     rows,
                 )
                 session.run(
