@@ -159,7 +159,7 @@ def test_the_token_memo_answers_what_the_cipher_computes_and_stays_bounded() -> 
     from tally.services.ingest import TokenMemo  # noqa: PLC0415 - the one test of the memo
 
     acme, globex = cipher("acme", sealing.new_data_key()), cipher("globex", sealing.new_data_key())
-    memo = TokenMemo(max_entries=3, max_sets=3)
+    memo = TokenMemo(max_entries=3, max_sets=3, max_shapes=3)
     values: list[object] = ["eu", "us", Decimal(1), True, Decimal(0), Decimal("-0"), "1"]
     for _ in range(2):  # computed, then remembered
         for tenant in (acme, globex):
@@ -189,3 +189,9 @@ def test_the_token_memo_answers_what_the_cipher_computes_and_stays_bounded() -> 
     assert memo.tokenised(acme, {"r": "eu"}).tokens != memo.tokenised(globex, {"r": "eu"}).tokens
     assert len(memo._sets) <= 3
     assert len(memo._pairs) <= 3
+    assert len(memo._shapes) <= 3
+    # A shape serves every tenant; their tokens stay their own.
+    shared = TokenMemo()
+    first, second = shared.tokenised(acme, {"r": "eu"}), shared.tokenised(globex, {"r": "eu"})
+    assert len(shared._shapes) == 1 and len(shared._sets) == 2
+    assert first.attributes_json == second.attributes_json and first.tokens != second.tokens

@@ -34,7 +34,8 @@ from tally.store.interface import IngestStore
 FUTURE_SKEW = timedelta(minutes=5)
 _MAX_REMEMBERED = 1_000_000
 TOKEN_MEMO_ENTRIES = 100_000  # (key, value) pairs: about 25 MB at most
-TOKEN_MEMO_SETS = 10_000  # whole attribute sets, about 2 KB each: about 20 MB at most
+TOKEN_MEMO_SETS = 10_000  # a tenant's tokens of a set, about 1.5 KB each: 15 MB at most
+TOKEN_MEMO_SHAPES = 10_000  # attribute sets apart from tenants, about 1 KB each: 10 MB
 
 
 @dataclass(slots=True)
@@ -334,48 +335,61 @@ class TokenMemo:
     attributes), and billing attributes take few values (a region, a plan, a model) in few
     combinations, so most events find theirs here. A tenant's data key never changes (a
     rewrap keeps it, a shred ends its events), so neither do its tokens. Bounded: full, it
-    starts afresh. Without a lock, like every cache here."""
+    starts afresh. Without a lock, like every cache here.
+
+    In two levels: a set's shape (its canonical JSON and members), which is the same for
+    every tenant, then the tenant's tokens of that shape. Many tenants report the same
+    combinations: a tenant's first event with one finds its shape made already and only
+    assembles its tokens, from pairs it mostly knows too."""
 
     def __init__(
-        self, max_entries: int = TOKEN_MEMO_ENTRIES, max_sets: int = TOKEN_MEMO_SETS
+        self,
+        max_entries: int = TOKEN_MEMO_ENTRIES,
+        max_sets: int = TOKEN_MEMO_SETS,
+        max_shapes: int = TOKEN_MEMO_SHAPES,
     ) -> None:
         self._max_entries = max_entries
         self._max_sets = max_sets
-        self._sets: dict[tuple[object, ...], Tokenised] = {}
+        self._max_shapes = max_shapes
+        self._shapes: dict[tuple[object, ...], _Shape] = {}
+        self._sets: dict[tuple[str, str], Tokenised] = {}
         self._pairs: dict[tuple[str, str, str], tuple[str, str]] = {}
 
     def tokenised(self, cipher: TenantCipher, attributes: Mapping[str, object]) -> Tokenised:
         # Values equal in Python but not in canonical JSON are told apart: True from 1 (by
         # type), -0 from 0 (by sign).
-        entry = (
-            cipher.tenant,
-            *[
+        entry = tuple(
+            [
                 (key, value.__class__, value, value.is_signed())
                 if isinstance(value, Decimal)
                 else (key, value.__class__, value)
                 for key, value in attributes.items()
-            ],
+            ]
         )
-        found = self._sets.get(entry)
+        shape = self._shapes.get(entry)
+        if shape is None:
+            shape = _shape(attributes)
+            if len(self._shapes) >= self._max_shapes:
+                self._shapes = {}
+            self._shapes[entry] = shape
+        # By the shape's JSON, not the shape: a set stays found when the shapes start afresh.
+        known = (cipher.tenant, shape.attributes_json)
+        found = self._sets.get(known)
         if found is None:
-            found = self._tokenise(cipher, attributes)
+            found = self._tokenise(cipher, shape)
             if len(self._sets) >= self._max_sets:
                 self._sets = {}
-            self._sets[entry] = found
+            self._sets[known] = found
         return found
 
-    def _tokenise(self, cipher: TenantCipher, attributes: Mapping[str, object]) -> Tokenised:
-        """The set's canonical JSON, its tokens as stored and its (value token, value JSON)
-        pairs, each value's canonical JSON written once for the three."""
+    def _tokenise(self, cipher: TenantCipher, shape: _Shape) -> Tokenised:
+        """The tenant's tokens of `shape` as stored, and its (value token, value JSON) pairs."""
         pairs = self._pairs
         tenant = cipher.tenant
-        members: list[tuple[str, str]] = []
         tokens: list[tuple[str, str]] = []
         values: list[tuple[str, str]] = []
-        for key in sorted(attributes):
-            value_json = canonical_value(attributes[key])
+        for key, value_json in shape.members:
             found = pairs.get((tenant, key, value_json)) or self._tokens(cipher, key, value_json)
-            members.append((key, value_json))
             tokens.append(found)
             values.append((found[1], value_json))
         # What json.dumps(tokens, sort_keys=True, separators=(",", ":")) writes of the key
@@ -383,7 +397,7 @@ class TokenMemo:
         # they are (and key tokens are unique: keys are).
         tokens.sort()
         return Tokenised(
-            canonical_members(members),
+            shape.attributes_json,
             "{" + ",".join([f'"{key}":"{token}"' for key, token in tokens]) + "}",
             tuple(values),
             frozenset([token for token, _ in values]),
@@ -396,6 +410,20 @@ class TokenMemo:
             self._pairs = {}
         self._pairs[(cipher.tenant, key, value_json)] = found
         return found
+
+
+@dataclass(slots=True, frozen=True)
+class _Shape:
+    """An attribute set apart from any tenant: its canonical JSON and its members (key,
+    value JSON), in key order, each value's JSON written once for both."""
+
+    attributes_json: str
+    members: tuple[tuple[str, str], ...]
+
+
+def _shape(attributes: Mapping[str, object]) -> _Shape:
+    members = tuple([(key, canonical_value(attributes[key])) for key in sorted(attributes)])
+    return _Shape(canonical_members(members), members)
 
 
 # Not frozen: a frozen dataclass sets each field through object.__setattr__, and one is built
