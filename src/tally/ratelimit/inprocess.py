@@ -47,20 +47,23 @@ class InProcessLimiter:
     def acquire(self, charges: Sequence[Charge]) -> Verdict:
         """See Limiter.acquire; never raises LimiterUnavailable."""
         check_distinct(charges)
+        buckets = self._buckets
         with self._lock:
             now = self._clock()
             judged = []
+            allowed = True
             for charge in charges:
-                state = self._buckets.get(charge.bucket)
+                state = buckets.get(charge.bucket)
                 debt = 0 if state is None else debt_of(*state, now=now, rate=charge.rate)
-                judged.append((charge, *judge(charge, debt)))
-            verdict = Verdict(tuple(decision for _, decision, _ in judged))
-            if verdict.allowed:
+                decision, after = judge(charge, debt)
+                allowed = allowed and decision.allowed
+                judged.append((charge, decision, after))
+            if allowed:
                 for charge, _, debt in judged:
-                    self._buckets[charge.bucket] = stored(debt, now=now, rate=charge.rate)
-                    self._buckets.move_to_end(charge.bucket)
+                    buckets[charge.bucket] = stored(debt, now=now, rate=charge.rate)
+                    buckets.move_to_end(charge.bucket)
             self._sweep(now)
-            return verdict
+            return Verdict(tuple([decision for _, decision, _ in judged]), allowed)
 
     def _sweep(self, now: int) -> None:
         buckets = self._buckets

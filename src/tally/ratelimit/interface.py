@@ -28,7 +28,9 @@ class LimiterUnavailable(Exception):
     """A shared limiter (Redis) could not decide: unreachable, timed out or refusing."""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, like the decisions below: a frozen dataclass sets each field through
+# object.__setattr__, and every request makes several. Treated as immutable all the same.
+@dataclass(slots=True)
 class Charge:
     """`cost` units against `bucket`, which holds `burst` units and refills `rate` a second."""
 
@@ -42,7 +44,7 @@ class Charge:
             raise ValueError("a charge needs 1 <= rate <= 10**6, 1 <= burst <= 10**9, cost >= 0")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """One bucket's answer, as the RateLimit fields state it.
 
@@ -60,15 +62,16 @@ class Decision:
     retry_after: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Verdict:
     """The answer to one `acquire`: allowed only if every bucket allowed its charge."""
 
     decisions: tuple[Decision, ...]
+    allowed: bool
 
-    @property
-    def allowed(self) -> bool:
-        return all(decision.allowed for decision in self.decisions)
+    @classmethod
+    def of(cls, decisions: tuple[Decision, ...]) -> Verdict:
+        return cls(decisions, all(decision.allowed for decision in decisions))
 
     def tightest(self) -> Decision | None:
         """The refusal that lasts longest; if none, the bucket with the fewest units left."""

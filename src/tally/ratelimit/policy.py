@@ -36,6 +36,9 @@ from tally.settings import Settings
 _TENANT_NAME: TypeAdapter[str] = TypeAdapter(Name)
 
 
+_CHARGES_KEPT = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class Rate:
     per_second: int
@@ -101,6 +104,9 @@ class RateGuard:
         # Whether a charge is answered from this process's memory alone, without I/O: then
         # it may be made on the event loop (api/fastpath.py).
         self.local = isinstance(limiter, InProcessLimiter)
+        # The charges made before, by (bucket, cost): the same few for every request of a key
+        # or tenant. Bounded: full, it starts afresh. Without a lock, like every cache here.
+        self._charges: dict[tuple[str, int], tuple[Charge, str]] = {}
 
     def admit_request(self, principal: Principal, *, tenant: str | None, note: RateNote) -> None:
         """Charge one request to the key and to `tenant` (see request_tenant).
@@ -108,13 +114,13 @@ class RateGuard:
         Raises RateLimited, having charged nothing, when a limit is reached.
         """
         charges: list[tuple[Charge, str]] = []
-        if self.policy.key_requests is not None:
-            bucket = f"key:{principal.key_id}:requests"
-            charges.append((_charge(bucket, 1, self.policy.key_requests), "this key's requests"))
-        if tenant is not None and self.policy.tenant_requests is not None:
-            bucket = f"tenant:{tenant}:requests"
-            rate = self.policy.tenant_requests
-            charges.append((_charge(bucket, 1, rate), f"tenant {tenant}'s requests"))
+        policy = self.policy
+        if policy.key_requests is not None:
+            charges.append(
+                self._charge("key", principal.key_id, "requests", 1, policy.key_requests)
+            )
+        if tenant is not None and policy.tenant_requests is not None:
+            charges.append(self._charge("tenant", tenant, "requests", 1, policy.tenant_requests))
         self._admit(charges, note)
         if tenant is not None:
             note.charged_tenants.add(tenant)
@@ -131,20 +137,41 @@ class RateGuard:
         policy = self.policy
         charges: list[tuple[Charge, str]] = []
         if policy.key_events is not None and events > 0:
-            bucket = f"key:{principal.key_id}:events"
-            charges.append((_charge(bucket, events, policy.key_events), "this key's events"))
-        per_tenant = Counter(tenant for tenant in tenants if principal.may_serve(tenant))
+            charges.append(
+                self._charge("key", principal.key_id, "events", events, policy.key_events)
+            )
+        per_tenant = (
+            Counter(tenants)  # counted in C: a key for every tenant
+            if principal.tenants is None
+            else Counter(tenant for tenant in tenants if principal.may_serve(tenant))
+        )
         for tenant, count in sorted(per_tenant.items()):
             if policy.tenant_events is not None:
-                bucket = f"tenant:{tenant}:events"
-                rate = policy.tenant_events
-                charges.append((_charge(bucket, count, rate), f"tenant {tenant}'s events"))
+                charges.append(
+                    self._charge("tenant", tenant, "events", count, policy.tenant_events)
+                )
             if policy.tenant_requests is not None and tenant not in note.charged_tenants:
-                bucket = f"tenant:{tenant}:requests"
-                rate = policy.tenant_requests
-                charges.append((_charge(bucket, 1, rate), f"tenant {tenant}'s requests"))
+                charges.append(
+                    self._charge("tenant", tenant, "requests", 1, policy.tenant_requests)
+                )
         self._admit(charges, note)
         note.charged_tenants.update(per_tenant)
+
+    def _charge(
+        self, holder: str, name: str, unit: str, cost: int, rate: Rate
+    ) -> tuple[Charge, str]:
+        """The charge of `cost` at `rate` to bucket `holder:name:unit` (`name`: a key's id or
+        a tenant's), and what a refusal calls it."""
+        bucket = f"{holder}:{name}:{unit}"
+        found = self._charges.get((bucket, cost))
+        if found is None:
+            label = f"this key's {unit}" if holder == "key" else f"tenant {name}'s {unit}"
+            charge = Charge(bucket=bucket, cost=cost, rate=rate.per_second, burst=rate.burst)
+            found = (charge, label)
+            if len(self._charges) >= _CHARGES_KEPT:
+                self._charges = {}
+            self._charges[(bucket, cost)] = found
+        return found
 
     def _admit(self, charges: list[tuple[Charge, str]], note: RateNote) -> None:
         if not charges:
@@ -170,7 +197,3 @@ class RateGuard:
 
     def close(self) -> None:
         self.limiter.close()
-
-
-def _charge(bucket: str, cost: int, rate: Rate) -> Charge:
-    return Charge(bucket=bucket, cost=cost, rate=rate.per_second, burst=rate.burst)

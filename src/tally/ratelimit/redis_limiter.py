@@ -122,7 +122,7 @@ class RedisLimiter:
         """See Limiter.acquire. Raises LimiterUnavailable on any Redis failure."""
         check_distinct(charges)
         if not charges:
-            return Verdict(())
+            return Verdict.of(())
         keys = [self._prefix + charge.bucket for charge in charges]
         now = "" if self._clock is None else str(self._clock())
         args: list[str | int] = [now]
@@ -148,7 +148,7 @@ class RedisLimiter:
                     retry_after=retry_after,
                 )
             )
-        return Verdict(tuple(decisions))
+        return Verdict.of(tuple(decisions))
 
     def ping(self) -> None:
         """See SharedLimiter.ping: bounded by `timeout`, like every reply."""
