@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -112,6 +113,9 @@ class Metrics:
     def registry(self) -> CollectorRegistry | None:
         """This process's own registry; None when it has none (multiprocess, or null)."""
         return None
+
+
+_ANSWERED_KEPT = 1_000  # (route, method, status) label children kept by PrometheusMetrics
 
 
 def _closed(value: str, allowed: Sequence[str] | frozenset[str], other: str) -> str:
@@ -219,10 +223,11 @@ class PrometheusMetrics(Metrics):
         build.labels(tally_version(), platform.python_version(), store).set(1)
         # Every label value of a closed set is exposed from the start, at zero: a rate() over
         # a series that appears only at its first increment misses that increment.
-        for outcome in EVENT_OUTCOMES:
-            self._events.labels(outcome)
-        for reason in REJECT_REASONS:
-            self._rejected.labels(reason)
+        # The children of closed label sets, looked up once: labels() checks and converts
+        # its values on every call, and every request counts its events and itself.
+        self._outcomes = {outcome: self._events.labels(outcome) for outcome in EVENT_OUTCOMES}
+        self._reasons = {reason: self._rejected.labels(reason) for reason in REJECT_REASONS}
+        self._answered: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         for kind in STORE_ERROR_KINDS:
             self._store_errors.labels(kind)
         for limit in RATE_LIMIT_KINDS:
@@ -234,8 +239,17 @@ class PrometheusMetrics(Metrics):
 
     def request(self, *, route: str, method: str, status: int, seconds: float) -> None:
         method = _closed(method, METHODS, "OTHER")
-        self._requests.labels(route, method, str(status)).inc()
-        self._latency.labels(route, method, status_class(status)).observe(seconds)
+        children = self._answered.get((route, method, status))
+        if children is None:
+            children = (
+                self._requests.labels(route, method, str(status)),
+                self._latency.labels(route, method, status_class(status)),
+            )
+            # Routes are the app's templates and statuses a few codes; bounded all the same.
+            if len(self._answered) < _ANSWERED_KEPT:
+                self._answered[(route, method, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def in_flight(self, change: int) -> None:
         self._in_flight.inc(change)
@@ -243,9 +257,9 @@ class PrometheusMetrics(Metrics):
     def events(self, outcomes: Iterable[tuple[str, str | None]]) -> None:
         counted = Tally(outcomes)
         for (outcome, reason), count in counted.items():
-            self._events.labels(_closed(outcome, EVENT_OUTCOMES, "rejected")).inc(count)
+            self._outcomes.get(outcome, self._outcomes["rejected"]).inc(count)
             if reason is not None:
-                self._rejected.labels(_closed(reason, REJECT_REASONS, "ERR-VAL-400")).inc(count)
+                self._reasons.get(reason, self._reasons["ERR-VAL-400"]).inc(count)
 
     def commit(self, *, requests: int, events: int, seconds: float, waits: Sequence[float]) -> None:
         self._batch_requests.observe(requests)
