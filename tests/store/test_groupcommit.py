@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -70,3 +72,69 @@ def test_a_failing_observer_neither_loses_answers_nor_stops_the_writer(store: Ev
     assert committer.append([new_event("a")]) == [Outcome.ACCEPTED]
     assert committer.append([new_event("b")]) == [Outcome.ACCEPTED]
     committer.close()
+
+
+def test_waiters_on_a_loop_share_transactions_and_each_gets_its_own_outcomes(
+    store: EventStore,
+) -> None:
+    batches: list[tuple[int, int]] = []
+    committer = GroupCommitter(store, observe=lambda r, e: batches.append((r, e)))
+
+    async def main() -> list[list[Outcome]]:
+        # Every request repeats a shared id; each also has an id of its own.
+        return await asyncio.gather(
+            *[
+                committer.append_async([new_event("shared"), new_event(f"own-{i}", tenant=f"t{i}")])
+                for i in range(64)
+            ]
+        )
+
+    answers = asyncio.run(main())
+    committer.close()
+
+    assert all(answer[1] is Outcome.ACCEPTED for answer in answers)
+    assert [answer[0] for answer in answers].count(Outcome.ACCEPTED) == 1
+    assert len(batches) < 64
+    assert len(read_all(store)[0]) == 65
+
+
+def test_a_cancelled_waiter_leaves_its_events_and_the_others_to_the_transaction(
+    store: EventStore,
+) -> None:
+    committer = GroupCommitter(store)
+
+    async def main() -> list[Outcome]:
+        gone = asyncio.ensure_future(committer.append_async([new_event("gone")]))
+        kept = asyncio.ensure_future(committer.append_async([new_event("kept")]))
+        await asyncio.sleep(0)  # both are queued and waiting
+        gone.cancel()  # its commit is a few milliseconds away
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+        return await kept
+
+    assert asyncio.run(main()) == [Outcome.ACCEPTED]
+    committer.close()
+    # Queued before it was cancelled: committed with the others, as the docstring says.
+    assert sorted(read_all(store)[0]) == ["gone", "kept"]
+
+
+def test_a_failed_transaction_fails_every_waiter_of_a_loop_and_of_a_thread(
+    store: EventStore,
+) -> None:
+    committer = GroupCommitter(store)
+
+    async def main() -> list[BaseException | list[Outcome]]:
+        return await asyncio.gather(
+            committer.append_async([new_event("bad", quantity="-1")]),
+            asyncio.to_thread(committer.append, [new_event("fine")]),
+            return_exceptions=True,
+        )
+
+    answers = asyncio.run(main())
+    committer.close()
+    # Each got its own transaction's answer: an error for the bad one, and no half-stored event.
+    assert isinstance(answers[0], Exception)
+    stored = read_all(store)[0]
+    assert "bad" not in stored
+    assert answers[1] == [Outcome.ACCEPTED] or isinstance(answers[1], Exception)
+    assert ("fine" in stored) == (answers[1] == [Outcome.ACCEPTED])
