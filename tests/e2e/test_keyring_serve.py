@@ -89,7 +89,13 @@ def test_the_database_and_its_wal_and_keyring_are_owner_only(tmp_path: Path) -> 
             admin = {"Authorization": f"Bearer {server.admin_key}"}
             assert client.post("/v1/tenants", json={"id": "acme"}, headers=admin).is_success
             made = sorted(path.name for path in tmp_path.glob("tally.db*"))
-            assert made[:4] == ["tally.db", "tally.db-shm", "tally.db-wal", "tally.db.keyring"]
+            assert made[:5] == [
+                "tally.db",
+                "tally.db-shm",
+                "tally.db-wal",
+                "tally.db-writer",  # the writers' turns (store/sqlite.py, WriterLock)
+                "tally.db.keyring",
+            ]
             modes = {
                 path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.glob("tally.db*")
             }
@@ -106,6 +112,7 @@ def test_the_checkout_ignores_the_database_its_keyring_and_the_admin_key_file() 
         "tally.db",
         "tally.db-wal",
         "tally.db-shm",
+        "tally.db-writer",
         "tally.db.keyring",
         "tally-admin-key-0123abcd",
     ]

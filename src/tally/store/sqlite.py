@@ -1,12 +1,15 @@
 """The embedded store: one SQLite file in WAL mode with full synchronous commits.
 
 All writes go through one connection that opens `BEGIN IMMEDIATE`, so writers are serialised by
-SQLite's write lock and offsets are handed out in commit order. Readers borrow
-connections from a small pool; WAL gives each read transaction a stable snapshot.
+SQLite's write lock and offsets are handed out in commit order; the processes that write
+(`tally serve --workers N`, the CLI) take turns through a lock file first (`WriterLock`).
+Readers borrow connections from a small pool; WAL gives each read transaction a stable
+snapshot.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import queue
@@ -46,6 +49,51 @@ def create_owner_only(path: Path) -> None:
     os.close(descriptor)
 
 
+class WriterLock:
+    """Turns between the processes that write one store: an exclusive flock on the file
+    `<database>-writer`, taken before `BEGIN IMMEDIATE` and released after its COMMIT.
+
+    SQLite's own lock does serialise them, but a writer that finds it taken sleeps and
+    retries, 1 ms at first and up to 100 ms a try: with two workers committing back to back,
+    one kept losing. Under wrk (2 workers), single events: p99 1.8-3.6 s at 1,575-2,083
+    req/s, against 39-41 ms at 2,948-3,095 with this lock, whose waiter the kernel wakes as
+    it is released. Batches of 1,000: 15,211 ev/s (p99 2.8 s) against 22,216 (434 ms).
+
+    A writer stopped (SIGSTOP) while it holds the lock holds up the others until it goes on
+    or dies (the kernel releases it then); SQLite's lock would have failed them after 30 s.
+    Each process opens its own descriptor (after a fork too: a shared one is a shared lock).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._descriptor: int | None = None
+        self._pid = 0
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Raises StoreUnavailable when the lock file cannot be opened or locked."""
+        try:
+            descriptor = self._open()
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError as error:
+            raise StoreUnavailable("The SQLite store's writer lock cannot be taken.") from error
+        try:
+            yield
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+
+    def _open(self) -> int:
+        if self._descriptor is None or self._pid != os.getpid():
+            self._descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._pid = os.getpid()
+        return self._descriptor
+
+    def close(self) -> None:
+        if self._descriptor is not None and self._pid == os.getpid():
+            os.close(self._descriptor)
+        self._descriptor = None
+
+
 class SQLiteStore(SQLStore):
     """`EventStore` on one SQLite file: the shared SQL of store/sql.py, this file's append."""
 
@@ -54,6 +102,7 @@ class SQLiteStore(SQLStore):
     def __init__(self, path: Path) -> None:
         self.path = path
         self._write_lock = threading.Lock()
+        self._writers = WriterLock(path.with_name(path.name + "-writer"))
         self._writer: sqlite3.Connection | None = None
         # Idle reader connections. A pool rather than one per thread: the server's worker
         # threads come and go, and per-thread connections would pile up open files.
@@ -115,7 +164,7 @@ class SQLiteStore(SQLStore):
         disk StoreFull. The log says when the disk fills and when writes succeed again (once
         each, not per refused request).
         """
-        with self._write_lock:
+        with self._write_lock, self._writers.held():
             if self._writer is None:
                 self._writer = self._connect()
             connection = self._writer
@@ -184,6 +233,7 @@ class SQLiteStore(SQLStore):
             self._connections.clear()
             self._writer = None
             self._idle = queue.SimpleQueue()
+            self._writers.close()
 
     def append(self, events: Sequence[NewEvent], *, received_at: datetime) -> list[Outcome]:
         if not events:
