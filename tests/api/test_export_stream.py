@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tally.bootstrap import Services
+from tally.errors import StoreUnavailable
 from tally.events.log import ExportFilter, ExportPage, LogRow
 from tests.api.helpers import assert_problem, auth, export_all, post_events
 from tests.conftest import World, event
@@ -239,3 +240,50 @@ def test_the_stream_reads_the_store_in_pages_of_its_limit(
         del store.read_rows  # type: ignore[method-assign]
     assert len(lines) == 100 + 12 + 1
     assert max(reads) <= 8 and len(reads) >= (100 + 12) // 8
+
+
+def test_a_read_ahead_that_fails_ends_the_stream_without_its_end_line(
+    client: TestClient, world: World, services: Services
+) -> None:
+    """The next page is read while the reader takes the current one (services/export.py);
+    its failure reaches the stream where the read itself would have."""
+    seed(client, world, count=40)
+    store = services.store
+    original = store.read_rows
+    calls = 0
+
+    def failing(**kwargs: Any) -> ExportPage[LogRow]:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise StoreUnavailable("The store went away.")
+        return original(**kwargs)
+
+    store.read_rows = failing  # type: ignore[method-assign]
+    try:
+        lines = [json.loads(line) for line in stream_lines(client, world.reader, limit=5)]
+    finally:
+        del store.read_rows  # type: ignore[method-assign]
+    assert len(lines) == 10  # the two pages read, then the cut
+    assert all("cursor" in line for line in lines)  # no end line
+
+
+def test_a_stream_closed_with_a_read_ahead_pending_leaves_the_store_serving(
+    client: TestClient, world: World, services: Services
+) -> None:
+    seed(client, world, count=40)
+
+    def entries() -> list[str]:  # cursors aside: each is sealed afresh
+        return [
+            line["id"]
+            for line in map(json.loads, stream_lines(client, world.reader, limit=7))
+            if "id" in line
+        ]
+
+    whole = entries()
+    principal = services.authenticator.authenticate(f"Bearer {world.reader}")
+    for _ in range(20):  # more streams than read-ahead threads or pooled connections
+        reads = services.export.stream(principal, ExportFilter(), cursor=None, limit=5)
+        assert len(next(reads)) == 5
+        reads.close()  # the reader went away: its read ahead is dropped, not waited on forever
+    assert entries() == whole and len(whole) >= 40
