@@ -8,6 +8,8 @@ import io
 import json
 import random
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from fastapi.testclient import TestClient
 from tally.bootstrap import Services
 from tally.errors import StoreUnavailable
 from tally.events.log import ExportFilter, ExportPage, LogRow
+from tally.services import export as export_service
 from tests.api.helpers import assert_problem, auth, export_all, post_events
 from tests.conftest import World, event
 
@@ -287,3 +290,18 @@ def test_a_stream_closed_with_a_read_ahead_pending_leaves_the_store_serving(
         assert len(next(reads)) == 5
         reads.close()  # the reader went away: its read ahead is dropped, not waited on forever
     assert entries() == whole and len(whole) >= 40
+
+
+def test_a_stream_reads_for_itself_when_every_read_ahead_thread_is_busy(
+    client: TestClient, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed(client, world, count=40)
+    whole = len(stream_lines(client, world.reader, limit=7))
+    busy, release = ThreadPoolExecutor(max_workers=1), threading.Event()
+    busy.submit(release.wait)  # the pool's one thread, held by "another stream"
+    monkeypatch.setattr(export_service, "_ahead", busy)
+    try:
+        assert len(stream_lines(client, world.reader, limit=7)) == whole
+    finally:
+        release.set()
+        busy.shutdown()

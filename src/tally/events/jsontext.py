@@ -30,9 +30,8 @@ def exact_json(value: object, *, default: Callable[[object], object] | None = No
     """
     if isinstance(value, str):
         return _string(value)
-    if isinstance(value, dict | Mapping):
-        members = [f"{_key(k)}:{exact_json(v, default=default)}" for k, v in value.items()]
-        return "{" + ",".join(members) + "}"
+    if isinstance(value, dict):
+        return _object(value, default)
     if isinstance(value, Decimal):
         if not value.is_finite():
             raise ValueError("a non-finite decimal is not a JSON number")
@@ -45,11 +44,18 @@ def exact_json(value: object, *, default: Callable[[object], object] | None = No
         return int.__repr__(value)
     if isinstance(value, list | tuple):
         return "[" + ",".join([exact_json(item, default=default) for item in value]) + "]"
+    if isinstance(value, Mapping):  # an ABC: checked after the common types
+        return _object(value, default)
     if isinstance(value, float):
         return json.dumps(value, allow_nan=False)
     if default is not None:
         return exact_json(default(value), default=default)
     raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _object(value: Mapping[object, object], default: Callable[[object], object] | None) -> str:
+    members = [f"{_key(k)}:{exact_json(v, default=default)}" for k, v in value.items()]
+    return "{" + ",".join(members) + "}"
 
 
 def _key(key: object) -> str:
