@@ -130,6 +130,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="bound of the NDJSON stream (it stops earlier at the store's end)",
     )
     parser.add_argument("--copy-rows", type=int, default=200_000, help="rows of the COPY-in limit")
+    parser.add_argument(
+        "--growth-rounds",
+        type=int,
+        default=2,
+        help="turns of growth: batches into a new empty store, then into the big store",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where JSON and Markdown go")
     args = parser.parse_args(argv)
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -143,8 +149,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.export_seconds, args.stream_seconds = 10, 30
         args.copy_rows = 5_000
         args.sdk_processes = min(args.sdk_processes, 2)
-    if args.duration < 1 or args.connections < 1 or args.workers < 1 or args.events < 1:
-        parser.error("--duration, --connections, --workers and --events must be at least 1")
+        args.growth_rounds = 1
+    if min(args.duration, args.connections, args.workers, args.events, args.growth_rounds) < 1:
+        parser.error(
+            "--duration, --connections, --workers, --events and --growth-rounds must be at least 1"
+        )
     args.stores = ["postgres", "sqlite"] if args.store == "both" else [args.store]
     return args
 
@@ -207,8 +216,8 @@ def references(results: Results, args: argparse.Namespace, load: Load, workdir: 
 def fresh_store(
     results: Results, args: argparse.Namespace, load: Load, workdir: Path, store: str
 ) -> None:
-    """Tally on a new store: batches first (into the empty store: also growth's baseline),
-    then single events, then single events at 80% of that rate, then the SDK."""
+    """Tally on a new store: batches first (into the empty store), then single events, then
+    single events at 80% of that rate, then the SDK."""
     with (
         servers.throwaway_database("tally") if store == "postgres" else _sqlite(workdir) as url,
         servers.tally(url, workdir, f"tally-{store}", args.workers) as server,
@@ -216,7 +225,7 @@ def fresh_store(
         keys = servers.register(server, load.tenants)
         root, base = server.process.pid, server.base_url
         tally = scenarios.Target(root, base, keys.write, store, "tally")
-        if wanted(args, "batch", "growth"):
+        if wanted(args, "batch"):
             scenarios.warm_up(base, keys.write, load)
             say(f"[tally {store}] batches of {BATCH} into the empty store ...")
             results.add(
@@ -332,15 +341,7 @@ def big_store(results: Results, args: argparse.Namespace, load: Load, workdir: P
                 say(f"[big store] reconciliation, {args.requests} requests ...")
                 results.add(scenarios.reconciliation(root, base, keys, big, args.requests))
             if wanted(args, "growth"):
-                say(f"[big store] growth: batches of {BATCH} into the big store ...")
-                row = scenarios.ingest(
-                    tally,
-                    "growth.big",
-                    f"batch ingest ({BATCH}), big store",
-                    load,
-                    batch=BATCH,
-                )
-                results.add(row)
+                growth(results, args, load, workdir, tally)
             metrics_check(results, server, keys, "big-store")
         if wanted(args, "export"):
             say("[reference] COPY (SELECT ...) TO STDOUT of the big store ...")
@@ -350,6 +351,33 @@ def big_store(results: Results, args: argparse.Namespace, load: Load, workdir: P
     finally:
         if big.throwaway:
             bigstore.drop(big)
+
+
+def growth(
+    results: Results, args: argparse.Namespace, load: Load, workdir: Path, big: scenarios.Target
+) -> None:
+    """Batches into an empty store and into the big store, taking turns: each round a new
+    empty store (its own database and server) and then the big store's server, each warmed up
+    first. Rounds minutes apart would compare the VM's moods as much as the stores (it swings by
+    a fifth within minutes); turns seconds apart compare the stores."""
+    empty_rows, big_rows = [], []
+    for turn in range(1, args.growth_rounds + 1):
+        with (
+            servers.throwaway_database("growth") as url,
+            servers.tally(url, workdir, f"tally-growth-{turn}", args.workers) as server,
+        ):
+            keys = servers.register(server, load.tenants)
+            empty = scenarios.Target(
+                server.process.pid, server.base_url, keys.write, "postgres", "tally"
+            )
+            scenarios.warm_up(empty.url, empty.token, load)
+            say(f"[growth {turn}/{args.growth_rounds}] batches of {BATCH} into an empty store ...")
+            empty_rows.append(scenarios.ingest(empty, "growth.empty", "", load, batch=BATCH))
+        scenarios.warm_up(big.url, big.token, load)
+        say(f"[growth {turn}/{args.growth_rounds}] batches of {BATCH} into the big store ...")
+        big_rows.append(scenarios.ingest(big, "growth.big", "", load, batch=BATCH))
+    results.add(report.merged(empty_rows, f"batch ingest ({BATCH}), empty store, in turns"))
+    results.add(report.merged(big_rows, f"batch ingest ({BATCH}), big store, in turns"))
 
 
 def measure(args: argparse.Namespace, results: Results, workdir: Path) -> None:
@@ -365,9 +393,7 @@ def measure(args: argparse.Namespace, results: Results, workdir: Path) -> None:
     )
     references(results, args, load, workdir)
     for store in args.stores:
-        if wanted(args, "single", "batch") or (
-            store == "postgres" and wanted(args, "sdk", "growth")
-        ):
+        if wanted(args, "single", "batch") or (store == "postgres" and wanted(args, "sdk")):
             fresh_store(results, args, load, workdir, store)
     if "postgres" in args.stores and wanted(args, "export", "usage", "reconciliation", "growth"):
         big_store(results, args, load, workdir)
@@ -400,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             "export_seconds",
             "stream_seconds",
             "copy_rows",
+            "growth_rounds",
         )
     }
     options["only"] = ",".join(args.only)

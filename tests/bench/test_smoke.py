@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCENARIO_ROWS = {
     "single.postgres", "single80.postgres", "single.sqlite", "batch.postgres", "batch.sqlite",
     "sdk.postgres", "export.json", "export.ndjson", "usage.subject_day", "usage.attribute",
-    "reconciliation", "growth.big",
+    "reconciliation", "growth.empty", "growth.big",
 }  # fmt: skip
 REFERENCE_ROWS = {
     "ref.bare.single",
@@ -81,6 +81,11 @@ def test_quick_run_measures_every_scenario_and_reference(tmp_path: Path) -> None
     assert single["ratio_limit"] == pytest.approx(
         single["requests_per_s"] / rows["ref.bare.single"]["requests_per_s"]
     )
+    growth = rows["growth.big"]
+    assert growth["ratio_limit"] == pytest.approx(
+        growth["events_per_s"] / rows["growth.empty"]["events_per_s"]
+    )
+    assert growth["notes"][0].startswith("the mean of 1 turn(s)"), growth["notes"]
     stream = rows["export.ndjson"]
     assert stream["ratio_limit"] == pytest.approx(
         stream["events_per_s"] / rows["ref.copy.out"]["events_per_s"]
