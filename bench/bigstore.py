@@ -36,8 +36,9 @@ from tally.registry.models import ApplicationIn, TenantIn
 from tally.services.ingest import seal_event
 from tally.settings import Settings
 
-LOADER_VERSION = 1
-BATCH = 5_000
+# 2: batches of 1,000 (as the batch scenario sends them), appended in log order (plan.placed)
+LOADER_VERSION = 2
+BATCH = 1_000
 MONTHS = 3
 STATE = Path(__file__).resolve().parent / ".state"
 MIGRATIONS = Path(__file__).resolve().parents[1] / "src/tally/store/migrations/postgresql"

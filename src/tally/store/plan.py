@@ -47,6 +47,23 @@ def number(
     return places, {p: o for p, o in last.items() if o != last_offsets[p]}
 
 
+def placed(
+    places: Sequence[tuple[int, int]], tails: Sequence[tuple[object, ...]]
+) -> list[tuple[object, ...]]:
+    """Each event's row of `events`: its place (partition, offset, from `number`) and then
+    the rest of its columns (`tails`, in the same order), the rows sorted into log order.
+
+    Written in that order, the rows a commit gives one partition lie side by side in the
+    table: a PostgreSQL heap keeps rows in the order they were inserted, and an export read
+    walks one partition's offsets. Written in the order they came (tenants, and so
+    partitions, mixed), each of a partition's rows lay on a heap page of its own: a read of
+    1,000 rows of the 10 M-event bench store fetched 682 pages, 25 ms of the database's time
+    per page. (Places are unique, so the sort never compares past them.)"""
+    rows = [(*place, *tail) for place, tail in zip(places, tails, strict=True)]
+    rows.sort()
+    return rows
+
+
 def partitions_of(events: Sequence[NewEvent], partitions: int) -> list[int]:
     """The partitions a batch touches, sorted: locks are always taken in this order, so two
     writers never deadlock on counter rows."""

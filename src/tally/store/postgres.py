@@ -374,8 +374,7 @@ class PostgresStore(SQLStore):
             if not fresh:
                 return outcomes
             places, moved = plan.number(fresh, last, self.partitions)
-            tails = _tails(fresh, received_at)
-            rows = [(*place, *tail) for place, tail in zip(places, tails, strict=True)]
+            rows = plan.placed(places, _tails(fresh, received_at))
             inserted = {
                 (row["application"], row["id"])
                 for row in session.all(
@@ -409,7 +408,7 @@ class PostgresStore(SQLStore):
             }
             self._add_values(session, events)
             places, moved = plan.number(fresh, last, self.partitions)
-            rows = [(*place, *tail) for place, tail in zip(places, tails, strict=True)]
+            rows = plan.placed(places, tails)
             if copy:
                 # Binary COPY: each row is encoded by psycopg's C dumpers, with no array of
                 # each column to build and parse. A taken identity fails it (UniqueViolation).

@@ -276,7 +276,7 @@ class SQLiteStore(SQLStore):
                     )
                 }
                 places, moved = plan.number(fresh, last, self.partitions)
-                rows = [(*place, *tails[i]) for i, place in zip(accepted, places, strict=True)]
+                rows = plan.placed(places, [tails[i] for i in accepted])
                 # Statements of many rows each, bound in C (Session.insert says why not one
                 # per row); no JSON text of the batch to write and have SQLite parse again.
                 session.insert(
