@@ -41,6 +41,7 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
+from prometheus_client import values as prometheus_values
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
@@ -50,6 +51,29 @@ from tally.settings import Settings
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+# In multiprocess mode every change of a value first asks for the process's id, to notice a
+# fork (a child must write files of its own): os.getpid() by default, a system call each
+# time, about 14 times per single-event request, 3.7% of a worker's busy time under wrk
+# (py-spy --gil). The id is remembered instead, and taken again in a forked child.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid  # noqa: PLW0603 - the one process-wide fact the values need
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def process_id() -> int:
+    """This process's id, as os.getpid() answers it, without a system call."""
+    return _pid
+
+
+if os.environ.get(MULTIPROCESS_DIR):
+    prometheus_values.ValueClass = prometheus_values.MultiProcessValue(process_id)  # type: ignore[no-untyped-call]
 
 # Request latency, in seconds: 0.25 and 1 are bucket bounds, so that the share of requests
 # answered within each (the latency objectives) is exact rather than interpolated.

@@ -9,6 +9,8 @@ import secrets
 import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -309,14 +311,21 @@ def _multiprocess_dir(worker: int) -> Path:
     return Path(found[0].decode())
 
 
-def _count_of_one_worker(directory: Path, pid: int, tmp_path: Path) -> float:
-    """GET /healthz requests counted by the worker `pid` alone, from its own file."""
+def _count_of_one_worker(
+    directory: Path,
+    pid: int,
+    tmp_path: Path,
+    name: str = "tally_http_requests_total",
+    **labels: str,
+) -> float:
+    """The counter `name` (GET /healthz requests unless told) of the process `pid` alone,
+    from its own file."""
     alone = Path(tempfile.mkdtemp(dir=tmp_path))
     shutil.copy(directory / f"counter_{pid}.db", alone)
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(alone))
     samples = parse(generate_latest(registry).decode())
-    return value(samples, "tally_http_requests_total", route="/healthz")
+    return value(samples, name, **(labels or {"route": "/healthz"}))
 
 
 def _hammer(base_url: str, requests: int, threads: int = 4) -> None:
@@ -413,3 +422,38 @@ def test_a_metrics_port_equal_to_the_api_port_is_refused(tmp_path: Path) -> None
         running_server(database, tmp_path, env=env, port=port),
     ):
         pass
+
+
+def test_a_forked_child_writes_its_values_to_files_of_its_own(tmp_path: Path) -> None:
+    # Multiprocess values take the process id remembered by tally.metrics (no system call
+    # per change), which a fork must renew: else parent and child would write one file.
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from tally.metrics import PrometheusMetrics, process_id\n"
+        "metrics = PrometheusMetrics(store='sqlite', multiprocess_dir=Path(sys.argv[1]))\n"
+        "metrics.events([('accepted', None)])\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    assert process_id() == os.getpid()\n"
+        "    metrics.events([('accepted', None)] * 2)\n"
+        "    os._exit(0)\n"
+        "_, status = os.waitpid(child, 0)\n"
+        "assert status == 0 and process_id() == os.getpid()\n"
+        "print(os.getpid(), child)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        env=os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    parent, child = (int(pid) for pid in done.stdout.split())
+    counted = [
+        _count_of_one_worker(tmp_path, pid, tmp_path, "tally_events_total", outcome="accepted")
+        for pid in (parent, child)
+    ]
+    assert counted == [1, 2]
