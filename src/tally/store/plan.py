@@ -86,8 +86,8 @@ Fetch = Callable[[int, int, int], list[tuple[int, T]]]
 
 
 def merged(*runs: list[tuple[int, T]], limit: int) -> list[tuple[int, T]]:
-    """The first `limit` of several runs of (offset, entry), each in offset order, in offset
-    order: one partition's events and cancellations, read by one query each."""
+    """The first `limit` of (offset, entry) pairs of several runs, in offset order: one
+    partition's events and cancellations, read by one query each or together by one."""
     return sorted((item for run in runs for item in run), key=lambda item: item[0])[:limit]
 
 
