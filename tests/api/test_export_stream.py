@@ -305,3 +305,56 @@ def test_a_stream_reads_for_itself_when_every_read_ahead_thread_is_busy(
     finally:
         release.set()
         busy.shutdown()
+
+
+def test_a_page_is_walked_whole_handing_the_gil_on_between_slices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handed: list[int] = []
+    walked: list[int] = []
+    every = export_service.HAND_OFF_EVERY
+
+    def sleep(seconds: float) -> None:
+        assert seconds == 0
+        handed.append(len(walked))
+
+    monkeypatch.setattr(export_service.time, "sleep", sleep)
+    for count in (0, 1, every, every + 1, 3 * every + 7):
+        handed.clear()
+        walked.clear()
+        items = list(range(count))
+        for item in export_service.handing_off(items):
+            walked.append(item)
+        assert walked == items
+        # After each full slice with more to come: never before the first, nor after the last.
+        assert handed == list(range(every, count, every))
+
+
+def test_a_stream_read_by_another_thread_waiting_for_the_gil_completes(
+    client: TestClient, world: World
+) -> None:
+    # A thread that holds the GIL in short bursts beside the stream: the stream still reads
+    # every entry once, in order, and ends with its end line.
+    for first in range(0, 700, 100):
+        batch = [event(f"g-{n}") for n in range(first, first + 100)]
+        assert post_events(client, world.writer, {"events": batch}).status_code == 200
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            sum(range(10_000))
+
+    spinner = threading.Thread(target=busy)
+    spinner.start()
+    try:
+        answer = client.get(
+            "/v1/events",
+            params={"limit": 300},
+            headers={**auth(world.reader), "Accept": "application/x-ndjson"},
+        )
+    finally:
+        stop.set()
+        spinner.join()
+    lines = [json.loads(line) for line in answer.text.splitlines()]
+    assert sorted(line["id"] for line in lines[:-1]) == sorted(f"g-{n}" for n in range(700))
+    assert lines[-1]["has_more"] is False

@@ -47,7 +47,7 @@ from tally.events.validation import (
 )
 from tally.ratelimit.http import note_of
 from tally.ratelimit.policy import RateNote
-from tally.services.export import Streamed
+from tally.services.export import Streamed, handing_off
 from tally.services.ingest import Candidate, IngestReport
 
 log = structlog.get_logger(__name__)
@@ -505,11 +505,12 @@ def get_events(
     # the line.
     if form == NDJSON:
         body = ndjson_chunks(
-            [_ndjson_line(entry, after) for entry, after in read] for read in entries
+            [_ndjson_line(entry, after) for entry, after in handing_off(read)] for read in entries
         )
     else:
         body = csv_chunks(
-            CSV_COLUMNS, ([_csv_row(entry, after) for entry, after in read] for read in entries)
+            CSV_COLUMNS,
+            ([_csv_row(entry, after) for entry, after in handing_off(read)] for read in entries),
         )
     return StreamingResponse(body, media_type=form)
 
