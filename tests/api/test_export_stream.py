@@ -307,29 +307,6 @@ def test_a_stream_reads_for_itself_when_every_read_ahead_thread_is_busy(
         busy.shutdown()
 
 
-def test_a_page_is_walked_whole_handing_the_gil_on_between_slices(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    handed: list[int] = []
-    walked: list[int] = []
-    every = export_service.HAND_OFF_EVERY
-
-    def sleep(seconds: float) -> None:
-        assert seconds == 0
-        handed.append(len(walked))
-
-    monkeypatch.setattr(export_service.time, "sleep", sleep)
-    for count in (0, 1, every, every + 1, 3 * every + 7):
-        handed.clear()
-        walked.clear()
-        items = list(range(count))
-        for item in export_service.handing_off(items):
-            walked.append(item)
-        assert walked == items
-        # After each full slice with more to come: never before the first, nor after the last.
-        assert handed == list(range(every, count, every))
-
-
 def test_a_stream_read_by_another_thread_waiting_for_the_gil_completes(
     client: TestClient, world: World
 ) -> None:

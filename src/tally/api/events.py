@@ -45,9 +45,10 @@ from tally.events.validation import (
     validate_cloudevent,
     validate_event,
 )
+from tally.gil import handing_off
 from tally.ratelimit.http import note_of
 from tally.ratelimit.policy import RateNote
-from tally.services.export import Streamed, handing_off
+from tally.services.export import Streamed
 from tally.services.ingest import Candidate, IngestReport
 
 log = structlog.get_logger(__name__)
@@ -241,7 +242,7 @@ def parse_ingest(
         batch, prefix, raws = split(kind, parsed, services.settings.max_batch_events)
     cloudevents = binary is not None or kind in (CLOUDEVENT, CLOUDEVENT_BATCH)
     check = validate_cloudevent if cloudevents else validate_event
-    candidates: list[Candidate] = [check(raw) for raw in raws]
+    candidates: list[Candidate] = [check(raw) for raw in handing_off(raws)]
     tenants = [c.tenant for c in candidates if isinstance(c, EventDraft)]
     services.rate_limits.admit_events(principal, events=len(raws), tenants=tenants, note=note)
     return batch, prefix, candidates, [_sent_id(raw) for raw in raws]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -30,6 +29,7 @@ from tally.events.log import (
     resume_positions,
 )
 from tally.events.model import Cancellation, StoredEvent, format_time
+from tally.gil import handing_off
 from tally.metrics import NULL, Metrics
 from tally.store.interface import EventLog
 
@@ -48,7 +48,6 @@ has reached the end of the log."""
 
 
 E = TypeVar("E", bound=Entry)
-T = TypeVar("T")
 
 CIPHERS_KEPT = 10_000  # the export's ciphers by wrapped data key (TenantKeys keeps as many)
 
@@ -60,26 +59,6 @@ CIPHERS_KEPT = 10_000  # the export's ciphers by wrapped data key (TenantKeys ke
 # 60,129 -> 65,285 lines/s.
 READS_AHEAD = 4
 _ahead = ThreadPoolExecutor(max_workers=READS_AHEAD, thread_name_prefix="tally-export-ahead")
-
-
-# A stream's threads (the one writing lines, the one reading ahead, the event loop sending)
-# share the GIL. A thread back from the database or woken by another waits for it until the
-# thread holding it lets go, which one busy writing a page does only when CPython asks it to,
-# after 5 ms (sys.getswitchinterval): the stream's process was busy 75% of the time and waited
-# the rest. Its loops over a page's entries hand the GIL on every this many instead
-# (`time.sleep(0)` releases it; taken straight back when no thread wants it). NDJSON of the
-# 10 M-event store, three A/B pairs in the same minutes: 100,711/94,893/105,639 against
-# 82,559/78,686/88,546 lines/s, the process busy 95% of the time. (A 1 ms switch interval did
-# as much for the stream, and cost single events 15%: it is the whole process's.)
-HAND_OFF_EVERY = 256
-
-
-def handing_off(items: list[T]) -> Iterator[T]:
-    """`items`, the GIL handed to any thread waiting for it after every HAND_OFF_EVERY."""
-    for at in range(0, len(items), HAND_OFF_EVERY):
-        if at:
-            time.sleep(0)
-        yield from items[at : at + HAND_OFF_EVERY]
 
 
 class ExportService:

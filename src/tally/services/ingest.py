@@ -26,6 +26,7 @@ from tally.events.model import (
 )
 from tally.events.validation import EventDraft
 from tally.freshness import FreshCache, Freshness
+from tally.gil import handing_off
 from tally.metrics import NULL, Metrics
 from tally.registry.records import Tenant
 from tally.store.groupcommit import GroupCommitter
@@ -202,7 +203,8 @@ class IngestService:
         # appended in one transaction, which stores every entry any of them carries, so an
         # entry is sealed once per request, not once per event that uses its value.
         offered: dict[str, _Known] = {}
-        for index, (candidate, sent_id) in enumerate(zip(candidates, ids, strict=True)):
+        pairs = list(zip(candidates, ids, strict=True))
+        for index, (candidate, sent_id) in enumerate(handing_off(pairs)):
             result = EventResult(index=index, id=sent_id, status="rejected")
             work.results.append(result)
             if not isinstance(candidate, EventDraft):
