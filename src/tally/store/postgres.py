@@ -156,9 +156,9 @@ class ConnectionPool:
 
     A connection lives at most about `max_lifetime` seconds (each its own span, within 10% of
     it, so they do not all reconnect at once): one that is older is closed when it comes back
-    instead of kept. A backend's caches and memory then never grow for the life of the
-    process, and a connection that a proxy or a DNS name routed to a server that is no longer
-    the intended one is replaced within that span.
+    or, aged while idle, when it would be handed out. A backend's caches and memory then never
+    grow for the life of the process, and a connection that a proxy or a DNS name routed to a
+    server that is no longer the intended one is replaced within that span.
     """
 
     def __init__(
@@ -199,10 +199,15 @@ class ConnectionPool:
                 idle = self._idle.popleft() if self._idle else None
             if idle is None:
                 return self._connect()
-            if _gone(idle):
+            if _gone(idle) or not self._young(idle):
                 self._close(idle)
                 continue
             return idle
+
+    def _young(self, connection: Connection) -> bool:
+        """Whether `connection` is within its lifetime."""
+        with self._lock:
+            return time.monotonic() < self._retire_at.get(id(connection), 0.0)
 
     def _give_back(self, connection: Connection, *, failed: bool) -> None:
         usable = (
@@ -210,11 +215,11 @@ class ConnectionPool:
             and not connection.closed
             and connection.info.transaction_status == TransactionStatus.IDLE
         )
-        with self._lock:
-            young = time.monotonic() < self._retire_at.get(id(connection), 0.0)
-            if usable and young and not self._closed:
-                self._idle.append(connection)
-                return
+        if usable and self._young(connection):
+            with self._lock:
+                if not self._closed:
+                    self._idle.append(connection)
+                    return
         self._close(connection)
 
     def _close(self, connection: Connection) -> None:
