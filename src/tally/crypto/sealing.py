@@ -143,6 +143,11 @@ def unwrap_backup_key(master: MasterKey, *, backup_id: str, wrapped: bytes) -> b
     return _open(AESGCM(master.secret), wrapped, associated, "backup key")
 
 
+def _derived(key: bytes, info: bytes) -> bytes:
+    """A 32-byte key for one purpose (`info`), derived from `key` by HKDF-SHA256."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(key)
+
+
 class TenantCipher:
     """One tenant's data key at work: seals and opens its attributes, keys its digests."""
 
@@ -169,18 +174,10 @@ class TenantCipher:
         # A cancellation reason has associated data of its own kind: sealed reason bytes
         # copied into an event's attributes (or back) do not open there.
         self._reason_prefix = _associated("tally/cancellation-reason", tenant)
-        self._mac = Hmac(
-            HKDF(
-                algorithm=hashes.SHA256(), length=32, salt=None, info=b"tally/content-digest/v1"
-            ).derive(data_key)
-        )
+        self._mac = Hmac(_derived(data_key, b"tally/content-digest/v1"))
         # Attribute tokens (docs/usage.md): their own key, so that a token never equals a
         # content digest, and shredding the data key makes every token of the tenant opaque.
-        self._token_mac = Hmac(
-            HKDF(
-                algorithm=hashes.SHA256(), length=32, salt=None, info=b"tally/attribute-token/v1"
-            ).derive(data_key)
-        )
+        self._token_mac = Hmac(_derived(data_key, b"tally/attribute-token/v1"))
         self._value_prefix = _associated("tally/attribute-value", tenant)
 
     def key_token(self, key: str) -> str:
