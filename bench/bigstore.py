@@ -36,7 +36,7 @@ from tally.registry.models import ApplicationIn, TenantIn
 from tally.services.ingest import seal_event
 from tally.settings import Settings
 
-# 2: batches of 1,000 (as the batch scenario sends them), appended in log order (plan.placed)
+# 2: batches of 1,000 (as the batch scenario sends them), appended in log order (plan.accepted)
 LOADER_VERSION = 2
 BATCH = 1_000
 MONTHS = 3

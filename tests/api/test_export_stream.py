@@ -310,8 +310,8 @@ def test_a_stream_reads_for_itself_when_every_read_ahead_thread_is_busy(
 def test_a_stream_read_by_another_thread_waiting_for_the_gil_completes(
     client: TestClient, world: World
 ) -> None:
-    # A thread that holds the GIL in short bursts beside the stream: the stream still reads
-    # every entry once, in order, and ends with its end line.
+    # A thread that keeps taking the GIL beside the stream: the stream still reads every
+    # entry once, and ends with its end line.
     for first in range(0, 700, 100):
         batch = [event(f"g-{n}") for n in range(first, first + 100)]
         assert post_events(client, world.writer, {"events": batch}).status_code == 200

@@ -8,6 +8,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from tally.events.log import partition_of
+from tally.events.model import Outcome
+from tally.store import plan
 from tally.store.postgres import COPY_AT_LEAST, PostgresStore
 from tests.conftest import empty_postgres
 from tests.store.test_conformance import NOW, new_event
@@ -47,3 +50,17 @@ def test_a_commits_rows_lie_in_the_heap_in_log_order(
         assert {row_id.split("-")[1] for _, _, row_id in rows} == {str(commit)}
         places = [(partition, offset) for partition, offset, _ in rows]
         assert places == sorted(places)
+
+
+def test_the_accepted_events_are_taken_by_partition_each_in_the_order_it_came() -> None:
+    events = [new_event(f"e-{n}", tenant=f"tenant-{n % 7}") for n in range(40)]
+    outcomes = [Outcome.DUPLICATE if n % 5 == 0 else Outcome.ACCEPTED for n in range(40)]
+
+    chosen = plan.accepted(events, outcomes, 16)
+
+    assert sorted(chosen) == [n for n in range(40) if n % 5]
+    partitions = [partition_of(events[i].tenant, 16) for i in chosen]
+    assert partitions == sorted(partitions)
+    for partition in set(partitions):  # within a partition: as they came (rising offsets)
+        mine = [i for i, p in zip(chosen, partitions, strict=True) if p == partition]
+        assert mine == sorted(mine)

@@ -131,25 +131,20 @@ class ExportService:
         stream's thread waited 37% of its time when only the formatting overlapped the read).
         At most two pages are held: the one being written and the one being read."""
         epoch = page.epoch
-        while True:
-            ahead = None
-            if page.has_more:
-                following = (Position(page.positions, page.start, epoch), filters, digest, limit)
-                ahead = _ahead.submit(self._next, *following)
+        while page.has_more:
+            following = (Position(page.positions, page.start, epoch), filters, digest, limit)
+            ahead = _ahead.submit(self._next, *following)
             try:
-                read = self._lines(positions, page, digest, epoch, entries)
-                yield read
+                yield self._lines(positions, page, digest, epoch, entries)
             except BaseException:  # the stream closed (a reader gone): the read is dropped
-                if ahead is not None:
-                    ahead.cancel()
+                ahead.cancel()
                 raise
-            if ahead is None:
-                return
             positions, entries = page.positions, None
             # Not started (every thread busy with other streams): read now, as before. A
             # failure (StoreUnavailable, LogRewound) raises here either way, where the read
             # would have.
             page = self._next(*following) if ahead.cancel() else ahead.result()
+        yield self._lines(positions, page, digest, epoch, entries)
 
     def _lines(
         self,

@@ -203,9 +203,8 @@ class IngestService:
         # appended in one transaction, which stores every entry any of them carries, so an
         # entry is sealed once per request, not once per event that uses its value.
         offered: dict[str, _Known] = {}
-        pairs = list(zip(candidates, ids, strict=True))
-        for index, (candidate, sent_id) in enumerate(handing_off(pairs)):
-            result = EventResult(index=index, id=sent_id, status="rejected")
+        for index, candidate in enumerate(handing_off(candidates)):
+            result = EventResult(index=index, id=ids[index], status="rejected")
             work.results.append(result)
             if not isinstance(candidate, EventDraft):
                 result.errors = candidate

@@ -402,7 +402,7 @@ class PostgresStore(SQLStore):
                 if r["id"] is not None
             }
             outcomes = plan.classify(events, stored)
-            fresh = [e for e, o in zip(events, outcomes, strict=True) if o is Outcome.ACCEPTED]
+            fresh = [events[i] for i in plan.accepted(events, outcomes, self.partitions)]
             if not fresh:
                 return outcomes
             places, moved = plan.number(fresh, last, self.partitions)
@@ -429,7 +429,7 @@ class PostgresStore(SQLStore):
         with self._connection() as connection, connection.transaction():
             session = Session(connection, self.dialect)
             outcomes = plan.classify(events, self._stored(session, events))
-            fresh = [e for e, o in zip(events, outcomes, strict=True) if o is Outcome.ACCEPTED]
+            fresh = [events[i] for i in plan.accepted(events, outcomes, self.partitions)]
             if not fresh:
                 self._add_values(session, events)
                 return outcomes

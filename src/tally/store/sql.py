@@ -354,7 +354,6 @@ class SQLStore:
         both_sql = (
             f"SELECT * FROM ({events_sql}) AS e UNION ALL SELECT * FROM ({cancellations_sql}) AS c"
         )
-        kinds = {filters.kind} if filters.kind is not None else {"event", "cancellation"}
         with self._read(snapshot=True) as session:
 
             def rows(sql: str, values: Sequence[object]) -> list[tuple[int, LogRow]]:
@@ -362,15 +361,14 @@ class SQLStore:
                 return [(row[ROW_OFFSET], row) for row in found]
 
             def fetch(partition: int, after: int, count: int) -> list[tuple[int, LogRow]]:
-                events = (partition, after, *params, count)
-                cancellations = (partition, after, *c_params, count)
-                if kinds == {"event"}:
-                    return rows(events_sql, events)
-                if kinds == {"cancellation"}:
-                    return rows(cancellations_sql, cancellations)
-                # Both kinds in one statement, a round trip less per partition read; merged
-                # by offset here (a union keeps no order of its own).
-                both = rows(both_sql, (*events, *cancellations))
+                event_values = (partition, after, *params, count)
+                cancellation_values = (partition, after, *c_params, count)
+                if filters.kind == "event":
+                    return rows(events_sql, event_values)
+                if filters.kind == "cancellation":
+                    return rows(cancellations_sql, cancellation_values)
+                # Both kinds in one statement: a round trip less per partition read.
+                both = rows(both_sql, (*event_values, *cancellation_values))
                 return plan.merged(both, limit=count)
 
             state = session.all(_LOG_STATE)

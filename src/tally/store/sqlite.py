@@ -265,7 +265,7 @@ class SQLiteStore(SQLStore):
         # the stored digests to the commit; so offsets follow commit order.
         with self._write() as session:
             outcomes = plan.classify(events, self._stored(session, events))
-            accepted = [i for i, outcome in enumerate(outcomes) if outcome is Outcome.ACCEPTED]
+            accepted = plan.accepted(events, outcomes, self.partitions)
             fresh = [events[i] for i in accepted]
             if fresh:
                 among, params = self.dialect.in_list("partition", touched)
